@@ -1,0 +1,66 @@
+"""The graph contract: names, dtypes and axes of an export's inputs and outputs.
+
+Declared once here; the exporter builds graphs to it and the runtime drives graphs by it.
+The P streams appear to the outside as P * num_key_value_heads KV heads (head p*Hkv + h),
+so any decoder runtime can drive a ParScale export like a plain decoder.
+"""
+
+from __future__ import annotations
+
+INPUT_IDS = "input_ids"  # int64 [batch, seq]
+ATTENTION_MASK = "attention_mask"  # int64 [batch, past+seq]; 1 = real token, 0 = padding
+POSITION_IDS = "position_ids"  # int64 [batch, seq]; counts real tokens only
+NUM_LOGITS_TO_KEEP = "num_logits_to_keep"  # int64 scalar, optional (default 0 = all positions)
+LOGITS = "logits"  # float32 [batch, seq or k, vocab]
+
+BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "total"
+
+
+def past_key(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+def past_names(num_layers: int) -> list[str]:
+    """Cache inputs in graph order: key then value for each layer."""
+    return [n for i in range(num_layers) for n in (past_key(i), past_value(i))]
+
+
+def present_names(num_layers: int) -> list[str]:
+    """Cache outputs in graph order, pairing with `past_names`."""
+    return [n for i in range(num_layers) for n in (present_key(i), present_value(i))]
+
+
+def input_names(num_layers: int) -> list[str]:
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names(num_layers), NUM_LOGITS_TO_KEEP]
+
+
+def output_names(num_layers: int) -> list[str]:
+    return [LOGITS, *present_names(num_layers)]
+
+
+def axes(num_layers: int) -> dict[str, list[str]]:
+    """Symbolic axes of every input and output (a cache is [batch, P*Hkv, length, head_dim])."""
+    a: dict[str, list[str]] = {
+        INPUT_IDS: [BATCH, SEQ],
+        ATTENTION_MASK: [BATCH, TOTAL],
+        POSITION_IDS: [BATCH, SEQ],
+        NUM_LOGITS_TO_KEEP: [],
+        LOGITS: [BATCH, SEQ, "vocab"],
+    }
+    for n in past_names(num_layers):
+        a[n] = [BATCH, "kv_heads", PAST, "head_dim"]
+    for n in present_names(num_layers):
+        a[n] = [BATCH, "kv_heads", TOTAL, "head_dim"]
+    return a
