@@ -129,7 +129,8 @@ def init_checkpoint(
     cfg = ParScaleConfig.from_dict(config)
     model = random_model(cfg, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)
     try:
         save_checkpoint(model, config, tmp, shards=shards)
         if out.exists():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 from torch import Tensor, nn
 
@@ -49,13 +50,8 @@ def example_inputs(model: ParScaleForCausalLM, dtype: torch.dtype) -> tuple:
     )
 
 
-def trace_to_onnx(
-    model: ParScaleForCausalLM, path: Path, *, dtype: torch.dtype, opset: int
-) -> onnx.ModelProto:
-    """Export `model` (already in `dtype`) and return the ONNX proto with contract names.
-
-    The proto is returned in memory (weights inline) for post-processing; `path` is scratch space.
-    """
+def trace_to_onnx(model: ParScaleForCausalLM, *, dtype: torch.dtype, opset: int) -> onnx.ModelProto:
+    """Export `model` (already in `dtype`) to an in-memory ONNX proto with the contract's names."""
     n = model.cfg.num_hidden_layers
     auto = torch.export.Dim.AUTO
     kv_axes = {0: auto, 2: auto}
@@ -81,6 +77,7 @@ def trace_to_onnx(
         )
     proto = program.model_proto
     _name_axes(proto, n)
+    _default_num_logits(proto)
     return proto
 
 
@@ -95,3 +92,12 @@ def _name_axes(proto: onnx.ModelProto, num_layers: int) -> None:
         for dim, name in zip(dims, names, strict=False):
             if not dim.HasField("dim_value"):
                 dim.dim_param = name
+
+
+def _default_num_logits(proto: onnx.ModelProto) -> None:
+    """Make `num_logits_to_keep` optional: an initializer of the same name supplies 0 (all logits).
+
+    Runtimes that know the input (ours, transformers.js) pass it; others (onnxruntime-genai) need not.
+    """
+    default = onnx.numpy_helper.from_array(np.array(0, dtype=np.int64), contract.NUM_LOGITS_TO_KEEP)
+    proto.graph.initializer.append(default)

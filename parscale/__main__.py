@@ -1,0 +1,3 @@
+from parscale.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Checkpoint to ONNX: the PyTorch module, tracing, quantization and the export folder."""

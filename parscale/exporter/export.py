@@ -1,0 +1,180 @@
+"""`parscale export`: checkpoint folder -> validated ONNX export folder, written atomically."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from parscale import __version__, contract
+from parscale.config import ParScaleConfig
+from parscale.errors import ParScaleError
+from parscale.exporter import folder
+from parscale.exporter.checkpoint import load_model, source_checksum
+from parscale.exporter.trace import trace_to_onnx
+from parscale.exporter.validate import ValidationReport, compare, cpu_session
+from parscale.manifest import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, describe_files
+
+EXTERNAL_DATA = MODEL_FILE + ".data"
+# Above this many weight bytes the weights go to EXTERNAL_DATA: protobuf cannot hold 2 GB, and
+# ONNX Runtime maps external data instead of copying it out of a parsed protobuf.
+EXTERNAL_DATA_THRESHOLD = 64 << 20
+
+
+class Dtype(str, enum.Enum):
+    """Floating-point type of the graph's weights, activations and KV cache."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return {"fp32": torch.float32, "fp16": torch.float16}[self.value]
+
+
+TOLERANCE = {Dtype.fp32: 1e-3, Dtype.fp16: 5e-2}
+
+
+@dataclass
+class ExportResult:
+    """What `export` wrote and measured."""
+
+    out: Path
+    manifest: dict[str, Any]
+    validation: ValidationReport | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f["bytes"] for f in self.manifest["files"].values())
+
+
+def export(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    P: int | None = None,  # noqa: N803
+    dtype: Dtype = Dtype.fp32,
+    opset: int = 18,
+    force: bool = False,
+    validate: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export a checkpoint folder to `out`; nothing is left at `out` if any step fails."""
+    model_dir, out = Path(model_dir), Path(out)
+    log = log or (lambda _msg: None)
+    _check_destination(model_dir, out, force)
+    dtype = Dtype(dtype)
+    seconds: dict[str, float] = {}
+
+    def stage(name: str) -> None:
+        seconds[name] = time.perf_counter()
+        log(name)
+
+    stage("reading checkpoint")
+    cfg = ParScaleConfig.load(model_dir) if model_dir.is_dir() else None
+    if cfg is not None and P is not None and P != cfg.P:
+        raise ParScaleError(
+            f"--P {P} does not match the checkpoint, which was trained with parscale_n={cfg.P}; "
+            f"pass --P {cfg.P} (or omit --P)"
+        )
+    cfg, model = load_model(model_dir, dtype.torch)
+    checksum = source_checksum(model_dir)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
+    try:
+        stage("tracing to ONNX")
+        proto = trace_to_onnx(model, dtype=dtype.torch, opset=opset)
+
+        stage("writing model")
+        manifest = _manifest(cfg, dtype, opset, checksum, model_dir)
+        _write_model(proto, tmp, manifest)
+        del proto
+        folder.copy_source_files(model_dir, tmp)
+        eos = folder.eos_ids(model_dir, cfg)
+        genai = folder.genai_config(cfg, eos, context_length=cfg.max_position_embeddings)
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
+
+        report = None
+        if validate:
+            stage("validating on CPU against PyTorch")
+            # The float32 module is the reference, whatever the export's dtype.
+            reference = model if dtype is Dtype.fp32 else load_model(model_dir, torch.float32)[1]
+            report = compare(cpu_session(tmp / MODEL_FILE), reference, tolerance=TOLERANCE[dtype])
+            manifest["validation"] = {
+                "max_abs_logit_diff": report.max_abs_diff, "greedy_match": report.greedy_match,
+                "decode_steps": report.steps, "tolerance": report.tolerance,
+            }
+            if not report.ok:
+                raise ParScaleError(
+                    f"validation failed: max |logit difference| {report.max_abs_diff:.3g} "
+                    f"(tolerance {report.tolerance:g}), greedy tokens match: {report.greedy_match}"
+                )
+        manifest["files"] = describe_files(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stage("done")
+    names = list(seconds)
+    durations = {a: seconds[b] - seconds[a] for a, b in itertools.pairwise(names)}
+    return ExportResult(out=out, manifest=manifest, validation=report, seconds=durations)
+
+
+def _check_destination(model_dir: Path, out: Path, force: bool) -> None:
+    if out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents:
+        raise ParScaleError(f"output folder {out} would overwrite the checkpoint; choose another -o")
+    if out.exists() and not out.is_dir():
+        raise ParScaleError(f"{out} exists and is not a folder; choose another -o")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ParScaleError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+def _manifest(cfg: ParScaleConfig, dtype: Dtype, opset: int, checksum: str, model_dir: Path) -> dict:
+    n = cfg.num_hidden_layers
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "parscale", "version": __version__},
+        "model": {
+            "model_type": cfg.model_type, "P": cfg.P, "prefix_tokens": cfg.n_prefix,
+            "num_hidden_layers": n, "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads, "cache_heads": cfg.cache_heads,
+            "head_dim": cfg.head_dim, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+        },
+        "dtype": dtype.value,
+        "opset": opset,
+        "quantization": None,
+        "io": {"inputs": contract.input_names(n), "outputs": contract.output_names(n),
+               "axes": contract.axes(n)},
+        "source": {"name": model_dir.resolve().name, "sha256": checksum},
+    }
+
+
+def _write_model(proto: onnx.ModelProto, out: Path, manifest: dict[str, Any]) -> None:
+    """Save with the manifest (less file list) as metadata; large weights as external data."""
+    meta = {k: v for k, v in manifest.items() if k not in ("files", "validation")}
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {"parscale": json.dumps(meta)})
+    weight_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(
+        proto, out / MODEL_FILE, save_as_external_data=external, all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA, size_threshold=1024,
+    )

@@ -1,0 +1,87 @@
+"""The files of an export folder beside `model.onnx`: copied sources and genai_config.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from parscale import contract
+from parscale.config import ParScaleConfig
+from parscale.errors import ParScaleError
+from parscale.manifest import MODEL_FILE
+
+# Copied from the checkpoint when present: configs and every tokenizer file format we know.
+SOURCE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+)
+
+
+def copy_source_files(model_dir: Path, out: Path) -> list[str]:
+    """Copy configs and tokenizer files; returns the names copied."""
+    copied = []
+    for name in SOURCE_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def eos_ids(model_dir: Path, cfg: ParScaleConfig) -> list[int]:
+    """EOS ids from generation_config.json (preferred, as transformers does) or config.json."""
+    path = model_dir / "generation_config.json"
+    ids: Any = None
+    if path.is_file():
+        try:
+            ids = json.loads(path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError:
+            raise ParScaleError(f"{path} is not valid JSON") from None
+    if ids is None:
+        return cfg.eos_ids()
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def genai_config(cfg: ParScaleConfig, eos: list[int], *, context_length: int) -> dict[str, Any]:
+    """A genai_config.json with which onnxruntime-genai drives the export as a plain decoder."""
+    n = cfg.num_hidden_layers
+    in_vocab = [e for e in eos if 0 <= e < cfg.vocab_size] or [cfg.vocab_size - 1]
+    return {
+        "model": {
+            "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else in_vocab[0],
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": contract.INPUT_IDS,
+                    "attention_mask": contract.ATTENTION_MASK,
+                    "position_ids": contract.POSITION_IDS,
+                    "past_key_names": contract.past_key(0).replace(".0.", ".%d."),
+                    "past_value_names": contract.past_value(0).replace(".0.", ".%d."),
+                },
+                "outputs": {
+                    "logits": contract.LOGITS,
+                    "present_key_names": contract.present_key(0).replace(".0.", ".%d."),
+                    "present_value_names": contract.present_value(0).replace(".0.", ".%d."),
+                },
+                "num_attention_heads": cfg.P * cfg.num_attention_heads,
+                "num_hidden_layers": n,
+                "num_key_value_heads": cfg.cache_heads,
+            },
+            "eos_token_id": in_vocab if len(in_vocab) > 1 else in_vocab[0],
+            "pad_token_id": in_vocab[0],
+            "type": "decoder",
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True,
+            "length_penalty": 1.0, "max_length": context_length, "min_length": 0,
+            "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
+            "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
