@@ -126,7 +126,7 @@ def load_model(
     for path in sorted(set(files.values())):
         try:
             with safe_open(path, framework="pt") as f:
-                for name in f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                     if files.get(name) == path:
                         tensors[name] = f.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
