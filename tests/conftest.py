@@ -1,0 +1,33 @@
+"""Shared pytest fixtures.
+
+`shared/` (the spec and the reference data) sits beside the repository: the repository root's parent
+holds it. Fixtures that need it skip, with the path they looked at, when it is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The `shared/` folder beside the repository."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED_DIR} (expected beside the repository)")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def golden_dir(shared_dir: Path) -> Path:
+    """`shared/golden/p2_gqa`: a P=2 GQA checkpoint (`ckpt/`) and its reference outputs (`cases.npz`)."""
+    path = shared_dir / "golden" / "p2_gqa"
+    needed = [path / "cases.npz", path / "ckpt" / "config.json"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        pytest.skip(f"golden reference data missing: {', '.join(missing)}")
+    return path
