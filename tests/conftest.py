@@ -31,3 +31,15 @@ def golden_dir(shared_dir: Path) -> Path:
     if missing:
         pytest.skip(f"golden reference data missing: {', '.join(missing)}")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, Path]]:
+    """Tiny random fp32 checkpoints (prefix 8, byte-level tokenizer) and their exports, P = 1 and 4.
+
+    Maps P -> (checkpoint folder, export folder); built once per session (tests/runtime_helpers.py).
+    """
+    from runtime_helpers import make_export
+
+    root = tmp_path_factory.mktemp("tiny_exports")
+    return {P: make_export(root, P) for P in (1, 4)}

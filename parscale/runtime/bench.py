@@ -1,0 +1,108 @@
+"""`parscale bench`: prefill speed, decode latency, time to first token and peak memory of an export."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from parscale.errors import ParScaleError
+from parscale.runtime.model import Model
+
+
+@dataclass
+class BenchResult:
+    """One benchmark run (batch 1, greedy, EOS ignored so that exactly `gen` tokens are made)."""
+
+    model: str
+    P: int
+    dtype: str
+    quantization: str | None
+    provider: str
+    threads: int | None
+    prompt_len: int
+    gen: int
+    load_s: float
+    time_to_first_token_s: float
+    prefill_tokens_per_s: float
+    decode_ms_per_token: float
+    peak_rss_mb: float  # whole process, load included (ru_maxrss)
+    generate_peak_rss_mb: float  # high-water mark while generating (reset after load), -1 if unknown
+    files_mb: float  # the export's files on disk
+    kv_cache_mb: float  # the cache at its largest (prompt + generated tokens)
+
+    @property
+    def rss_ratio(self) -> float:
+        """Peak RSS while generating over (files on disk + KV cache): the issue's memory target."""
+        peak = self.generate_peak_rss_mb if self.generate_peak_rss_mb > 0 else self.peak_rss_mb
+        return peak / (self.files_mb + self.kv_cache_mb)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "rss_ratio": self.rss_ratio}
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process in MB (10^6 bytes) (since the last reset), or -1 where /proc is not available."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return -1.0
+
+
+def max_rss_mb() -> float:
+    scale = 1024 / 1e6 if platform.system() != "Darwin" else 1 / 1e6  # kB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def bench(model: str | Path, *, prompt_len: int = 128, gen: int = 64, threads: int | None = None,
+          provider: str = "auto", warmup: int = 1, seed: int = 0) -> BenchResult:
+    """Load the export, warm up, then time one greedy generation from a random prompt of `prompt_len` ids."""
+    if prompt_len < 1 or gen < 1:
+        raise ParScaleError("--prompt-len and --gen must be positive")
+    t0 = time.perf_counter()
+    m = Model.load(model, provider=provider, threads=threads)
+    load_s = time.perf_counter() - t0
+    ids = np.random.default_rng(seed).integers(0, m.vocab_size, size=prompt_len).tolist()
+    for _ in range(warmup):  # first runs pay one-off kernel and allocator setup
+        m.generate(prompt_ids=ids, max_new_tokens=min(gen, 4), ignore_eos=True)
+    hwm = reset_peak_rss()
+    r = m.generate(prompt_ids=ids, max_new_tokens=gen, ignore_eos=True)
+    assert not isinstance(r, list)
+    t = r.timings
+    info = m.info
+    kv_bytes = (2 * info.num_layers * info.cache_heads * info.head_dim
+                * (prompt_len + gen) * np.dtype(info.cache_dtype).itemsize)
+    files = sum(f["bytes"] for f in m.manifest.get("files", {}).values())
+    return BenchResult(
+        model=str(model), P=m.P, dtype=m.manifest.get("dtype", "?"),
+        quantization=_quant_name(m.manifest.get("quantization")), provider=m.provider,
+        threads=threads, prompt_len=prompt_len, gen=gen, load_s=load_s,
+        time_to_first_token_s=t.time_to_first_token_s, prefill_tokens_per_s=t.prefill_tokens_per_s,
+        decode_ms_per_token=t.decode_ms_per_token, peak_rss_mb=max_rss_mb(),
+        generate_peak_rss_mb=peak_rss_mb() if hwm else -1.0, files_mb=files / 1e6,
+        kv_cache_mb=kv_bytes / 1e6,
+    )
+
+
+def _quant_name(q: object) -> str | None:
+    if q is None or isinstance(q, str):
+        return q
+    if isinstance(q, dict):
+        return str(q.get("method") or q.get("type") or q.get("bits") or q)
+    return str(q)

@@ -1,0 +1,178 @@
+"""`Model`: load an export folder and generate from it.
+
+    m = Model.load("export")
+    r = m.generate("def f", max_new_tokens=20)
+    for piece in m.stream("def f", max_new_tokens=20):
+        print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parscale.errors import ParScaleError
+from parscale.manifest import MODEL_FILE, check_files, read_manifest
+from parscale.runtime.generate import Generation, GenerationResult
+from parscale.runtime.sampling import Sampler, SamplingConfig
+from parscale.runtime.session import CPU, Engine, GraphInfo, create_session, default_threads, resolve_provider
+from parscale.runtime.tokenizer import TOKENIZER_FILE, Tokenizer, load_eos_ids
+
+Prompt = str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
+CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class Model:
+    """An export loaded into ONNX Runtime, with its tokenizer (if the folder has one) and EOS ids.
+
+    `generate` and `stream` may be called from several threads: each call has its own cache.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], session: Any, provider: str,
+                 tokenizer: Tokenizer | None) -> None:
+        self.path, self.manifest, self.session, self.provider = path, manifest, session, provider
+        self.tokenizer = tokenizer
+        m = manifest["model"]
+        self.P: int = m["P"]
+        self.vocab_size: int = m["vocab_size"]
+        self.context_length: int = m["max_position_embeddings"]
+        self.eos_ids = load_eos_ids(path, self.vocab_size)
+        past = next(i for i in session.get_inputs() if i.name.startswith("past_key_values."))
+        if past.type not in CACHE_DTYPES:
+            raise ParScaleError(f"{path}: unsupported cache type {past.type}")
+        self.info = GraphInfo(num_layers=m["num_hidden_layers"], cache_heads=m["cache_heads"],
+                              head_dim=m["head_dim"], vocab_size=self.vocab_size,
+                              cache_dtype=CACHE_DTYPES[past.type])
+
+    @classmethod
+    def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None,
+             verify_checksums: bool = False) -> Model:
+        """Open an export folder (made by `parscale export`) on 'auto', 'cpu' or 'cuda'.
+
+        The manifest's file sizes (and with `verify_checksums`, sha256) are checked first, so a
+        truncated or foreign folder fails with a clear message before ONNX Runtime reads it.
+        """
+        path = Path(path)
+        manifest = read_manifest(path)
+        check_files(path, manifest, checksums=verify_checksums)
+        if not isinstance(manifest.get("model"), dict) or "P" not in manifest["model"]:
+            raise ParScaleError(f"{path}: the manifest has no model description; re-export the model")
+        if not (path / MODEL_FILE).is_file():
+            raise ParScaleError(f"{path}: {MODEL_FILE} is missing; re-export the model")
+        name = resolve_provider(provider)
+        session = create_session(path / MODEL_FILE, name, threads if threads is not None else default_threads())
+        tok = Tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
+        return cls(path, manifest, session, name, tok)
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.provider == CPU else "cuda"
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: pass the prompt as token ids")
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: cannot turn ids into text")
+        return self.tokenizer.decode(list(ids))
+
+    def generate(self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None,
+                 **kwargs: Any) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (-> a result) or a batch (list of prompts -> list of results).
+
+        A prompt is text or a list of token ids. Keyword arguments: max_new_tokens (64), greedy,
+        temperature (0 = greedy), top_k, top_p, repetition_penalty, seed, stop (a string or
+        strings), ignore_eos. Batches are left-padded and run together.
+        """
+        started = time.perf_counter()
+        prompts, single = self._prompts(prompt, prompt_ids)
+        gen = self._generation(prompts, started, **kwargs)
+        for _ in gen:
+            pass
+        return gen.results[0] if single else gen.results
+
+    def stream(self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None,
+               **kwargs: Any) -> Iterator[str]:
+        """Yield the text of one prompt as it is generated (never splitting a character).
+
+        After the loop, `self.last_result` holds the `GenerationResult` (ids, finish reason, timings).
+        """
+        started = time.perf_counter()
+        prompts, single = self._prompts(prompt, prompt_ids)
+        if not single:
+            raise ParScaleError("stream takes one prompt; use generate for a batch")
+        if self.tokenizer is None:
+            raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: streaming text needs one")
+        gen = self._generation(prompts, started, **kwargs)
+        for pieces in gen:
+            if pieces[0]:
+                yield pieces[0]
+        self.last_result = gen.results[0]
+
+    def stream_results(self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None,
+                       **kwargs: Any) -> Generation:
+        """The underlying `Generation`: iterate for per-row text pieces; `.results` when done."""
+        started = time.perf_counter()
+        prompts, _ = self._prompts(prompt, prompt_ids)
+        return self._generation(prompts, started, **kwargs)
+
+    # ------------------------------------------------------------------ input checks
+
+    def _prompts(self, prompt: Prompt | None, prompt_ids: Sequence[int] | None) -> tuple[list[list[int]], bool]:
+        """Normalise to a batch of id lists; check them against the vocabulary."""
+        if (prompt is None) == (prompt_ids is None):
+            raise ParScaleError("pass exactly one of prompt (text or ids) and prompt_ids")
+        raw: Any = prompt_ids if prompt_ids is not None else prompt
+        if isinstance(raw, str):
+            batch, single = [self.encode(raw)], True
+        elif isinstance(raw, np.ndarray):
+            raw = raw.tolist()
+            batch, single = (raw, False) if raw and isinstance(raw[0], list) else ([raw], True)
+        elif isinstance(raw, Sequence) and raw and all(isinstance(x, str) for x in raw):
+            batch, single = [self.encode(x) for x in raw], False
+        elif isinstance(raw, Sequence) and raw and all(isinstance(x, Sequence) for x in raw):
+            batch, single = [list(x) for x in raw], False
+        elif isinstance(raw, Sequence):
+            batch, single = [list(raw)], True
+        else:
+            raise ParScaleError(f"a prompt is text or a list of token ids, got {type(raw).__name__}")
+        for i, ids in enumerate(batch):
+            where = "" if single else f" (prompt {i})"
+            if not ids:
+                raise ParScaleError(f"the prompt is empty{where}: give at least one token")
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))
+                   or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ParScaleError(
+                    f"token id {bad[0]!r}{where} is outside the vocabulary (0..{self.vocab_size - 1})"
+                )
+        return [[int(t) for t in ids] for ids in batch], single
+
+    def _generation(self, prompts: list[list[int]], started: float, *, max_new_tokens: int = 64,
+                    greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    repetition_penalty: float = 1.0, seed: int | None = None,
+                    stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Generation:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ParScaleError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.context_length:
+            raise ParScaleError(
+                f"prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"context length of {self.context_length} tokens"
+            )
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if stops and self.tokenizer is None:
+            raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: stop strings need one")
+        config = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed)
+        return Generation(
+            Engine(self.session, self.info, self.provider), prompts, max_new_tokens=max_new_tokens,
+            sampler=Sampler(config, self.vocab_size, len(prompts)), eos_ids=self.eos_ids, stop=stops,
+            tokenizer=self.tokenizer, ignore_eos=ignore_eos, started=started,
+        )

@@ -1,0 +1,92 @@
+"""Text <-> token ids through `tokenizers` (tokenizer.json), EOS ids, and incremental detokenization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from parscale.errors import ParScaleError
+
+TOKENIZER_FILE = "tokenizer.json"
+REPLACEMENT = "\ufffd"  # what a decoder emits for an incomplete UTF-8 sequence
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` loaded from an export folder's tokenizer.json."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer  # imported here: only text prompts need it
+
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ParScaleError(f"cannot read tokenizer {path}: {e}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces that never split a UTF-8 character.
+
+    Byte-level BPE tokens can end inside a multi-byte character; the decoder then shows U+FFFD.
+    We decode a short window (from the last clean boundary) and hold text back while it ends in
+    U+FFFD. Decoding the window against its own start (not the token alone) keeps decoders that
+    treat the first token specially (leading spaces) consistent with decoding the whole sequence.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: a clean character boundary
+        self.read = 0  # tokens up to here have been emitted as text
+        self.emitted = ""
+
+    def push(self, token: int) -> str:
+        """Add one token; return the newly completed text (possibly empty)."""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        window = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(window) <= len(before) or window.endswith(REPLACEMENT):
+            return ""
+        piece = window[len(before) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.emitted += piece
+        return piece
+
+    def flush(self) -> str:
+        """Whatever text is left at the end (e.g. a truly invalid byte sequence shown as U+FFFD)."""
+        full = self.tokenizer.decode(self.ids)
+        rest = full[len(self.emitted) :] if full.startswith(self.emitted) else ""
+        self.emitted += rest
+        return rest
+
+
+def load_eos_ids(folder: Path, vocab_size: int) -> list[int]:
+    """EOS ids from generation_config.json (as transformers does), else config.json; in-vocabulary only."""
+    ids: Any = None
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            ids = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise ParScaleError(f"{path} is not a valid JSON object") from None
+        if ids is not None:
+            break
+    if ids is None:
+        return []
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    return [int(i) for i in ids if isinstance(i, int) and 0 <= i < vocab_size]

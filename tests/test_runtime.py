@@ -1,0 +1,230 @@
+"""The runtime (parscale.runtime): exactness against PyTorch, sampling, streaming, stopping, input checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from runtime_helpers import TEXTS, byte_level_tokenizer, torch_greedy
+
+from parscale.errors import ParScaleError
+from parscale.exporter.checkpoint import load_model
+from parscale.runtime import Model
+from parscale.runtime.sampling import Sampler, SamplingConfig, nucleus, softmax, top_k_filter
+from parscale.runtime.tokenizer import IncrementalDecoder, Tokenizer
+
+PROMPTS = [[5, 17, 300, 42, 7, 99, 3], [11, 12, 400]]  # different lengths: the second is left-padded
+
+
+@pytest.fixture(scope="module")
+def models(tiny_exports: dict[int, tuple[Path, Path]]) -> dict[int, Model]:
+    return {P: Model.load(export, provider="cpu") for P, (_, export) in tiny_exports.items()}
+
+
+@pytest.fixture(scope="module")
+def references(tiny_exports: dict[int, tuple[Path, Path]]) -> dict[int, torch.nn.Module]:
+    return {P: load_model(ckpt, torch.float32)[1] for P, (ckpt, _) in tiny_exports.items()}
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_greedy_matches_pytorch_batch_1(models, references, P):  # noqa: N803
+    n = 12
+    expected = torch_greedy(references[P], PROMPTS[:1], n)[0]
+    r = models[P].generate(prompt_ids=PROMPTS[0], max_new_tokens=n, ignore_eos=True)
+    assert r.generated_ids == expected
+    assert r.finish_reason == "length"
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_greedy_matches_pytorch_left_padded_batch(models, references, P):  # noqa: N803
+    n = 12
+    expected = torch_greedy(references[P], PROMPTS, n)
+    results = models[P].generate(PROMPTS, max_new_tokens=n, ignore_eos=True)
+    assert [r.generated_ids for r in results] == expected
+    # Padding must not change a row: the short prompt alone gives the same tokens.
+    alone = models[P].generate(prompt_ids=PROMPTS[1], max_new_tokens=n, ignore_eos=True)
+    assert alone.generated_ids == expected[1]
+
+
+def test_eos_stops_a_row(models):
+    m = models[4]
+    first = m.generate(prompt_ids=PROMPTS[0], max_new_tokens=6, ignore_eos=True).generated_ids
+    saved = m.eos_ids
+    try:
+        m.eos_ids = [first[2]]
+        r = m.generate(prompt_ids=PROMPTS[0], max_new_tokens=6)
+    finally:
+        m.eos_ids = saved
+    assert r.finish_reason == "eos"
+    assert r.generated_ids == first[: first.index(first[2]) + 1]  # the EOS token is the last one
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_seeded_sampling_is_reproducible(models):
+    m = models[4]
+    kwargs = dict(max_new_tokens=16, temperature=1.2, top_k=50, top_p=0.95, repetition_penalty=1.3,
+                  ignore_eos=True)
+    a = m.generate(prompt_ids=PROMPTS[0], seed=7, **kwargs)
+    b = m.generate(prompt_ids=PROMPTS[0], seed=7, **kwargs)
+    c = m.generate(prompt_ids=PROMPTS[0], seed=8, **kwargs)
+    assert a.generated_ids == b.generated_ids
+    assert a.generated_ids != c.generated_ids
+
+
+def test_top_k_and_top_p_filters():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 1000)).astype(np.float32)
+    kept = top_k_filter(logits, 10)
+    assert (np.isfinite(kept).sum(axis=1) == 10).all()
+    assert (kept.argmax(axis=1) == logits.argmax(axis=1)).all()
+    probs = softmax(logits * 4)
+    for row in probs:
+        ids, p = nucleus(row, 0.9)
+        order = np.argsort(-row, kind="stable")
+        cum = np.cumsum(row[order])
+        n = int(np.searchsorted(cum, 0.9)) + 1
+        assert list(ids) == list(order[:n])  # the exact nucleus: smallest prefix with mass >= 0.9
+        assert np.allclose(p, row[ids])
+
+
+def test_repetition_penalty_and_greedy():
+    logits = np.array([[2.0, 1.9, -1.0, 0.5]], dtype=np.float32)
+    s = Sampler(SamplingConfig(repetition_penalty=2.0), vocab_size=4, batch=1)
+    assert s(logits.copy())[0] == 0
+    s.observe(np.array([[0]]))
+    assert s(logits.copy())[0] == 1  # 2.0 / 2 = 1.0 < 1.9
+
+
+def test_sampling_config_rejects_bad_values():
+    for kwargs in (dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(repetition_penalty=0),
+                   dict(greedy=True, temperature=0.5)):
+        with pytest.raises(ParScaleError):
+            SamplingConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- text and streaming
+
+
+def test_incremental_decoder_never_splits_characters(tmp_path):
+    tok = Tokenizer(byte_level_tokenizer(tmp_path / "tokenizer.json"))
+    text = TEXTS[3]
+    ids = tok.encode(text)
+    assert len(ids) > len(text.encode()) // 2  # the non-ASCII characters are split over tokens
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_text_prompt_and_streaming_equal_generate(models):
+    m = models[4]
+    assert m.tokenizer is not None
+    r = m.generate("def f(x):", max_new_tokens=24, ignore_eos=True)
+    pieces = list(m.stream("def f(x):", max_new_tokens=24, ignore_eos=True))
+    assert "".join(pieces) == r.text
+    assert r.text == m.decode(r.generated_ids)
+    assert m.last_result.generated_ids == r.generated_ids
+    assert r.prompt_tokens == len(m.encode("def f(x):"))
+
+
+def test_stop_string_cuts_text_and_stream(models):
+    m = models[1]
+    full = m.generate("hello", max_new_tokens=30, ignore_eos=True).text
+    assert full and len(full) > 6
+    stop = full[3:6]
+    r = m.generate("hello", max_new_tokens=30, ignore_eos=True, stop=["zzzz-never", stop])
+    assert r.finish_reason == "stop"
+    assert r.text == full[: full.find(stop)]
+    assert "".join(m.stream("hello", max_new_tokens=30, ignore_eos=True, stop=stop)) == r.text
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(prompt_ids=[1, 2, 512]), "outside the vocabulary"),
+        (dict(prompt_ids=[-1]), "outside the vocabulary"),
+        (dict(prompt_ids=[]), "empty"),
+        (dict(prompt=""), "empty"),
+        (dict(prompt=[[1, 2], []]), "empty"),
+        (dict(prompt_ids=[1, 2], max_new_tokens=511), "context length of 512"),
+        (dict(prompt_ids=[1, 2], max_new_tokens=0), "max_new_tokens"),
+        (dict(), "exactly one"),
+        (dict(prompt_ids=[1], temperature=-1.0), "temperature"),
+    ],
+)
+def test_bad_generation_input(models, kwargs, message):
+    with pytest.raises(ParScaleError, match=message):
+        models[4].generate(**kwargs)
+
+
+def test_not_an_export(tmp_path, tiny_exports):
+    with pytest.raises(ParScaleError, match="does not exist"):
+        Model.load(tmp_path / "missing")
+    with pytest.raises(ParScaleError, match="not a parscale export"):
+        Model.load(tmp_path)
+    with pytest.raises(ParScaleError, match="not a parscale export"):
+        Model.load(tiny_exports[4][0])  # a checkpoint, not an export
+
+
+def test_manifest_mismatch(tmp_path, tiny_exports):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_exports[4][1], broken)
+    with open(broken / "model.onnx", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ParScaleError, match=r"model\.onnx has 1000 bytes"):
+        Model.load(broken)
+    (broken / "model.onnx").unlink()
+    with pytest.raises(ParScaleError, match="missing"):
+        Model.load(broken)
+
+
+def test_corrupt_model_with_matching_size(tmp_path, tiny_exports):
+    broken = tmp_path / "corrupt"
+    shutil.copytree(tiny_exports[4][1], broken)
+    size = (broken / "model.onnx").stat().st_size
+    (broken / "model.onnx").write_bytes(b"\0" * size)
+    with pytest.raises(ParScaleError, match=r"onnxruntime cannot load|sha256"):
+        Model.load(broken)
+    with pytest.raises(ParScaleError, match="sha256"):
+        Model.load(broken, verify_checksums=True)
+
+
+def test_provider_choice(tiny_exports):
+    with pytest.raises(ParScaleError, match="auto, cpu or cuda"):
+        Model.load(tiny_exports[4][1], provider="tpu")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ParScaleError, match="onnxruntime-gpu"):
+            Model.load(tiny_exports[4][1], provider="cuda")
+
+
+def test_text_needs_tokenizer(tmp_path, tiny_exports):
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_exports[4][1], bare)
+    manifest = json.loads((bare / "parscale.json").read_text())
+    del manifest["files"]["tokenizer.json"]
+    (bare / "tokenizer.json").unlink()
+    (bare / "parscale.json").write_text(json.dumps(manifest))
+    m = Model.load(bare)
+    with pytest.raises(ParScaleError, match="token ids"):
+        m.generate("hello")
+    r = m.generate(prompt_ids=[1, 2, 3], max_new_tokens=3, ignore_eos=True)
+    assert r.text is None and len(r.generated_ids) == 3
+
+
+def test_stream_takes_one_prompt(models):
+    with pytest.raises(ParScaleError, match="one prompt"):
+        list(models[4].stream(PROMPTS, max_new_tokens=2))
