@@ -109,5 +109,132 @@ def export(
     out.print(f"peak RSS {_peak_rss_mb():,.0f} MB")
 
 
+# ----------------------------------------------------------------------------- runtime commands
+# Runtime modules are imported inside the commands: the CLI must start without torch installed.
+
+RuntimeModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Export folder (from `parscale export`).")]
+ProviderOpt = Annotated[str, typer.Option(help="Execution provider: auto, cpu or cuda.")]
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ParScaleError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def generate(
+    model: RuntimeModelArg,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt text.")] = None,  # noqa: UP045
+    prompt_ids: Annotated[Optional[str], typer.Option("--prompt-ids", help="Prompt as token ids: 1,2,3.")] = None,  # noqa: UP045
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token (default).")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off).")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,  # noqa: UP045
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,  # noqa: UP045
+    provider: ProviderOpt = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,  # noqa: UP045
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+) -> None:
+    """Generate text from an export, streaming it to the terminal."""
+    import json
+
+    from parscale.runtime import Model
+
+    if (prompt is None) == (prompt_ids is None):
+        raise ParScaleError("pass exactly one of --prompt and --prompt-ids")
+    m = Model.load(model, provider=provider, threads=threads)
+    kwargs = dict(prompt=prompt, prompt_ids=_parse_ids(prompt_ids) if prompt_ids is not None else None,
+                  max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
+                  top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or None)
+    if as_json or m.tokenizer is None:
+        r = m.generate(**kwargs)
+        if as_json:
+            print(json.dumps({**r.as_dict(), "model": str(model), "P": m.P, "provider": m.provider}))
+        else:
+            print(",".join(map(str, r.generated_ids)))
+    else:
+        for piece in m.stream(**kwargs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        r = m.last_result
+    if not as_json:
+        t = r.timings
+        err.print(f"[dim]{len(r.generated_ids)} tokens, finish: {r.finish_reason}; first token "
+                  f"{1000 * t.time_to_first_token_s:.0f} ms, prefill {t.prefill_tokens_per_s:,.1f} tok/s, "
+                  f"decode {t.decode_ms_per_token:.1f} ms/token[/]")
+
+
+@app.command()
+def bench(
+    model: RuntimeModelArg,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens (random ids).")] = 128,
+    gen: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,  # noqa: UP045
+    provider: ProviderOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Measure prefill tok/s, decode ms/token, time to first token and peak RSS (batch 1, greedy)."""
+    import json
+
+    from parscale.runtime.bench import bench as run_bench
+
+    r = run_bench(model, prompt_len=prompt_len, gen=gen, threads=threads, provider=provider)
+    if as_json:
+        print(json.dumps(r.as_dict()))
+        return
+    out.print(f"{r.model}: P={r.P}, {r.dtype}, quantization {r.quantization}, {r.provider}, "
+              f"threads {r.threads or 'default'}, prompt {r.prompt_len}, {r.gen} new tokens")
+    out.print(f"  load                 {r.load_s:10.2f} s")
+    out.print(f"  time to first token  {1000 * r.time_to_first_token_s:10.1f} ms")
+    out.print(f"  prefill              {r.prefill_tokens_per_s:10.1f} tok/s")
+    out.print(f"  decode               {r.decode_ms_per_token:10.2f} ms/token")
+    out.print(f"  peak RSS generating  {r.generate_peak_rss_mb:10.1f} MB (process peak {r.peak_rss_mb:,.1f} MB)")
+    out.print(f"  files + KV cache     {r.files_mb + r.kv_cache_mb:10.1f} MB (ratio {r.rss_ratio:.2f})")
+
+
+@app.command()
+def inspect(model: RuntimeModelArg) -> None:
+    """Print an export's manifest: P, dtype, quantization, sizes and graph inputs/outputs."""
+    import re
+
+    from parscale.manifest import check_files, read_manifest
+
+    m = read_manifest(model)
+    check_files(model, m)
+    info = m.get("model", {})
+    out.print(f"{model}: parscale export (format {m.get('format_version')}, "
+              f"tool {m.get('tool', {}).get('version', '?')})")
+    out.print(f"  P={info.get('P')}  prefix tokens {info.get('prefix_tokens')}  dtype {m.get('dtype')}  "
+              f"quantization {m.get('quantization')}  opset {m.get('opset')}")
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
+                "num_key_value_heads", "cache_heads", "head_dim", "vocab_size", "max_position_embeddings",
+                "tie_word_embeddings"):
+        out.print(f"  {key:24s} {info.get(key)}")
+    files = m.get("files", {})
+    out.print(f"  files ({_mb(sum(f['bytes'] for f in files.values()))}):")
+    for name, f in files.items():
+        out.print(f"    {name:28s} {_mb(f['bytes']):>12s}")
+    axes = m.get("io", {}).get("axes", {})
+    io = m.get("io", {})
+    for kind in ("inputs", "outputs"):
+        names = io.get(kind, [])
+        shown = [n for n in names if all(i == "0" for i in re.findall(r"\.(\d+)\.", n))]  # layer 0 stands for all
+        out.print(f"  {kind}: {len(names)}")
+        for n in shown:
+            out.print(f"    {n:32s} {axes.get(n)}")
+        if len(shown) < len(names):
+            out.print(f"    ... and the other layers' {kind[:-1]}s alike")
+    if "validation" in m:
+        v = m["validation"]
+        out.print(f"  validation: max |logit diff| {v.get('max_abs_logit_diff'):.2e}, "
+                  f"greedy match {v.get('greedy_match')}")
+
+
 if __name__ == "__main__":
     main()
