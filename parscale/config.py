@@ -56,10 +56,15 @@ class ParScaleConfig:
             )
         if d.get("use_sliding_window"):
             raise ParScaleError("use_sliding_window=true is not supported (sliding-window attention)")
-        if d.get("rope_scaling") not in (None, {}):
-            kind = d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type"))
-            if kind != "default":
-                raise ParScaleError(f"rope_scaling type {kind!r} is not supported (only plain RoPE)")
+        # transformers >= 5 writes RoPE settings as `rope_parameters` instead of top-level keys.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ParScaleError(f"config.json: rope settings must be an object, got {rope!r}")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ParScaleError(f"rope_scaling type {kind!r} is not supported (only plain RoPE)")
+        if "rope_theta" not in d and "rope_theta" in rope:
+            d = {**d, "rope_theta": rope["rope_theta"]}
         if d.get("hidden_act", "silu") != "silu":
             raise ParScaleError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
         names = {f.name for f in dataclasses.fields(cls)}

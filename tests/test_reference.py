@@ -420,12 +420,6 @@ def test_p1_matches_transformers_qwen2(tmp_path: Path, tied: bool, rope_theta: f
         assert diff < ATOL, f"{what} vs transformers: max |diff| {diff:.3g}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="transformers 5 writes RoPE's theta as config.json `rope_parameters.rope_theta` (no top-level "
-    "`rope_theta`); ParScaleConfig.from_dict ignores `rope_parameters` and falls back to 10000",
-)
 def test_p1_checkpoint_saved_by_transformers5(tmp_path: Path) -> None:
     """A Qwen2 checkpoint saved as-is by the installed transformers (its own config.json)."""
     hf = hf_qwen2(published_qwen2_config(tied=True, rope_theta=1000000.0), seed=6)
