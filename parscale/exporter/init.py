@@ -115,6 +115,8 @@ def save_checkpoint(
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, out / name)
+    for path in out.iterdir():
+        path.chmod(0o644)  # safetensors writes private files; a checkpoint is ordinary data
 
 
 def init_checkpoint(
