@@ -13,7 +13,9 @@ POSITION_IDS = "position_ids"  # int64 [batch, seq]; counts real tokens only
 NUM_LOGITS_TO_KEEP = "num_logits_to_keep"  # int64 scalar, optional (default 0 = all positions)
 LOGITS = "logits"  # float32 [batch, seq or k, vocab]
 
-BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "total"
+# The batch axis has the name optimum gives it: transformers.js sizes the empty first-step cache from
+# the graph's input shapes and knows only "batch_size" (any other symbolic axis becomes 0).
+BATCH, SEQ, PAST, TOTAL = "batch_size", "seq", "past", "total"
 
 
 def past_key(layer: int) -> str:

@@ -132,10 +132,10 @@ def test_graph_io_follows_contract(p4_export):
     # num_logits_to_keep is an optional input: an initializer supplies its default (0: all logits).
     assert list(inputs) == [n for n in contract.input_names(2) if n != contract.NUM_LOGITS_TO_KEEP]
     assert contract.NUM_LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
-    assert inputs["past_key_values.0.key"].shape == ["batch", 8, "past", 16]
-    assert inputs[contract.ATTENTION_MASK].shape == ["batch", "total"]
+    assert inputs["past_key_values.0.key"].shape == [contract.BATCH, 8, "past", 16]
+    assert inputs[contract.ATTENTION_MASK].shape == [contract.BATCH, "total"]
     outputs = {o.name: o for o in session.get_outputs()}
-    assert outputs["present.1.value"].shape == ["batch", 8, "total", 16]
+    assert outputs["present.1.value"].shape == [contract.BATCH, 8, "total", 16]
     assert outputs[contract.LOGITS].type == "tensor(float)"
     # The prefix lives in the graph: a first step with an empty past returns only real tokens.
     cfg = ParScaleConfig.load(out)
