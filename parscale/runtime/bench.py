@@ -104,5 +104,7 @@ def _quant_name(q: object) -> str | None:
     if q is None or isinstance(q, str):
         return q
     if isinstance(q, dict):
-        return str(q.get("method") or q.get("type") or q.get("bits") or q)
+        scheme = q.get("scheme", q)
+        bits = scheme.get("bits") if isinstance(scheme, dict) else None
+        return f"int{bits}" if bits else "quantized"
     return str(q)

@@ -18,6 +18,7 @@ import numpy as np
 from parscale.errors import ParScaleError
 from parscale.manifest import MODEL_FILE, check_files, read_manifest
 from parscale.runtime.generate import Generation, GenerationResult
+from parscale.runtime.memory import advise_random_access, limit_malloc_retention
 from parscale.runtime.sampling import Sampler, SamplingConfig
 from parscale.runtime.session import CPU, Engine, GraphInfo, create_session, default_threads, resolve_provider
 from parscale.runtime.tokenizer import TOKENIZER_FILE, Tokenizer, load_eos_ids
@@ -64,7 +65,10 @@ class Model:
         if not (path / MODEL_FILE).is_file():
             raise ParScaleError(f"{path}: {MODEL_FILE} is missing; re-export the model")
         name = resolve_provider(provider)
+        limit_malloc_retention()
         session = create_session(path / MODEL_FILE, name, threads if threads is not None else default_threads())
+        for data in sorted(path.glob(MODEL_FILE + "*.data")):
+            advise_random_access(data)  # tables read in place (embeddings): fault in rows, not folios
         tok = Tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
         return cls(path, manifest, session, name, tok)
 

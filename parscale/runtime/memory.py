@@ -1,0 +1,91 @@
+"""Keep peak RSS near the size of the weights (Linux/glibc; elsewhere these are no-ops).
+
+Measured on qwen2.5-0.5b P=4 fp32 (2.0 GB of weights), prompt 128 (benchmarks/README.md):
+
+- glibc raises its mmap threshold each time a large block is freed, so after the first step the
+  10-MB activations of prefill come from the heap and pile up before they are trimmed: +280 MB of
+  peak RSS. Fixing the threshold at 1 MiB makes every large tensor an mmap that returns to the OS
+  when freed (+95 MB, all of it live activations). `limit_malloc_retention` does that.
+- ONNX Runtime maps external data and uses the embedding table in place (the tied LM head gets
+  its own prepacked copy). Each row lookup then faulted in a whole large folio of the page cache
+  (ext4 builds 2-MB folios when the file is read at load): 128 random ids mapped 172 MB.
+  `advise_random_access` marks such mappings MADV_RANDOM and drops their cached pages, so a
+  lookup maps about one page per row (1 MB for the same prompt).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from pathlib import Path
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MADV_RANDOM = 1
+MMAP_THRESHOLD_BYTES = 1 << 20
+MIN_TABLE_BYTES = 1 << 20  # smaller mappings (biases, norms) are read whole anyway
+
+_malloc_done = False
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def limit_malloc_retention() -> bool:
+    """Fix glibc's mmap threshold at 1 MiB (once per process); False where not glibc or opted out.
+
+    Set PARSCALE_KEEP_MALLOC=1 to leave the host process's allocator settings alone.
+    """
+    global _malloc_done
+    if _malloc_done:
+        return True
+    if os.environ.get("PARSCALE_KEEP_MALLOC") == "1":
+        return False
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:  # musl and others have no mallopt
+        return False
+    _malloc_done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return _malloc_done
+
+
+def advise_random_access(data_file: Path) -> int:
+    """MADV_RANDOM + drop cached pages for this process's mappings of `data_file`; returns bytes advised.
+
+    Only mappings ONNX Runtime still holds after session creation remain (tensors it reads in place,
+    such as embedding tables); prepacked weights were copied and unmapped. Pages another process has
+    mapped are not dropped (the kernel skips them), so this never slows a second process down much.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(os, "posix_fadvise"):
+        return 0
+    target = str(Path(data_file).resolve())
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.readlines()
+        fd = os.open(target, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        for line in lines:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 6 or fields[5].strip() != target:
+                continue
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if hi - lo < MIN_TABLE_BYTES:
+                continue
+            if libc.madvise(lo, hi - lo, MADV_RANDOM) == 0:
+                os.posix_fadvise(fd, int(fields[2], 16), hi - lo, os.POSIX_FADV_DONTNEED)
+                advised += hi - lo
+    finally:
+        os.close(fd)
+    return advised
