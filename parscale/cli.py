@@ -85,16 +85,34 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the CPU check against PyTorch.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Weight-only 8-bit quantization.")] = False,
+    int4: Annotated[bool, typer.Option("--int4", help="Weight-only 4-bit quantization.")] = False,
+    block_size: Annotated[Optional[int], typer.Option(help="Quantization block size (default per bit width).")] = None,  # noqa: UP045
+    symmetric: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        "--symmetric/--asymmetric", help="Without or with zero points (default per bit width).", show_default=False,
+    )] = None,
+    accuracy_level: Annotated[Optional[int], typer.Option(help="MatMulNBits accuracy_level 0-4.")] = None,  # noqa: UP045
+    eval_text: Annotated[Optional[Path], typer.Option(help="Text for the quantized export's check.")] = None,  # noqa: UP045
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail.")] = False,
 ) -> None:
     """Export a ParScale checkpoint to ONNX with KV-cache inputs/outputs, validated on CPU."""
     from parscale.exporter.export import Dtype
     from parscale.exporter.export import export as run_export
+    from parscale.exporter.quantize import default_scheme
 
     if dtype not in Dtype.__members__:
         raise ParScaleError(f"--dtype must be one of {', '.join(Dtype.__members__)}, got {dtype!r}")
+    if int8 and int4:
+        raise ParScaleError("pass at most one of --int8 and --int4")
+    scheme = None
+    if int8 or int4:
+        scheme = default_scheme(8 if int8 else 4, block_size=block_size, symmetric=symmetric,
+                                accuracy_level=accuracy_level)
+    elif block_size is not None or symmetric is not None or accuracy_level is not None:
+        raise ParScaleError("--block-size, --symmetric/--asymmetric and --accuracy-level need --int8 or --int4")
     result = run_export(model or DEFAULT_MODEL, output, P=P, dtype=Dtype(dtype), opset=opset, force=force,
-                        validate=not no_validate, log=_stage_printer(verbose))
+                        validate=not no_validate, quantize=scheme, eval_text=eval_text,
+                        log=_stage_printer(verbose))
     m = result.manifest
     out.print(f"exported {result.out}: P={m['model']['P']}, {m['dtype']}, {_mb(result.total_bytes)}")
     if verbose:
@@ -106,7 +124,50 @@ def export(
         v = result.validation
         out.print(f"validation: max |logit diff| {v.max_abs_diff:.2e} (prefill {v.prefill_diff:.2e}, "
                   f"{v.steps} decode steps {v.decode_diff:.2e}), greedy match {v.greedy_match}")
+    if result.quantization:
+        _print_quantization(m["quantization"])
+    if result.fidelity:
+        _print_fidelity(result.fidelity, "quantized vs float graph")
     out.print(f"peak RSS {_peak_rss_mb():,.0f} MB")
+
+
+def _print_quantization(q: dict) -> None:  # type: ignore[type-arg]
+    s, bpw = q["scheme"], q["bits_per_weight"]
+    out.print(f"quantization: int{s['bits']} (embeddings int{s['embedding_bits']}), block {s['block_size']}, "
+              f"{'symmetric' if s['symmetric'] else 'asymmetric'}, accuracy_level {s['accuracy_level']}; "
+              f"{bpw['quantized']:.3f} bits/weight over {q['quantized_tensors']} quantized tensors, "
+              f"{bpw['model']:.3f} over the whole model; tied table shared: {q['shared_embedding']}")
+
+
+def _print_fidelity(f, what: str) -> None:  # type: ignore[no-untyped-def]
+    ppl = f" perplexity {f.perplexity_a:.3f} -> {f.perplexity_b:.3f};" if f.perplexity_a is not None else ""
+    out.print(f"fidelity ({what}, {f.source}, {f.positions} positions, {f.decode_steps} of each "
+              f"{f.window} decoded with the cache): top-1 agreement {100 * f.top1_agreement:.2f}%, "
+              f"mean KL {f.mean_kl:.2e} (max {f.max_kl:.2e});{ppl}".rstrip(";"))
+
+
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(metavar="A", help="Reference export folder (e.g. the fp32 export).")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="Export folder to measure against A.")],
+    text: Annotated[Optional[Path], typer.Option(help="UTF-8 text to score (default: random tokens).")] = None,  # noqa: UP045
+    window: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
+    windows: Annotated[int, typer.Option(help="Windows at most (0 = the whole text).")] = 8,
+    decode_steps: Annotated[int, typer.Option(help="Last tokens of each window fed through the KV cache.")] = 8,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads.")] = None,  # noqa: UP045
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Top-1 agreement, KL(A || B) and perplexity of two exports on identical token windows."""
+    import json
+
+    from parscale.fidelity import compare_exports
+
+    f = compare_exports(a, b, text=text, window=window, max_windows=windows or None,
+                        decode_steps=decode_steps, threads=threads)
+    if as_json:
+        print(json.dumps({"a": str(a), "b": str(b), **f.to_dict()}))
+    else:
+        _print_fidelity(f, f"{b} vs {a}")
 
 
 # ----------------------------------------------------------------------------- runtime commands

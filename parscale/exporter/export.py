@@ -21,8 +21,10 @@ from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import folder
 from parscale.exporter.checkpoint import load_model, source_checksum
+from parscale.exporter.quantize import QuantReport, QuantScheme, quantize_graph
 from parscale.exporter.trace import trace_to_onnx
 from parscale.exporter.validate import ValidationReport, compare, cpu_session
+from parscale.fidelity import Fidelity, compare_sessions, random_tokens, text_tokens
 from parscale.manifest import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, describe_files
 
 EXTERNAL_DATA = MODEL_FILE + ".data"
@@ -53,6 +55,8 @@ class ExportResult:
     manifest: dict[str, Any]
     validation: ValidationReport | None
     seconds: dict[str, float] = field(default_factory=dict)
+    quantization: QuantReport | None = None
+    fidelity: Fidelity | None = None  # a quantized export against its float graph
 
     @property
     def total_bytes(self) -> int:
@@ -68,9 +72,16 @@ def export(
     opset: int = 18,
     force: bool = False,
     validate: bool = True,
+    quantize: QuantScheme | None = None,
+    eval_text: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Export a checkpoint folder to `out`; nothing is left at `out` if any step fails."""
+    """Export a checkpoint folder to `out`; nothing is left at `out` if any step fails.
+
+    `quantize`: weight-only quantization (see `parscale.exporter.quantize`). Validation then checks
+    the float graph against PyTorch as usual, and measures the quantized graph against the float
+    graph (top-1 agreement, KL; perplexity too on `eval_text`, a UTF-8 file, else random tokens).
+    """
     model_dir, out = Path(model_dir), Path(out)
     log = log or (lambda _msg: None)
     _check_destination(model_dir, out, force)
@@ -94,12 +105,22 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
+    # A quantized export is validated through its float graph, written here and never kept.
+    float_dir = tmp.with_name(tmp.name + "-float") if quantize is not None and validate else tmp
+    qreport, fidelity = None, None
     try:
         stage("tracing to ONNX")
         proto = trace_to_onnx(model, dtype=dtype.torch, opset=opset)
 
         stage("writing model")
         manifest = _manifest(cfg, dtype, opset, checksum, model_dir)
+        if float_dir != tmp:
+            float_dir.mkdir()
+            _write_model(proto, float_dir, manifest)
+        if quantize is not None:
+            stage("quantizing")
+            qreport = quantize_graph(proto, quantize, cfg.num_hidden_layers)
+            manifest["quantization"] = qreport.to_dict()
         _write_model(proto, tmp, manifest)
         del proto
         folder.copy_source_files(model_dir, tmp)
@@ -112,7 +133,7 @@ def export(
             stage("validating on CPU against PyTorch")
             # The float32 module is the reference, whatever the export's dtype.
             reference = model if dtype is Dtype.fp32 else load_model(model_dir, torch.float32)[1]
-            report = compare(cpu_session(tmp / MODEL_FILE), reference, tolerance=TOLERANCE[dtype])
+            report = compare(cpu_session(float_dir / MODEL_FILE), reference, tolerance=TOLERANCE[dtype])
             manifest["validation"] = {
                 "max_abs_logit_diff": report.max_abs_diff, "greedy_match": report.greedy_match,
                 "decode_steps": report.steps, "tolerance": report.tolerance,
@@ -122,6 +143,13 @@ def export(
                     f"validation failed: max |logit difference| {report.max_abs_diff:.3g} "
                     f"(tolerance {report.tolerance:g}), greedy tokens match: {report.greedy_match}"
                 )
+            if quantize is not None:
+                del reference, model  # the float sessions below need the memory more
+                stage("measuring fidelity against the float graph")
+                fidelity = _fidelity(float_dir, tmp, model_dir, cfg.vocab_size, eval_text)
+                manifest["validation"]["fidelity"] = fidelity.to_dict()
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # some writers create private files; an export is ordinary data
         manifest["files"] = describe_files(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
@@ -129,10 +157,24 @@ def export(
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(float_dir, ignore_errors=True)
     stage("done")
     names = list(seconds)
     durations = {a: seconds[b] - seconds[a] for a, b in itertools.pairwise(names)}
-    return ExportResult(out=out, manifest=manifest, validation=report, seconds=durations)
+    return ExportResult(out=out, manifest=manifest, validation=report, seconds=durations,
+                        quantization=qreport, fidelity=fidelity)
+
+
+def _fidelity(float_dir: Path, quant_dir: Path, model_dir: Path, vocab: int, text: str | Path | None) -> Fidelity:
+    """The quantized graph against the float one, on a text file's tokens or on random tokens."""
+    if text is not None:
+        tokens, source = text_tokens(model_dir, text), f"text {Path(text).name}"
+    else:
+        tokens, source = random_tokens(vocab, 4 * 128, seed=0), "random tokens (seed 0)"
+    return compare_sessions(
+        cpu_session(float_dir / MODEL_FILE), cpu_session(quant_dir / MODEL_FILE), tokens,
+        window=128, max_windows=None if text is not None else 4, source=source, text=text is not None,
+    )
 
 
 def _check_destination(model_dir: Path, out: Path, force: bool) -> None:

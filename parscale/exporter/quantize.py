@@ -1,0 +1,327 @@
+"""Weight-only quantization policy: which tensors of a traced export become which ONNX Runtime nodes.
+
+Quantized: every decoder projection (q/k/v/o, gate/up/down) and the LM head, as
+`com.microsoft.MatMulNBits`, and the embedding table, as `com.microsoft.GatherBlockQuantized`.
+Kept in floating point: ParScale's own parameters (prefix keys/values, the aggregation MLP), which
+decide how the streams mix and are ~0.2% of the weights; norms and biases.
+
+With tied embeddings one quantized table serves both nodes: MatMulNBits reads it as
+(vocab, k_blocks, blob) and the Gather reads it reshaped to (vocab, k_blocks * blob), quantized
+along the hidden axis. The reshape's target shape is computed at run time on purpose: a constant
+shape lets ONNX Runtime fold the Reshape at session load into a second copy of the table.
+
+The numbers live in `quant_math`; this module only decides and rewrites the graph.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from parscale.errors import ParScaleError
+from parscale.exporter import quant_math as qm
+
+MS_DOMAIN = "com.microsoft"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MATMUL_SCOPE = re.compile(r"(?:^|\.)(?:layers\.\d+\.(?:self_attn|mlp)\.(?:" + "|".join(PROJECTIONS) + r")|lm_head)$")
+_EMBED_SCOPE = re.compile(r"(?:^|\.)embed_tokens$")
+_SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # module path of each node, recorded by torch.onnx (dynamo)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How weights are quantized. Defaults were chosen by measurement (see the README's table)."""
+
+    bits: int  # 4 or 8: projections and LM head
+    block_size: int = 32  # values per scale along the input (K / hidden) axis
+    symmetric: bool = False  # True: no zero points (implicit 2**(bits-1))
+    accuracy_level: int = 0  # MatMulNBits: 0 unset (float A), 1 fp32, 2 fp16, 3 bf16, 4 int8 A
+    embedding_bits: int | None = None  # None: same as `bits` (needed to share a tied table)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ParScaleError(f"quantization bits must be 4 or 8, got {self.bits}")
+        if self.embedding_bits not in (None, 4, 8):
+            raise ParScaleError(f"embedding bits must be 4 or 8, got {self.embedding_bits}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ParScaleError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ParScaleError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
+
+    @property
+    def embed_bits(self) -> int:
+        return self.embedding_bits or self.bits
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["embedding_bits"] = self.embed_bits
+        return d
+
+
+# Per bit width, the defaults measured best on the trained embedded model (README: quantization).
+DEFAULTS: dict[int, dict[str, Any]] = {
+    8: {"block_size": 32, "symmetric": False, "accuracy_level": 0},
+    4: {"block_size": 32, "symmetric": False, "accuracy_level": 0},
+}
+
+
+def default_scheme(
+    bits: int, *, block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int | None = None,
+) -> QuantScheme:
+    """The scheme for `bits` with the measured defaults, overridden where an argument is given."""
+    if bits not in DEFAULTS:
+        raise ParScaleError(f"quantization bits must be 4 or 8, got {bits}")
+    given = {"block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level}
+    return QuantScheme(bits=bits, **{**DEFAULTS[bits], **{k: v for k, v in given.items() if v is not None}})
+
+
+@dataclass
+class QuantReport:
+    """What was quantized: per-tensor storage, and bits per weight for those tensors and the model."""
+
+    scheme: QuantScheme
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> shape, bytes, kind
+    shared_embedding: bool = False
+    float_weights: int = 0  # elements of the initializers left in floating point
+    float_bytes: int = 0
+
+    @property
+    def quantized_weights(self) -> int:
+        return sum(t["weights"] for t in self.tensors.values())
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(t["bytes"] for t in self.tensors.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits of the quantized tensors (codes, scales, zero points) per weight they replace."""
+        return 8 * self.quantized_bytes / max(self.quantized_weights, 1)
+
+    @property
+    def model_bits_per_weight(self) -> float:
+        """All weight bytes of the graph (quantized and float) per weight of the model."""
+        return 8 * (self.quantized_bytes + self.float_bytes) / max(self.quantized_weights + self.float_weights, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": f"int{self.scheme.bits} weight-only, block-wise",
+            "ops": ["com.microsoft.MatMulNBits", "com.microsoft.GatherBlockQuantized"],
+            "scheme": self.scheme.to_dict(),
+            "bits_per_weight": {"quantized": round(self.bits_per_weight, 4),
+                                "model": round(self.model_bits_per_weight, 4)},
+            "quantized_tensors": len(self.tensors),
+            "quantized_weights": self.quantized_weights,
+            "float_weights": self.float_weights,
+            "shared_embedding": self.shared_embedding,
+            "kept_float": "prefix keys/values, aggregation MLP, norms, biases",
+        }
+
+
+def _scope(node: onnx.NodeProto) -> str | None:
+    """The innermost module path torch recorded for the node, without the tracing wrapper's prefix."""
+    for prop in node.metadata_props:
+        if prop.key == _SCOPES_KEY:
+            scopes = ast.literal_eval(prop.value)
+            path = next((s for s in reversed(scopes) if _MATMUL_SCOPE.search(s) or _EMBED_SCOPE.search(s)), None)
+            return path.removeprefix("model.") if path else None
+    return None
+
+
+@dataclass
+class _Targets:
+    projections: list[tuple[onnx.NodeProto, str]]  # (MatMul, module path) with an initializer B (K, N)
+    lm_head: tuple[onnx.NodeProto, str, onnx.NodeProto | None]  # (MatMul, table name, Transpose when tied)
+    embedding: tuple[onnx.NodeProto, str]  # (Gather, table name)
+
+
+def _find_targets(graph: onnx.GraphProto, num_layers: int) -> _Targets:
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    projections, lm_heads, embeddings = [], [], []
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gather") or (path := _scope(node)) is None:
+            continue
+        if node.op_type == "Gather" and _EMBED_SCOPE.search(path) and node.input[0] in inits:
+            embeddings.append((node, node.input[0]))
+        elif node.op_type == "MatMul" and path.endswith("lm_head"):
+            src = producer.get(node.input[1])
+            if node.input[1] in inits:
+                lm_heads.append((node, node.input[1], None))
+            elif src is not None and src.op_type == "Transpose" and src.input[0] in inits:
+                lm_heads.append((node, src.input[0], src))  # tied: MatMul(x, Transpose(table))
+        elif node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            projections.append((node, path))
+    if len(projections) != 7 * num_layers or len(lm_heads) != 1 or len(embeddings) != 1:
+        # A silent partial quantization would be worse than none: say what was found.
+        raise ParScaleError(
+            f"cannot quantize: found {len(projections)} projections (expected {7 * num_layers}), "
+            f"{len(lm_heads)} LM heads and {len(embeddings)} embedding lookups (expected 1 each) in the "
+            "traced graph; it may lack torch.onnx's name_scopes metadata"
+        )
+    return _Targets(projections, lm_heads[0], embeddings[0])
+
+
+def quantize_graph(proto: onnx.ModelProto, scheme: QuantScheme, num_layers: int) -> QuantReport:
+    """Rewrite a traced export in place: quantized nodes in, replaced float weights out."""
+    graph = proto.graph
+    targets = _find_targets(graph, num_layers)
+    inits = {t.name: t for t in graph.initializer}
+    report = QuantReport(scheme)
+    new_nodes: dict[int, list[onnx.NodeProto]] = {}  # id(old node) -> replacement nodes
+    dropped: set[int] = set()
+    replaced: set[str] = set()
+
+    for node, path in targets.projections:
+        w = numpy_helper.to_array(inits[node.input[1]])  # (K, N): the exporter stores W transposed
+        name = path + ".weight"
+        new_nodes[id(node)] = [_matmul_nbits(graph, node, name, w.T, scheme, report)]
+        replaced.add(node.input[1])
+
+    lm, table_name, transpose = targets.lm_head
+    gather, embed_name = targets.embedding
+    table = numpy_helper.to_array(inits[table_name])
+    tied = transpose is not None and table_name == embed_name
+    if transpose is not None:
+        dropped.add(id(transpose))
+    lm_weight = table if transpose is not None else table.T  # (vocab, hidden)
+    lm_node = _matmul_nbits(graph, lm, "lm_head.weight", lm_weight, scheme, report)
+    new_nodes[id(lm)] = [lm_node]
+    replaced.add(table_name)
+    if tied and scheme.embed_bits == scheme.bits:
+        report.shared_embedding = True
+        new_nodes[id(gather)] = _shared_gather(graph, gather, lm_node, scheme, table.shape[1])
+    else:
+        emb = numpy_helper.to_array(inits[embed_name])
+        new_nodes[id(gather)] = _gather_quantized(graph, gather, "model.embed_tokens.weight", emb, scheme, report)
+        replaced.add(embed_name)
+
+    nodes = []
+    for node in graph.node:
+        if id(node) in dropped:
+            continue
+        nodes.extend(new_nodes.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused(graph, replaced)
+    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    quantized = {n for t in report.tensors.values() for n in t["initializers"]}
+    for t in graph.initializer:
+        if t.name not in quantized:
+            report.float_weights += int(np.prod(t.dims))
+            report.float_bytes += _nbytes(t)
+    return report
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    return int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _add_quantized(
+    graph: onnx.GraphProto, name: str, w: np.ndarray, bits: int, scheme: QuantScheme, report: QuantReport,
+    kind: str, *, flat: bool = False,
+) -> tuple[qm.BlockQuantized, list[str]]:
+    """Quantize (N, K) `w` and add codes, scales and zero points as initializers; returns their names.
+
+    Codes are (N, k_blocks, blob) for MatMulNBits, or (N, k_blocks * blob) when `flat` (a Gather table).
+    """
+    float_dtype = w.dtype
+    bq = qm.quantize_blockwise(w.astype(np.float32), bits, scheme.block_size, symmetric=scheme.symmetric,
+                               scale_dtype=float_dtype)
+    names = [f"{name}.q{bits}", f"{name}.scales"]
+    codes = qm.packed_weight(bq)
+    graph.initializer.append(numpy_helper.from_array(codes.reshape(bq.N, -1) if flat else codes, names[0]))
+    graph.initializer.append(numpy_helper.from_array(bq.scales.astype(float_dtype), names[1]))
+    if bq.zero_points is not None:
+        names.append(f"{name}.zero_points")
+        graph.initializer.append(numpy_helper.from_array(qm.packed_zero_points(bq), names[2]))
+    report.tensors[name] = {
+        "kind": kind, "shape": [bq.N, bq.K], "bits": bits, "weights": bq.N * bq.K,
+        "bytes": qm.stored_bytes(bq, scale_bytes=np.dtype(float_dtype).itemsize), "initializers": names,
+    }
+    return bq, names
+
+
+def _matmul_nbits(
+    graph: onnx.GraphProto, node: onnx.NodeProto, name: str, w: np.ndarray, scheme: QuantScheme,
+    report: QuantReport,
+) -> onnx.NodeProto:
+    bq, names = _add_quantized(graph, name, w, scheme.bits, scheme, report, "MatMulNBits")
+    return helper.make_node(
+        "MatMulNBits", [node.input[0], *names], list(node.output), name=node.name + "_q", domain=MS_DOMAIN,
+        K=bq.K, N=bq.N, bits=scheme.bits, block_size=scheme.block_size, accuracy_level=scheme.accuracy_level,
+    )
+
+
+def _gather_quantized(
+    graph: onnx.GraphProto, node: onnx.NodeProto, name: str, table: np.ndarray, scheme: QuantScheme,
+    report: QuantReport,
+) -> list[onnx.NodeProto]:
+    """An untied (or differently quantized) embedding: its own 2-D table for GatherBlockQuantized."""
+    bq, names = _add_quantized(graph, name, table, scheme.embed_bits, scheme, report, "GatherBlockQuantized",
+                               flat=True)
+    return _gather_nodes(graph, node, names, scheme.embed_bits, scheme.block_size, bq.K, bq.k_blocks)
+
+
+def _shared_gather(
+    graph: onnx.GraphProto, node: onnx.NodeProto, lm_node: onnx.NodeProto, scheme: QuantScheme, hidden: int,
+) -> list[onnx.NodeProto]:
+    """Gather from the LM head's (vocab, k_blocks, blob) table through a run-time Reshape."""
+    table, *params = lm_node.input[1:]
+    base = node.name + "_q"
+    ids = node.input[1]
+    # [vocab, -1] concatenated with an empty slice of Shape(input_ids): equal to the constant, but no
+    # longer foldable, so ONNX Runtime keeps one table (Reshape aliases its input, no copy).
+    graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), base + ".shape_const"))
+    graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), base + ".zero"))
+    pre = [
+        helper.make_node("Shape", [ids], [base + "/ids_shape"], name=base + "/Shape"),
+        helper.make_node("Slice", [base + "/ids_shape", base + ".zero", base + ".zero"], [base + "/empty"],
+                         name=base + "/Slice"),
+        helper.make_node("Concat", [base + ".shape_const", base + "/empty"], [base + "/shape"], axis=0,
+                         name=base + "/Concat"),
+        helper.make_node("Reshape", [table, base + "/shape"], [base + "/table2d"], name=base + "/Reshape",
+                         allowzero=0),
+    ]
+    k_blocks = -(-hidden // scheme.block_size)
+    return pre + _gather_nodes(graph, node, [base + "/table2d", *params], scheme.bits, scheme.block_size,
+                               hidden, k_blocks)
+
+
+def _gather_nodes(
+    graph: onnx.GraphProto, node: onnx.NodeProto, names: list[str], bits: int, block_size: int, hidden: int,
+    k_blocks: int,
+) -> list[onnx.NodeProto]:
+    """GatherBlockQuantized over (vocab, padded hidden), then a Slice back to `hidden` if padded."""
+    data, scales, *zp = names
+    out = node.output[0]
+    padded = k_blocks * block_size != hidden
+    gathered = node.name + "_q/padded" if padded else out
+    nodes = [helper.make_node(
+        "GatherBlockQuantized", [data, node.input[1], scales, *zp], [gathered], name=node.name + "_q",
+        domain=MS_DOMAIN, bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1,
+    )]
+    if padded:
+        base = node.name + "_q/trim"
+        for suffix, value in ((".starts", 0), (".ends", hidden), (".axes", -1)):
+            graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), base + suffix))
+        nodes.append(helper.make_node("Slice", [gathered, base + ".starts", base + ".ends", base + ".axes"],
+                                      [out], name=base))
+    return nodes
+
+
+def _drop_unused(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Remove the replaced float weights once no node reads them (no dead initializers)."""
+    used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input}
+    keep = [t for t in graph.initializer if t.name not in names or t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

@@ -1,0 +1,265 @@
+"""Quantized exports (--int8 / --int4): graph rewriting, manifest, generation and fidelity.
+
+Tracing dominates the cost, so each checkpoint is traced once (module-scoped fixtures) and the
+other schemes are applied to a copy of that float graph with `quantize_graph` directly.
+
+The mechanical check: with accuracy_level 0 a quantized graph must equal, to float32 rounding,
+the PyTorch module whose weights were replaced by their quantize-dequantize round trip. That
+pins every rewired node (tied sharing, padding, untied tables) independently of model quality,
+which on random weights says little.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from parscale.cli import app
+from parscale.errors import ParScaleError
+from parscale.exporter import export as export_module
+from parscale.exporter import quant_math as qm
+from parscale.exporter.checkpoint import load_model
+from parscale.exporter.export import export
+from parscale.exporter.init import init_checkpoint
+from parscale.exporter.quantize import QuantScheme, default_scheme, quantize_graph
+from parscale.exporter.validate import compare, cpu_session
+from parscale.fidelity import compare_exports
+from parscale.manifest import MANIFEST, MODEL_FILE, read_manifest
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "tied": init_checkpoint(root / "tied", P=4, preset="tiny", prefix=8, dtype="float32", tied=True),
+        "untied": init_checkpoint(root / "untied", P=4, preset="tiny", prefix=8, dtype="float32", tied=False, seed=1),
+        "p1": init_checkpoint(root / "p1", P=1, preset="tiny", prefix=8, dtype="float32", tied=False, seed=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def float_exports(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("float")
+    return {k: export(v, root / k, validate=False).out for k, v in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def int4_tied(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """The full `export` path: float validation against PyTorch, quantization, fidelity."""
+    return export(checkpoints["tied"], tmp_path_factory.mktemp("q") / "int4", quantize=default_scheme(4))
+
+
+def fake_quantized(ckpt: Path, scheme: QuantScheme) -> torch.nn.Module:
+    """The float module with every quantized weight replaced by its quantize-dequantize round trip."""
+    cfg, model = load_model(ckpt, torch.float32)
+
+    def round_trip(w: torch.Tensor, bits: int) -> torch.Tensor:
+        bq = qm.quantize_blockwise(w.detach().numpy(), bits, scheme.block_size, symmetric=scheme.symmetric)
+        return torch.from_numpy(qm.dequantize_blockwise(bq))
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for mod in (layer.self_attn, layer.mlp):
+                for name in PROJECTIONS:
+                    if hasattr(mod, name):
+                        getattr(mod, name).weight.copy_(round_trip(getattr(mod, name).weight, scheme.bits))
+        if cfg.tie_word_embeddings and scheme.embed_bits != scheme.bits:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())  # two tables now
+        # Tied with equal bits: one shared table, which the embedding reads too.
+        model.lm_head.weight.copy_(round_trip(model.lm_head.weight, scheme.bits))
+        if model.lm_head.weight is not model.model.embed_tokens.weight:
+            emb = model.model.embed_tokens.weight
+            emb.copy_(round_trip(emb, scheme.embed_bits))
+    return model
+
+
+def quantize_copy(float_dir: Path, out: Path, scheme: QuantScheme, num_layers: int = 2):
+    """A quantized copy of a float export folder, as `export` would write it (manifest included)."""
+    shutil.copytree(float_dir, out)
+    proto = onnx.load(str(out / MODEL_FILE))
+    report = quantize_graph(proto, scheme, num_layers)
+    onnx.save(proto, str(out / MODEL_FILE))
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["quantization"] = report.to_dict()
+    manifest["files"][MODEL_FILE]["bytes"] = (out / MODEL_FILE).stat().st_size
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out, proto, report
+
+
+SCHEMES = [
+    pytest.param("tied", QuantScheme(bits=8), id="tied-int8"),
+    pytest.param("tied", QuantScheme(bits=4, block_size=128, symmetric=True), id="tied-int4-sym-block128-padded"),
+    pytest.param("tied", QuantScheme(bits=4, embedding_bits=8), id="tied-int4-emb8-separate-tables"),
+    pytest.param("untied", QuantScheme(bits=4), id="untied-int4"),
+    pytest.param("untied", QuantScheme(bits=8, block_size=64, symmetric=True), id="untied-int8-sym-block64-padded"),
+    pytest.param("p1", QuantScheme(bits=4), id="P1-int4"),
+    pytest.param("p1", QuantScheme(bits=8), id="P1-int8"),
+]
+
+
+@pytest.mark.parametrize(("which", "scheme"), SCHEMES)
+def test_quantized_graph_equals_fake_quantized_module(
+    which: str, scheme: QuantScheme, checkpoints: dict[str, Path], float_exports: dict[str, Path], tmp_path: Path,
+) -> None:
+    """Prefill + 8 cached decode steps, batch 2 with left padding: logits and greedy tokens."""
+    out, proto, report = quantize_copy(float_exports[which], tmp_path / "q", scheme)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulNBits") == 7 * 2 + 1
+    assert ops.count("GatherBlockQuantized") == 1
+    assert "Gather" not in [n.op_type for n in proto.graph.node if n.input and n.input[0].endswith("weight")]
+    shared = which == "tied" and scheme.embed_bits == scheme.bits
+    assert report.shared_embedding is shared
+    assert len(report.tensors) == 7 * 2 + 1 + (0 if shared else 1)
+    r = compare(cpu_session(out / MODEL_FILE), fake_quantized(checkpoints[which], scheme), tolerance=1e-3)
+    assert r.ok, r
+
+
+@pytest.mark.parametrize(("which", "scheme"), SCHEMES[:4])
+def test_no_dead_or_float_copies_of_quantized_weights(
+    which: str, scheme: QuantScheme, float_exports: dict[str, Path], tmp_path: Path,
+) -> None:
+    _, proto, report = quantize_copy(float_exports[which], tmp_path / "q", scheme)
+    graph = proto.graph
+    used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input}
+    assert [t.name for t in graph.initializer if t.name not in used] == []
+    big_float = [list(t.dims) for t in graph.initializer
+                 if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and min(t.dims) >= 64]
+    # The only big float matrix left is ParScale's own aggregation layer (P*h, h); none at P=1.
+    assert big_float == ([] if which == "p1" else [[4 * 64, 64]])
+    quantized = {n for t in report.tensors.values() for n in t["initializers"]}
+    assert quantized <= {t.name for t in graph.initializer}
+
+
+def test_parscale_parameters_stay_float(float_exports: dict[str, Path], tmp_path: Path) -> None:
+    """Prefix keys/values and the aggregation MLP are byte-identical before and after quantization."""
+    before = onnx.load(str(float_exports["tied"] / MODEL_FILE))
+    _, after, _ = quantize_copy(float_exports["tied"], tmp_path / "q", QuantScheme(bits=4))
+    keep = {t.name: t.raw_data for t in before.graph.initializer
+            if len(t.dims) == 4  # prefix keys/values (in two layouts)
+            or tuple(t.dims) in ((4 * 64, 64), (64, 4)) or "aggregate" in t.name}  # aggregation MLP
+    assert len(keep) == 2 * 2 + 2 + 2
+    kept = {t.name: t.raw_data for t in after.graph.initializer}
+    assert all(kept.get(name) == raw for name, raw in keep.items())
+
+
+def test_export_records_scheme_bits_and_fidelity(int4_tied) -> None:
+    m = read_manifest(int4_tied.out)
+    q = m["quantization"]
+    assert q["scheme"] == {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 0, "embedding_bits": 4}
+    assert q["shared_embedding"] is True
+    assert 5.0 < q["bits_per_weight"]["quantized"] < 5.2  # 4 + 32/32 + 4/32 with fp32 scales
+    assert q["bits_per_weight"]["model"] > q["bits_per_weight"]["quantized"]  # the float remainder
+    meta = json.loads({p.key: p.value for p in onnx.load(str(int4_tied.out / MODEL_FILE)).metadata_props}["parscale"])
+    assert meta["quantization"] == q
+    v = m["validation"]
+    assert v["greedy_match"] and v["max_abs_logit_diff"] < 1e-3  # the float graph against PyTorch
+    f = v["fidelity"]
+    assert f["positions"] == 4 * 128 and 0 <= f["mean_kl"] < 0.05 and f["top1_agreement"] > 0.5
+    assert not any(p.name.endswith("-float") for p in int4_tied.out.parent.iterdir())  # no leftovers
+
+
+def test_quantized_export_generates_with_the_runtime(int4_tied, checkpoints: dict[str, Path]) -> None:
+    from parscale.runtime import Model
+
+    m = Model.load(int4_tied.out, provider="cpu")
+    r = m.generate(prompt_ids=[5, 17, 300, 2, 9], max_new_tokens=8, greedy=True, ignore_eos=True)
+    module = fake_quantized(checkpoints["tied"], default_scheme(4))
+    ids = torch.tensor([[5, 17, 300, 2, 9]])
+    with torch.no_grad():
+        expected = []
+        logits, cache = module(ids)
+        for _ in range(8):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            expected.append(int(nxt))
+            logits, cache = module(nxt, None, None, cache)
+    assert list(r.generated_ids) == expected
+
+
+def test_compare_an_export_with_itself(int4_tied) -> None:
+    f = compare_exports(int4_tied.out, int4_tied.out, window=32, max_windows=2, decode_steps=4)
+    assert f.top1_agreement == 1.0 and abs(f.mean_kl) < 1e-9 and f.positions == 64
+    res = CliRunner().invoke(app, ["compare", str(int4_tied.out), str(int4_tied.out), "--window", "32",
+                                   "--windows", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["top1_agreement"] == 1.0 and abs(d["mean_kl"]) < 1e-9
+
+
+def test_compare_float_and_quantized_on_text(int4_tied, float_exports: dict[str, Path], tmp_path: Path) -> None:
+    """With a text file, perplexity is reported for both (a byte-level tokenizer made on the spot)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = "def add(a, b):\n    return a + b\n" * 60
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    a = shutil.copytree(float_exports["tied"], tmp_path / "a")
+    tok.save(str(a / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text(text)
+    f = compare_exports(a, int4_tied.out, text=tmp_path / "t.txt", window=64, max_windows=None)
+    assert f.perplexity_a is not None and f.perplexity_b is not None and f.perplexity_a > 1
+    assert f.source == "text t.txt" and f.windows >= 2
+
+
+def test_cli_int8_untied_fp16(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """--int8 combines with --dtype fp16: fp16 scales, and the CPU provider runs the fp16 kernels."""
+    out = tmp_path / "q8h"
+    res = CliRunner().invoke(app, ["export", str(checkpoints["untied"]), "-o", str(out), "--int8", "--dtype", "fp16",
+                                   "--block-size", "64", "--symmetric"])
+    assert res.exit_code == 0, res.output
+    assert "quantization: int8" in res.output and "bits/weight" in res.output and "top-1 agreement" in res.output
+    q = read_manifest(out)["quantization"]
+    assert q["scheme"]["block_size"] == 64 and q["scheme"]["symmetric"] is True
+    assert q["bits_per_weight"]["quantized"] == pytest.approx(8 + 16 / 64, abs=0.3)  # fp16 scales, K padding
+    proto = onnx.load(str(out / MODEL_FILE))
+    scales = [t for t in proto.graph.initializer if t.name.endswith(".scales")]
+    assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)
+
+
+@pytest.mark.parametrize("args", [["--int8", "--int4"], ["--block-size", "64"], ["--int4", "--block-size", "48"],
+                                  ["--int4", "--accuracy-level", "7"]])
+def test_cli_rejects_bad_quantization_options(args: list[str], checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["export", str(checkpoints["tied"]), "-o", str(tmp_path / "x"), *args])
+    assert res.exit_code != 0
+    assert isinstance(res.exception, ParScaleError) or res.exit_code == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_failed_quantization_leaves_nothing(checkpoints: dict[str, Path], float_exports: dict[str, Path],
+                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*_args, **_kwargs):
+        raise ParScaleError("quantization exploded")
+
+    traced = onnx.load(str(float_exports["p1"] / MODEL_FILE))  # skip re-tracing: the failure comes later
+    monkeypatch.setattr(export_module, "trace_to_onnx", lambda *_a, **_k: traced)
+    monkeypatch.setattr(export_module, "quantize_graph", boom)
+    with pytest.raises(ParScaleError, match="exploded"):
+        export(checkpoints["p1"], tmp_path / "out", quantize=QuantScheme(bits=4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unidentifiable_graph_is_refused(float_exports: dict[str, Path]) -> None:
+    proto = onnx.load(str(float_exports["p1"] / MODEL_FILE))
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    with pytest.raises(ParScaleError, match="found 0 projections"):
+        quantize_graph(proto, QuantScheme(bits=4), 2)
+
+
+def test_default_scheme_overrides() -> None:
+    s = default_scheme(8, block_size=64)
+    assert s.bits == 8 and s.block_size == 64
+    with pytest.raises(ParScaleError):
+        default_scheme(3)
+    assert np.isclose(QuantScheme(bits=4).to_dict()["embedding_bits"], 4)
