@@ -228,3 +228,13 @@ def test_text_needs_tokenizer(tmp_path, tiny_exports):
 def test_stream_takes_one_prompt(models):
     with pytest.raises(ParScaleError, match="one prompt"):
         list(models[4].stream(PROMPTS, max_new_tokens=2))
+
+
+def test_exports_have_fusable_rmsnorm(tiny_exports):
+    """optimize_graph left no Sqrt -> Reciprocal chain, so ONNX Runtime fuses every RMSNorm."""
+    import onnx
+
+    graph = onnx.load(str(tiny_exports[4][1] / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert "Reciprocal" not in ops
+    assert ops.count("Div") >= 2 * 2 + 1  # two norms per layer, plus the final one

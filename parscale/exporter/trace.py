@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from parscale import contract
 from parscale.exporter.model import ParScaleForCausalLM
+from parscale.exporter.optimize import optimize_graph
 
 
 class _FlatSignature(nn.Module):
@@ -78,6 +79,7 @@ def trace_to_onnx(model: ParScaleForCausalLM, *, dtype: torch.dtype, opset: int)
     proto = program.model_proto
     _name_axes(proto, n)
     _default_num_logits(proto)
+    optimize_graph(proto)  # exact rewrites that let ONNX Runtime fuse more (RMSNorm)
     return proto
 
 
