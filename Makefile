@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= exports/default-p4-int8
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench web
 
 $(BIN)/parscale: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,16 @@ $(BIN)/parscale: pyproject.toml constraints.txt
 
 install: $(BIN)/parscale
 
+# transformers.js, pinned by web/package-lock.json, for tests/test_web.py (which skips without npm).
+# ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's install script would fetch CUDA binaries from
+# outside the npm registry; its CPU binaries ship in the package, and CPU is all the test uses.
+web/node_modules/.package-lock.json: web/package.json web/package-lock.json
+	@if command -v npm >/dev/null; then \
+		cd web && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund; \
+	else echo "npm not found: tests/test_web.py (transformers.js) will be skipped"; fi
+
+web: web/node_modules/.package-lock.json
+
 # Export the embedded default model (P=4, int8) and generate from it with the torch-free runtime.
 demo: install
 	$(BIN)/parscale export --P 4 --int8 -o $(OUT) --force
@@ -22,7 +32,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+test: install lint web
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -21,6 +21,7 @@ from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import folder
 from parscale.exporter.checkpoint import load_model, source_checksum
+from parscale.exporter.extras import write_extras
 from parscale.exporter.quantize import QuantReport, QuantScheme, quantize_graph
 from parscale.exporter.trace import trace_to_onnx
 from parscale.exporter.validate import ValidationReport, compare, cpu_session
@@ -74,6 +75,7 @@ def export(
     validate: bool = True,
     quantize: QuantScheme | None = None,
     eval_text: str | Path | None = None,
+    ort_format: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a checkpoint folder to `out`; nothing is left at `out` if any step fails.
@@ -81,6 +83,8 @@ def export(
     `quantize`: weight-only quantization (see `parscale.exporter.quantize`). Validation then checks
     the float graph against PyTorch as usual, and measures the quantized graph against the float
     graph (top-1 agreement, KL; perplexity too on `eval_text`, a UTF-8 file, else random tokens).
+    `ort_format`: also write model.ort and required_operators.config (ONNX Runtime Mobile).
+    Every export also gets transformers_js_config.json and a model card, README.md (extras.py).
     """
     model_dir, out = Path(model_dir), Path(out)
     log = log or (lambda _msg: None)
@@ -112,15 +116,16 @@ def export(
         stage("tracing to ONNX")
         proto = trace_to_onnx(model, dtype=dtype.torch, opset=opset)
 
-        stage("writing model")
         manifest = _manifest(cfg, dtype, opset, checksum, model_dir)
         if float_dir != tmp:
+            stage("writing the float model (validation only)")
             float_dir.mkdir()
             _write_model(proto, float_dir, manifest)
         if quantize is not None:
             stage("quantizing")
             qreport = quantize_graph(proto, quantize, cfg.num_hidden_layers)
             manifest["quantization"] = qreport.to_dict()
+        stage("writing model")
         _write_model(proto, tmp, manifest)
         del proto
         folder.copy_source_files(model_dir, tmp)
@@ -148,6 +153,8 @@ def export(
                 stage("measuring fidelity against the float graph")
                 fidelity = _fidelity(float_dir, tmp, model_dir, cfg.vocab_size, eval_text)
                 manifest["validation"]["fidelity"] = fidelity.to_dict()
+        # Files for other runtimes and the model card: last, so the card can describe everything.
+        write_extras(tmp, cfg, eos, manifest, out.name, ort_format=ort_format, stage=stage)
         for path in tmp.iterdir():
             path.chmod(0o644)  # some writers create private files; an export is ordinary data
         manifest["files"] = describe_files(tmp)

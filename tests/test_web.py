@@ -1,0 +1,100 @@
+"""transformers.js (npm @huggingface/transformers on Node, onnxruntime-node) runs an export.
+
+The reference tokens come from transformers.js itself (web/generate.mjs, the pinned package in
+web/package-lock.json) and must equal our runtime's greedy tokens. Skipped only without node/npm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from parscale.config import ParScaleConfig
+from parscale.exporter.web import TRANSFORMERS_JS_CONFIG, TRANSFORMERS_JS_VERSION
+from parscale.manifest import read_manifest
+
+WEB = Path(__file__).resolve().parents[1] / "web"
+PACKAGE = WEB / "node_modules" / "@huggingface" / "transformers" / "package.json"
+
+
+def _installed_version() -> str | None:
+    return json.loads(PACKAGE.read_text())["version"] if PACKAGE.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The node binary, with web/'s pinned packages installed (`npm ci`, as `make web` does)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed for the transformers.js test (not found on PATH)")
+    if _installed_version() != TRANSFORMERS_JS_VERSION:
+        # onnxruntime-node's install script would download CUDA binaries from outside the npm
+        # registry; its CPU binaries are in the package, and CPU is all the test uses.
+        env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=WEB, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"npm ci failed in {WEB}:\n{done.stderr[-3000:]}"
+    assert _installed_version() == TRANSFORMERS_JS_VERSION, "web/package.json and the test disagree"
+    return node
+
+
+@pytest.fixture(scope="module")
+def p2_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from parscale.exporter.export import export
+    from parscale.exporter.init import init_checkpoint
+
+    root = tmp_path_factory.mktemp("web")
+    ckpt = init_checkpoint(root / "ckpt", P=2, preset="tiny", prefix=4, dtype="float32", seed=3)
+    return export(ckpt, root / "export", P=2, validate=False).out
+
+
+def run_node(node: str, folder: Path, prompts: list[list[int]], n: int, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([node, str(WEB / "generate.mjs"), str(folder), json.dumps(prompts), str(n), *extra],
+                          cwd=WEB, capture_output=True, text=True, timeout=300)
+
+
+def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """Tokens up to and including the first EOS: after it the two runtimes pad differently."""
+    return next((tokens[: i + 1] for i, t in enumerate(tokens) if t in eos), tokens)
+
+
+def test_export_has_transformers_js_config(p2_export):
+    cfg = ParScaleConfig.load(p2_export)
+    web = json.loads((p2_export / TRANSFORMERS_JS_CONFIG).read_text())
+    assert web["model_type"] == "qwen2"
+    assert web["num_key_value_heads"] == cfg.cache_heads == 2 * cfg.num_key_value_heads
+    assert web["num_attention_heads"] == 2 * cfg.num_attention_heads
+    assert web["head_dim"] == cfg.head_dim and web["num_hidden_layers"] == cfg.num_hidden_layers
+    files = read_manifest(p2_export)["files"]
+    assert TRANSFORMERS_JS_CONFIG in files and "README.md" in files
+    assert "model.ort" not in files  # ORT format only with --ort-format: it doubles the folder's size
+    # The source config stays as it was: our runtime and tools read it.
+    assert json.loads((p2_export / "config.json").read_text())["model_type"] == "qwen2_parscale"
+
+
+def test_transformers_js_generates_our_greedy_tokens(node, p2_export):
+    from parscale.runtime import Model
+
+    prompts, n = [[5, 17, 42, 99, 7, 300], [11, 23]], 12  # a left-padded batch of two
+    done = run_node(node, p2_export, prompts, n)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = json.loads(done.stdout.strip().splitlines()[-1])
+    assert reference["transformers_js"] == TRANSFORMERS_JS_VERSION
+    model = Model.load(p2_export, provider="cpu")
+    ours = [r.generated_ids for r in model.generate(prompts, max_new_tokens=n, greedy=True)]
+    eos = set(model.eos_ids)
+    for theirs, mine in zip(reference["tokens"], ours, strict=True):
+        assert until_eos(theirs, eos) == until_eos(mine, eos)
+    assert any(len(until_eos(t, eos)) > 1 for t in ours), "too short to compare: every row ended at once"
+
+
+def test_transformers_js_cannot_read_the_source_config(node, p2_export):
+    """Why the extra file exists: without it transformers.js refuses the model type (README)."""
+    done = run_node(node, p2_export, [[5, 6]], 2, "--source-config")
+    assert done.returncode != 0
+    assert "Unsupported model type: qwen2_parscale" in done.stderr
