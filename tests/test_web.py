@@ -98,3 +98,23 @@ def test_transformers_js_cannot_read_the_source_config(node, p2_export):
     done = run_node(node, p2_export, [[5, 6]], 2, "--source-config")
     assert done.returncode != 0
     assert "Unsupported model type: qwen2_parscale" in done.stderr
+
+
+def test_transformers_js_reads_external_data(node, p2_export, tmp_path):
+    """Large exports keep their weights in model.onnx.data; on Node, ONNX Runtime finds them."""
+    import onnx
+
+    from parscale.exporter.export import EXTERNAL_DATA
+
+    copy = tmp_path / "external"
+    copy.mkdir()
+    for path in p2_export.glob("*.json"):
+        shutil.copyfile(path, copy / path.name)
+    proto = onnx.load(p2_export / "model.onnx")
+    onnx.save_model(proto, copy / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA, size_threshold=1024)  # as export.py
+    assert (copy / EXTERNAL_DATA).stat().st_size > (copy / "model.onnx").stat().st_size
+    prompts = [[5, 17, 42, 99, 7, 300]]
+    done, reference = run_node(node, copy, prompts, 6), run_node(node, p2_export, prompts, 6)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["tokens"] == json.loads(reference.stdout.splitlines()[-1])["tokens"]
