@@ -23,6 +23,7 @@ from pathlib import Path
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MADV_RANDOM = 1
+MADV_DONTNEED = 4
 MMAP_THRESHOLD_BYTES = 1 << 20
 MIN_TABLE_BYTES = 1 << 20  # smaller mappings (biases, norms) are read whole anyway
 
@@ -70,22 +71,39 @@ def advise_random_access(data_file: Path) -> int:
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     advised = 0
     try:
-        with open("/proc/self/maps") as maps:
-            lines = maps.readlines()
+        regions = _mappings(target)
         fd = os.open(target, os.O_RDONLY)
     except OSError:
         return 0
     try:
-        for line in lines:
-            fields = line.split(maxsplit=5)
-            if len(fields) < 6 or fields[5].strip() != target:
-                continue
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        for lo, hi, offset, anonymous in regions:
             if hi - lo < MIN_TABLE_BYTES:
                 continue
+            if anonymous == 0:
+                # No page of the mapping was ever written (no copy-on-write copies), so MADV_DONTNEED
+                # only unmaps clean file pages, which fault back in from the file. It releases what
+                # session creation touched, e.g. a tied table read to prepack the LM head.
+                libc.madvise(lo, hi - lo, MADV_DONTNEED)
             if libc.madvise(lo, hi - lo, MADV_RANDOM) == 0:
-                os.posix_fadvise(fd, int(fields[2], 16), hi - lo, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, offset, hi - lo, os.POSIX_FADV_DONTNEED)
                 advised += hi - lo
     finally:
         os.close(fd)
     return advised
+
+
+def _mappings(path: str) -> list[tuple[int, int, int, int]]:
+    """(start, end, file offset, anonymous kB) of this process's mappings of `path` (/proc/self/smaps)."""
+    regions: list[list[int]] = []
+    current = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split(maxsplit=5)
+            if "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
+                current = len(fields) == 6 and fields[5].strip() == path
+                if current:
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    regions.append([lo, hi, int(fields[2], 16), 0])
+            elif current and fields[0] == "Anonymous:":
+                regions[-1][3] = int(fields[1])
+    return [(lo, hi, off, anon) for lo, hi, off, anon in regions]
