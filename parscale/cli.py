@@ -93,6 +93,9 @@ def export(
     )] = None,
     accuracy_level: Annotated[Optional[int], typer.Option(help="MatMulNBits accuracy_level 0-4.")] = None,  # noqa: UP045
     eval_text: Annotated[Optional[Path], typer.Option(help="Text for the quantized export's check.")] = None,  # noqa: UP045
+    ort_format: Annotated[bool, typer.Option(
+        "--ort-format", help="Also write model.ort + required_operators.config (ONNX Runtime Mobile).",
+    )] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail.")] = False,
 ) -> None:
     """Export a ParScale checkpoint to ONNX with KV-cache inputs/outputs, validated on CPU."""
@@ -112,7 +115,7 @@ def export(
         raise ParScaleError("--block-size, --symmetric/--asymmetric and --accuracy-level need --int8 or --int4")
     result = run_export(model or DEFAULT_MODEL, output, P=P, dtype=Dtype(dtype), opset=opset, force=force,
                         validate=not no_validate, quantize=scheme, eval_text=eval_text,
-                        log=_stage_printer(verbose))
+                        ort_format=ort_format, log=_stage_printer(verbose))
     m = result.manifest
     out.print(f"exported {result.out}: P={m['model']['P']}, {m['dtype']}, {_mb(result.total_bytes)}")
     if verbose:
