@@ -92,6 +92,8 @@ def export(
         "--symmetric/--asymmetric", help="Without or with zero points (default per bit width).", show_default=False,
     )] = None,
     accuracy_level: Annotated[Optional[int], typer.Option(help="MatMulNBits accuracy_level 0-4.")] = None,  # noqa: UP045
+    method: Annotated[Optional[str], typer.Option(help="gptq or rtn (round-to-nearest; fast).")] = None,  # noqa: UP045
+    calibration_text: Annotated[Optional[Path], typer.Option(help="Text for GPTQ (default: model samples).")] = None,  # noqa: UP045
     eval_text: Annotated[Optional[Path], typer.Option(help="Text for the quantized export's check.")] = None,  # noqa: UP045
     ort_format: Annotated[bool, typer.Option(
         "--ort-format", help="Also write model.ort + required_operators.config (ONNX Runtime Mobile).",
@@ -110,11 +112,13 @@ def export(
     scheme = None
     if int8 or int4:
         scheme = default_scheme(8 if int8 else 4, block_size=block_size, symmetric=symmetric,
-                                accuracy_level=accuracy_level)
-    elif block_size is not None or symmetric is not None or accuracy_level is not None:
-        raise ParScaleError("--block-size, --symmetric/--asymmetric and --accuracy-level need --int8 or --int4")
+                                accuracy_level=accuracy_level, method=method)
+    elif any(o is not None for o in (block_size, symmetric, accuracy_level, method, calibration_text, eval_text)):
+        raise ParScaleError("quantization options (--block-size, --symmetric/--asymmetric, --accuracy-level, "
+                            "--method, --calibration-text, --eval-text) need --int8 or --int4")
     result = run_export(model or DEFAULT_MODEL, output, P=P, dtype=Dtype(dtype), opset=opset, force=force,
                         validate=not no_validate, quantize=scheme, eval_text=eval_text,
+                        calibration_text=calibration_text,
                         ort_format=ort_format, log=_stage_printer(verbose))
     m = result.manifest
     out.print(f"exported {result.out}: P={m['model']['P']}, {m['dtype']}, {_mb(result.total_bytes)}")
@@ -136,10 +140,12 @@ def export(
 
 def _print_quantization(q: dict) -> None:  # type: ignore[type-arg]
     s, bpw = q["scheme"], q["bits_per_weight"]
-    out.print(f"quantization: int{s['bits']} (embeddings int{s['embedding_bits']}), block {s['block_size']}, "
-              f"{'symmetric' if s['symmetric'] else 'asymmetric'}, accuracy_level {s['accuracy_level']}; "
+    out.print(f"quantization: int{s['bits']} {s['method']} (embeddings int{s['embedding_bits']}), block "
+              f"{s['block_size']}, {'symmetric' if s['symmetric'] else 'asymmetric'}, accuracy_level "
+              f"{s['accuracy_level']}; "
               f"{bpw['quantized']:.3f} bits/weight over {q['quantized_tensors']} quantized tensors, "
-              f"{bpw['model']:.3f} over the whole model; tied table shared: {q['shared_embedding']}")
+              f"{bpw['model']:.3f} over the whole model; tied table shared: {q['shared_embedding']}"
+              + (f"; calibration: {q['calibration']}" if q.get("calibration") else ""))
 
 
 def _print_fidelity(f, what: str) -> None:  # type: ignore[no-untyped-def]

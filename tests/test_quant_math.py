@@ -138,3 +138,41 @@ def test_onnxruntime_kernels_decode_our_layout(bits: int, symmetric: bool, block
     deq = qm.dequantize_blockwise(bq)
     np.testing.assert_allclose(y, x @ deq.T, atol=1e-5)
     np.testing.assert_array_equal(e[:, :k], deq[ids])
+
+
+def test_gptq_with_an_identity_hessian_is_round_to_nearest() -> None:
+    w = _matrix(k=96)
+    factor = qm.gptq_factor(np.eye(96))
+    for symmetric in (False, True):
+        g = qm.gptq_quantize(w, factor, 4, 32, symmetric=symmetric)
+        r = qm.quantize_blockwise(w, 4, 32, symmetric=symmetric)
+        np.testing.assert_array_equal(g.q, r.q)
+        np.testing.assert_allclose(g.scales, r.scales)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block", [32, 64])
+def test_gptq_lowers_the_output_error_on_correlated_inputs(bits: int, block: int) -> None:
+    """The point of GPTQ: X @ W^T moves less than with round-to-nearest (K=80: a padded tail block)."""
+    rng = np.random.default_rng(0)
+    k = 80
+    x = rng.normal(size=(2048, k)) @ rng.normal(size=(k, k)) * 0.3 + rng.normal(size=k)  # correlated, offset
+    w = _matrix(64, k, seed=1)
+    g = qm.gptq_quantize(w, qm.gptq_factor(x.T @ x), bits, block, symmetric=False)
+    r = qm.quantize_blockwise(w, bits, block, symmetric=False)
+    assert g.q.shape == r.q.shape and g.q.max() < 2**bits
+
+    def out_err(bq: qm.BlockQuantized) -> float:
+        return float(np.square(x @ (qm.dequantize_blockwise(bq) - w).T).mean())
+
+    assert out_err(g) < 0.8 * out_err(r)
+
+
+def test_clip_search_never_raises_the_weight_error() -> None:
+    w = _matrix(k=256)
+    for symmetric in (False, True):
+        plain = qm.quantize_blockwise(w, 4, 32, symmetric=symmetric)
+        clipped = qm.quantize_blockwise(w, 4, 32, symmetric=symmetric, clip_search=True)
+        e_plain = np.square(qm.dequantize_blockwise(plain) - w).reshape(48, -1, 32).sum(-1)
+        e_clip = np.square(qm.dequantize_blockwise(clipped) - w).reshape(48, -1, 32).sum(-1)
+        assert (e_clip <= e_plain + 1e-12).all() and e_clip.sum() < e_plain.sum()

@@ -4,9 +4,9 @@ Tracing dominates the cost, so each checkpoint is traced once (module-scoped fix
 other schemes are applied to a copy of that float graph with `quantize_graph` directly.
 
 The mechanical check: with accuracy_level 0 a quantized graph must equal, to float32 rounding,
-the PyTorch module whose weights were replaced by their quantize-dequantize round trip. That
+the PyTorch module whose weights are the graph's own quantized weights, decoded in numpy. That
 pins every rewired node (tied sharing, padding, untied tables) independently of model quality,
-which on random weights says little.
+which on random weights says little; a second check pins the codes themselves for round-to-nearest.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from parscale.cli import app
 from parscale.errors import ParScaleError
 from parscale.exporter import export as export_module
 from parscale.exporter import quant_math as qm
+from parscale.exporter.calibrate import input_hessians, sample_with_hessians
 from parscale.exporter.checkpoint import load_model
 from parscale.exporter.export import export
 from parscale.exporter.init import init_checkpoint
@@ -32,8 +34,6 @@ from parscale.exporter.quantize import QuantScheme, default_scheme, quantize_gra
 from parscale.exporter.validate import compare, cpu_session
 from parscale.fidelity import compare_exports
 from parscale.manifest import MANIFEST, MODEL_FILE, read_manifest
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @pytest.fixture(scope="module")
@@ -53,40 +53,57 @@ def float_exports(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="module")
+def hessians(checkpoints: dict[str, Path]) -> dict[str, dict[str, np.ndarray]]:
+    """GPTQ statistics per checkpoint: a short sample from each model (8 x 16 tokens)."""
+    return {k: sample_with_hessians(load_model(v)[1], sequences=8, length=16)[1] for k, v in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
 def int4_tied(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    """The full `export` path: float validation against PyTorch, quantization, fidelity."""
+    """The full `export` path with the int4 defaults (GPTQ on model samples): float validation
+    against PyTorch, calibration, quantization, fidelity."""
     return export(checkpoints["tied"], tmp_path_factory.mktemp("q") / "int4", quantize=default_scheme(4))
 
 
-def fake_quantized(ckpt: Path, scheme: QuantScheme) -> torch.nn.Module:
-    """The float module with every quantized weight replaced by its quantize-dequantize round trip."""
-    cfg, model = load_model(ckpt, torch.float32)
+def graph_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every quantized weight of a graph decoded back to float (N, K), by checkpoint tensor name."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    out = {}
+    for node in proto.graph.node:
+        codes_name = node.input[1] if node.op_type == "MatMulNBits" else node.input[0]
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized") or codes_name not in inits:
+            continue  # (a shared table's Gather reads it through a Reshape: decoded via the LM head)
+        scales_name, zp_name = node.input[2], node.input[3] if len(node.input) > 3 else None
+        attrs = {a.name: a.i for a in node.attribute}
+        bits, block = attrs["bits"], attrs["block_size"]
+        scales = numpy_helper.to_array(inits[scales_name]).astype(np.float32)
+        n, k_blocks = scales.shape
+        codes = qm.unpack_bits(numpy_helper.to_array(inits[codes_name]).reshape(n, -1), bits, k_blocks * block)
+        zp = None if zp_name is None else qm.unpack_bits(numpy_helper.to_array(inits[zp_name]), bits, k_blocks)
+        k = attrs.get("K", k_blocks * block)
+        bq = qm.BlockQuantized(q=codes.reshape(n, k_blocks, block), scales=scales, zero_points=zp, bits=bits,
+                               block_size=block, K=k)
+        out[codes_name.rsplit(".", 1)[0]] = qm.dequantize_blockwise(bq)
+    return out
 
-    def round_trip(w: torch.Tensor, bits: int) -> torch.Tensor:
-        bq = qm.quantize_blockwise(w.detach().numpy(), bits, scheme.block_size, symmetric=scheme.symmetric)
-        return torch.from_numpy(qm.dequantize_blockwise(bq))
 
+def graph_module(ckpt: Path, proto: onnx.ModelProto) -> torch.nn.Module:
+    """The float module carrying the graph's quantized weights (the tied table stays shared if the graph shares it)."""
+    weights = graph_weights(proto)
+    _, model = load_model(ckpt, torch.float32)
     with torch.no_grad():
-        for layer in model.model.layers:
-            for mod in (layer.self_attn, layer.mlp):
-                for name in PROJECTIONS:
-                    if hasattr(mod, name):
-                        getattr(mod, name).weight.copy_(round_trip(getattr(mod, name).weight, scheme.bits))
-        if cfg.tie_word_embeddings and scheme.embed_bits != scheme.bits:
-            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())  # two tables now
-        # Tied with equal bits: one shared table, which the embedding reads too.
-        model.lm_head.weight.copy_(round_trip(model.lm_head.weight, scheme.bits))
-        if model.lm_head.weight is not model.model.embed_tokens.weight:
-            emb = model.model.embed_tokens.weight
-            emb.copy_(round_trip(emb, scheme.embed_bits))
+        for name, w in weights.items():
+            if name == "lm_head.weight" and "model.embed_tokens.weight" in weights:
+                model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())  # untie: two tables
+            model.get_parameter(name).copy_(torch.from_numpy(w[:, :model.get_parameter(name).shape[1]]))
     return model
 
 
-def quantize_copy(float_dir: Path, out: Path, scheme: QuantScheme, num_layers: int = 2):
+def quantize_copy(float_dir: Path, out: Path, scheme: QuantScheme, hessians: dict | None = None, num_layers: int = 2):
     """A quantized copy of a float export folder, as `export` would write it (manifest included)."""
     shutil.copytree(float_dir, out)
     proto = onnx.load(str(out / MODEL_FILE))
-    report = quantize_graph(proto, scheme, num_layers)
+    report = quantize_graph(proto, scheme, num_layers, hessians)
     onnx.save(proto, str(out / MODEL_FILE))
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["quantization"] = report.to_dict()
@@ -99,19 +116,21 @@ SCHEMES = [
     pytest.param("tied", QuantScheme(bits=8), id="tied-int8"),
     pytest.param("tied", QuantScheme(bits=4, block_size=128, symmetric=True), id="tied-int4-sym-block128-padded"),
     pytest.param("tied", QuantScheme(bits=4, embedding_bits=8), id="tied-int4-emb8-separate-tables"),
-    pytest.param("untied", QuantScheme(bits=4), id="untied-int4"),
+    pytest.param("tied", QuantScheme(bits=4, method="gptq"), id="tied-int4-gptq"),
+    pytest.param("untied", QuantScheme(bits=4, method="gptq", block_size=64), id="untied-int4-gptq-block64-padded"),
     pytest.param("untied", QuantScheme(bits=8, block_size=64, symmetric=True), id="untied-int8-sym-block64-padded"),
     pytest.param("p1", QuantScheme(bits=4), id="P1-int4"),
-    pytest.param("p1", QuantScheme(bits=8), id="P1-int8"),
+    pytest.param("p1", QuantScheme(bits=8, method="gptq"), id="P1-int8-gptq"),
 ]
 
 
 @pytest.mark.parametrize(("which", "scheme"), SCHEMES)
-def test_quantized_graph_equals_fake_quantized_module(
-    which: str, scheme: QuantScheme, checkpoints: dict[str, Path], float_exports: dict[str, Path], tmp_path: Path,
+def test_quantized_graph_equals_module_with_its_weights(
+    which: str, scheme: QuantScheme, checkpoints: dict[str, Path], float_exports: dict[str, Path],
+    hessians: dict[str, dict[str, np.ndarray]], tmp_path: Path,
 ) -> None:
     """Prefill + 8 cached decode steps, batch 2 with left padding: logits and greedy tokens."""
-    out, proto, report = quantize_copy(float_exports[which], tmp_path / "q", scheme)
+    out, proto, report = quantize_copy(float_exports[which], tmp_path / "q", scheme, hessians[which])
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("MatMulNBits") == 7 * 2 + 1
     assert ops.count("GatherBlockQuantized") == 1
@@ -119,15 +138,52 @@ def test_quantized_graph_equals_fake_quantized_module(
     shared = which == "tied" and scheme.embed_bits == scheme.bits
     assert report.shared_embedding is shared
     assert len(report.tensors) == 7 * 2 + 1 + (0 if shared else 1)
-    r = compare(cpu_session(out / MODEL_FILE), fake_quantized(checkpoints[which], scheme), tolerance=1e-3)
+    algorithms = {t["algorithm"] for name, t in report.tensors.items() if name != "model.embed_tokens.weight"}
+    assert algorithms == {scheme.method}
+    r = compare(cpu_session(out / MODEL_FILE), graph_module(checkpoints[which], proto), tolerance=1e-3)
     assert r.ok, r
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_to_nearest_codes_are_quant_math_codes(bits: int, checkpoints: dict[str, Path],
+                                                     float_exports: dict[str, Path], tmp_path: Path) -> None:
+    """The graph holds exactly quant_math's codes (clip search at 4 bits) for the checkpoint's weights."""
+    _, proto, _ = quantize_copy(float_exports["untied"], tmp_path / "q", QuantScheme(bits=bits))
+    _, model = load_model(checkpoints["untied"], torch.float32)
+    for name, w in graph_weights(proto).items():
+        expected = qm.dequantize_blockwise(qm.quantize_blockwise(
+            model.get_parameter(name).detach().numpy(), bits, 32, symmetric=False, clip_search=bits == 4))
+        np.testing.assert_array_equal(w, expected, err_msg=name)
+
+
+def test_gptq_lowers_the_output_error_of_every_projection(checkpoints: dict[str, Path],
+                                                          float_exports: dict[str, Path], tmp_path: Path) -> None:
+    """On its calibration inputs, each GPTQ projection's outputs move less than round-to-nearest's."""
+    _, model = load_model(checkpoints["untied"], torch.float32)
+    tokens = np.random.default_rng(0).integers(0, 512, size=(8, 32))
+    h = input_hessians(model, tokens)
+    _, gptq, _ = quantize_copy(float_exports["untied"], tmp_path / "g", QuantScheme(bits=4, method="gptq"), h)
+    _, rtn, _ = quantize_copy(float_exports["untied"], tmp_path / "r", QuantScheme(bits=4))
+    wg, wr = graph_weights(gptq), graph_weights(rtn)
+    for name in wg:
+        if name == "model.embed_tokens.weight":
+            continue
+        w = model.get_parameter(name).detach().numpy()
+        hess = h[name.removesuffix(".weight")].astype(np.float64)
+
+        def out_err(q: np.ndarray, w: np.ndarray = w, hess: np.ndarray = hess) -> float:
+            d = q - w
+            return float(np.einsum("nk,kl,nl->", d, hess, d))  # sum over inputs of |x (q - w)^T|^2
+
+        assert out_err(wg[name]) < out_err(wr[name]), name
 
 
 @pytest.mark.parametrize(("which", "scheme"), SCHEMES[:4])
 def test_no_dead_or_float_copies_of_quantized_weights(
-    which: str, scheme: QuantScheme, float_exports: dict[str, Path], tmp_path: Path,
+    which: str, scheme: QuantScheme, float_exports: dict[str, Path], hessians: dict[str, dict[str, np.ndarray]],
+    tmp_path: Path,
 ) -> None:
-    _, proto, report = quantize_copy(float_exports[which], tmp_path / "q", scheme)
+    _, proto, report = quantize_copy(float_exports[which], tmp_path / "q", scheme, hessians[which])
     graph = proto.graph
     used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input}
     assert [t.name for t in graph.initializer if t.name not in used] == []
@@ -154,7 +210,9 @@ def test_parscale_parameters_stay_float(float_exports: dict[str, Path], tmp_path
 def test_export_records_scheme_bits_and_fidelity(int4_tied) -> None:
     m = read_manifest(int4_tied.out)
     q = m["quantization"]
-    assert q["scheme"] == {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 0, "embedding_bits": 4}
+    assert q["scheme"] == {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 4, "embedding_bits": 4,
+                           "method": "gptq"}
+    assert q["calibration"].startswith("sampled from the float model: 16 x 128 tokens")
     assert q["shared_embedding"] is True
     assert 5.0 < q["bits_per_weight"]["quantized"] < 5.2  # 4 + 32/32 + 4/32 with fp32 scales
     assert q["bits_per_weight"]["model"] > q["bits_per_weight"]["quantized"]  # the float remainder
@@ -167,21 +225,31 @@ def test_export_records_scheme_bits_and_fidelity(int4_tied) -> None:
     assert not any(p.name.endswith("-float") for p in int4_tied.out.parent.iterdir())  # no leftovers
 
 
-def test_quantized_export_generates_with_the_runtime(int4_tied, checkpoints: dict[str, Path]) -> None:
+def test_quantized_export_generates_with_the_runtime(int4_tied) -> None:
+    """parscale.runtime drives the int4 export (accuracy_level 4: int8 activations inside MatMulNBits)
+    to the same greedy tokens as a plain loop over the graph contract."""
+    from parscale import contract
     from parscale.runtime import Model
 
-    m = Model.load(int4_tied.out, provider="cpu")
-    r = m.generate(prompt_ids=[5, 17, 300, 2, 9], max_new_tokens=8, greedy=True, ignore_eos=True)
-    module = fake_quantized(checkpoints["tied"], default_scheme(4))
-    ids = torch.tensor([[5, 17, 300, 2, 9]])
-    with torch.no_grad():
-        expected = []
-        logits, cache = module(ids)
-        for _ in range(8):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            expected.append(int(nxt))
-            logits, cache = module(nxt, None, None, cache)
+    prompt = [5, 17, 300, 2, 9]
+    r = Model.load(int4_tied.out, provider="cpu").generate(prompt_ids=prompt, max_new_tokens=8, greedy=True,
+                                                           ignore_eos=True)
+    session = cpu_session(int4_tied.out / MODEL_FILE)
+    m = read_manifest(int4_tied.out)["model"]
+    names = contract.output_names(m["num_hidden_layers"])
+    past = {n: np.zeros((1, m["cache_heads"], 0, m["head_dim"]), np.float32)
+            for n in contract.past_names(m["num_hidden_layers"])}
+    ids, expected = np.array([prompt]), []
+    for _ in range(8):
+        total = len(prompt) + len(expected)
+        feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones((1, total), np.int64),
+                contract.POSITION_IDS: np.arange(total - ids.shape[1], total)[None], **past}
+        logits, *presents = session.run(names, feed)
+        expected.append(int(logits[0, -1].argmax()))
+        ids = np.array([[expected[-1]]])
+        past = dict(zip(contract.past_names(m["num_hidden_layers"]), presents, strict=True))
     assert list(r.generated_ids) == expected
+    assert all(0 <= t < m["vocab_size"] for t in expected)
 
 
 def test_compare_an_export_with_itself(int4_tied) -> None:

@@ -20,6 +20,7 @@ from parscale import __version__, contract
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import folder
+from parscale.exporter.calibrate import input_hessians, sample_with_hessians, text_windows
 from parscale.exporter.checkpoint import load_model, source_checksum
 from parscale.exporter.extras import write_extras
 from parscale.exporter.quantize import QuantReport, QuantScheme, quantize_graph
@@ -75,6 +76,7 @@ def export(
     validate: bool = True,
     quantize: QuantScheme | None = None,
     eval_text: str | Path | None = None,
+    calibration_text: str | Path | None = None,
     ort_format: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
@@ -83,6 +85,7 @@ def export(
     `quantize`: weight-only quantization (see `parscale.exporter.quantize`). Validation then checks
     the float graph against PyTorch as usual, and measures the quantized graph against the float
     graph (top-1 agreement, KL; perplexity too on `eval_text`, a UTF-8 file, else random tokens).
+    GPTQ (the int4 default) calibrates on `calibration_text`, else on text sampled from the model.
     `ort_format`: also write model.ort and required_operators.config (ONNX Runtime Mobile).
     Every export also gets transformers_js_config.json and a model card, README.md (extras.py).
     """
@@ -122,8 +125,16 @@ def export(
             float_dir.mkdir()
             _write_model(proto, float_dir, manifest)
         if quantize is not None:
+            hessians, calibration = None, None
+            if quantize.method == "gptq":
+                stage("calibrating (GPTQ input statistics)")
+                fp32 = model if dtype is Dtype.fp32 else load_model(model_dir, torch.float32)[1]
+                hessians, calibration = _calibrate(fp32, model_dir, cfg, calibration_text)
+                del fp32
             stage("quantizing")
-            qreport = quantize_graph(proto, quantize, cfg.num_hidden_layers)
+            qreport = quantize_graph(proto, quantize, cfg.num_hidden_layers, hessians)
+            qreport.calibration = calibration
+            del hessians
             manifest["quantization"] = qreport.to_dict()
         stage("writing model")
         _write_model(proto, tmp, manifest)
@@ -170,6 +181,18 @@ def export(
     durations = {a: seconds[b] - seconds[a] for a, b in itertools.pairwise(names)}
     return ExportResult(out=out, manifest=manifest, validation=report, seconds=durations,
                         quantization=qreport, fidelity=fidelity)
+
+
+def _calibrate(
+    model: Any, model_dir: Path, cfg: ParScaleConfig, text: str | Path | None,
+) -> tuple[dict[str, Any], str]:
+    """GPTQ's input statistics, and where they came from: windows of a text file, or model samples."""
+    if text is not None:
+        tokens = text_windows(model_dir, text)
+        return input_hessians(model, tokens), f"text {Path(text).name}: {tokens.shape[0]} x {tokens.shape[1]} tokens"
+    start = cfg.bos_token_id if cfg.bos_token_id is not None else (cfg.eos_ids() or [0])[0]
+    tokens, hessians = sample_with_hessians(model, start_id=start)
+    return hessians, f"sampled from the float model: {tokens.shape[0]} x {tokens.shape[1]} tokens (seed 0)"
 
 
 def _fidelity(float_dir: Path, quant_dir: Path, model_dir: Path, vocab: int, text: str | Path | None) -> Fidelity:

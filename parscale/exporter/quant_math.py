@@ -49,8 +49,14 @@ def _check(bits: int, block_size: int) -> None:
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
 
 
+# Range shrink factors tried by `clip_search`: clipping a block's few extreme values buys a finer
+# step for all the others, which lowers the block's squared error for most trained weights.
+CLIP_GRID = tuple(float(x) for x in np.round(np.linspace(1.0, 0.7, 25), 4))
+
+
 def quantize_blockwise(
     w: np.ndarray, bits: int, block_size: int, *, symmetric: bool, scale_dtype: np.dtype | type = np.float32,
+    clip_search: bool = False,
 ) -> BlockQuantized:
     """Round-to-nearest block quantization of a 2-D float matrix along its last axis.
 
@@ -60,6 +66,8 @@ def quantize_blockwise(
     into 2**bits - 1 steps and the zero point is the code of 0.
     Scales are rounded to `scale_dtype` (float16 for an fp16 graph) before the codes are chosen, so
     that the codes are the best ones for the scales the kernel will actually use.
+    `clip_search`: per block, shrink the range by the factor in `CLIP_GRID` that minimizes the
+    block's squared round-trip error (1.0, plain round-to-nearest, is one of the candidates).
     """
     _check(bits, block_size)
     if w.ndim != 2:
@@ -69,23 +77,50 @@ def quantize_blockwise(
     padded = np.zeros((N, k_blocks * block_size), dtype=np.float32)
     padded[:, :K] = w
     blocks = padded.reshape(N, k_blocks, block_size)
+    best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    best_err = None
+    for shrink in CLIP_GRID if clip_search else (1.0,):
+        scales, zero = _range(blocks, bits, symmetric, shrink, scale_dtype)
+        q = _codes(blocks, scales, zero, bits)
+        if not clip_search:
+            best = (q, scales, zero)
+            break
+        err = (((q - zero[..., None]) * scales[..., None] - blocks) ** 2).sum(-1)
+        if best is None or best_err is None:
+            best, best_err = (q, scales, zero), err
+            continue
+        better = err < best_err
+        best = tuple(np.where(better[..., None] if a.ndim == 3 else better, a, b)  # type: ignore[assignment]
+                     for a, b in zip((q, scales, zero), best, strict=True))
+        best_err = np.minimum(err, best_err)
+    assert best is not None
+    q, scales, zero = best
+    zp = None if symmetric else zero.astype(np.uint8)
+    return BlockQuantized(q=q.astype(np.uint8), scales=scales, zero_points=zp, bits=bits,
+                          block_size=block_size, K=K)
+
+
+def _range(
+    blocks: np.ndarray, bits: int, symmetric: bool, shrink: float, scale_dtype: np.dtype | type,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and (float-valued integer) zero points of each block for a range shrunk by `shrink`."""
     qmax = (1 << bits) - 1
     if symmetric:
         mid = 1 << (bits - 1)
         idx = np.abs(blocks).argmax(-1)[..., None]
         extreme = np.take_along_axis(blocks, idx, -1)[..., 0]  # signed value of largest magnitude
-        scales = _round_to(extreme / -mid, scale_dtype)
-        zero = np.full(scales.shape, mid, dtype=np.float32)
-        inv = _inverse(scales)
-    else:
-        lo = np.minimum(blocks.min(-1), 0.0)
-        hi = np.maximum(blocks.max(-1), 0.0)
-        scales = _round_to((hi - lo) / qmax, scale_dtype)
-        inv = _inverse(scales)
-        zero = np.clip(np.round(-lo * inv), 0, qmax)
-    q = np.clip(np.round(blocks * inv[..., None]) + zero[..., None], 0, qmax).astype(np.uint8)
-    zp = None if symmetric else zero.astype(np.uint8)
-    return BlockQuantized(q=q, scales=scales, zero_points=zp, bits=bits, block_size=block_size, K=K)
+        scales = _round_to(shrink * extreme / -mid, scale_dtype)
+        return scales, np.full(scales.shape, mid, dtype=np.float32)
+    lo = np.minimum(blocks.min(-1), 0.0) * shrink
+    hi = np.maximum(blocks.max(-1), 0.0) * shrink
+    scales = _round_to((hi - lo) / qmax, scale_dtype)
+    return scales, np.clip(np.round(-lo * _inverse(scales)), 0, qmax).astype(np.float32)
+
+
+def _codes(blocks: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    """Nearest codes (as float32) for the given block parameters, clipped to [0, 2**bits)."""
+    inv = _inverse(scales)
+    return np.clip(np.round(blocks * inv[..., None]) + zero[..., None], 0, (1 << bits) - 1)
 
 
 def _round_to(x: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
@@ -158,3 +193,67 @@ def stored_bytes(bq: BlockQuantized, scale_bytes: int = 4) -> int:
 
 def packed_weight_nbytes(N: int, k_blocks: int, block_size: int, bits: int) -> int:  # noqa: N803
     return N * k_blocks * block_size * bits // 8
+
+
+def gptq_factor(hessian: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """Upper Cholesky factor of the damped inverse Hessian, as `gptq_quantize` consumes it.
+
+    `hessian` is X^T X (K, K) over a layer's calibration inputs X. Inputs that were always zero
+    (dead columns) get a unit diagonal; `damp` * mean(diag) is added for numerical stability.
+    Shared by all layers that read the same input (q/k/v, gate/up), so it is computed separately.
+    """
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
+    inv = np.linalg.inv(np.linalg.cholesky(h))  # L^-1, so H^-1 = L^-T L^-1
+    return np.linalg.cholesky(inv.T @ inv).T
+
+
+def gptq_quantize(
+    w: np.ndarray, factor: np.ndarray, bits: int, block_size: int, *, symmetric: bool,
+    scale_dtype: np.dtype | type = np.float32,
+) -> BlockQuantized:
+    """GPTQ (Frantar et al., 2022) in the block layout of `quantize_blockwise`.
+
+    Columns are quantized in order; each column's rounding error is spread over the columns not
+    yet quantized through the inverse Hessian of the layer's inputs, so that the layer's outputs
+    on the calibration data move least (weights alone may move more than with round-to-nearest).
+    A block's scale and zero point are fixed from the error-updated weights when the loop enters
+    it. `factor` is `gptq_factor` of the (K, K) Hessian.
+    """
+    _check(bits, block_size)
+    N, K = w.shape
+    if factor.shape != (K, K):
+        raise ValueError(f"factor has shape {factor.shape}, expected {(K, K)}")
+    k_blocks = -(-K // block_size)
+    Kp = k_blocks * block_size
+    W = np.zeros((N, Kp), dtype=np.float32)
+    W[:, :K] = w
+    U = np.eye(Kp, dtype=np.float32)
+    U[:K, :K] = factor  # padded columns: zero weights, identity factor (no error to spread)
+    codes = np.empty((N, Kp), dtype=np.uint8)
+    scales = np.empty((N, k_blocks), dtype=np.float32)
+    zeros = np.empty((N, k_blocks), dtype=np.float32)
+    qmax = (1 << bits) - 1
+    lazy = max(128, block_size)  # a multiple of the block: blocks never straddle two batches
+    for i in range(0, Kp, lazy):
+        e = min(i + lazy, Kp)
+        W1 = W[:, i:e].copy()
+        E1 = np.zeros_like(W1)
+        for j in range(e - i):
+            c = i + j
+            if c % block_size == 0:
+                b = c // block_size
+                s, z = _range(W1[:, None, j:j + block_size], bits, symmetric, 1.0, scale_dtype)
+                scales[:, b], zeros[:, b] = s[:, 0], z[:, 0]
+                inv = _inverse(scales[:, b])
+            q = np.clip(np.round(W1[:, j] * inv) + zeros[:, b], 0, qmax)
+            codes[:, c] = q
+            err = (W1[:, j] - (q - zeros[:, b]) * scales[:, b]) / U[c, c]
+            W1[:, j:] -= np.outer(err, U[c, c:e])
+            E1[:, j] = err
+        W[:, e:] -= E1 @ U[i:e, e:]
+    zp = None if symmetric else zeros.astype(np.uint8)
+    return BlockQuantized(q=codes.reshape(N, k_blocks, block_size), scales=scales, zero_points=zp, bits=bits,
+                          block_size=block_size, K=K)
