@@ -45,11 +45,18 @@ def node() -> str:
 
 @pytest.fixture(scope="module")
 def p2_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny P=2 export with the tokenizer files a published checkpoint has (for the card's snippet)."""
+    from runtime_helpers import byte_level_tokenizer
+
     from parscale.exporter.export import export
     from parscale.exporter.init import init_checkpoint
 
     root = tmp_path_factory.mktemp("web")
     ckpt = init_checkpoint(root / "ckpt", P=2, preset="tiny", prefix=4, dtype="float32", seed=3)
+    byte_level_tokenizer(ckpt / "tokenizer.json")
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "model_max_length": 512,
+    }))
     return export(ckpt, root / "export", P=2, validate=False).out
 
 
@@ -118,3 +125,17 @@ def test_transformers_js_reads_external_data(node, p2_export, tmp_path):
     done, reference = run_node(node, copy, prompts, 6), run_node(node, p2_export, prompts, 6)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["tokens"] == json.loads(reference.stdout.splitlines()[-1])["tokens"]
+
+
+def test_card_js_snippet_runs_as_written(node, p2_export, tmp_path):
+    """The model card's transformers.js program (tokenizer included), pasted into a file and run."""
+    import re
+
+    card = (p2_export / "README.md").read_text()
+    (snippet,) = re.findall(r"^```js\n(.*?)^```$", card, re.S | re.M)
+    script = tmp_path / "snippet.mjs"
+    script.write_text(snippet)
+    (tmp_path / "node_modules").symlink_to(WEB / "node_modules")  # what `npm install` beside it gives
+    done = subprocess.run([node, str(script)], cwd=p2_export.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("def fibonacci(n):")  # the prompt, then the (random) continuation
