@@ -69,7 +69,8 @@ def test_card_reports_quantization_and_fidelity(carded_export):
     """Rendered from a manifest as a quantized, validated export writes it (no second export needed)."""
     manifest = read_manifest(carded_export)
     manifest["quantization"] = {
-        "scheme": {"bits": 8, "block_size": 32, "symmetric": False, "embedding_bits": 8},
+        "scheme": {"bits": 4, "block_size": 32, "symmetric": False, "embedding_bits": 4, "method": "gptq"},
+        "calibration": "sampled from the float model: 8 x 128 tokens (seed 0)",
         "bits_per_weight": {"quantized": 9.0, "model": 9.5}, "kept_float": "prefix keys/values, norms",
     }
     manifest["validation"] = {
@@ -78,7 +79,8 @@ def test_card_reports_quantization_and_fidelity(carded_export):
                      "perplexity_b": 3.22, "source": "text held_out.py"},
     }
     card = model_card(manifest, "q", {"model.onnx": 123})
-    assert "int8 weight-only, block 32, asymmetric (embeddings int8); 9.50 bits per weight" in card
+    assert ("int4 weight-only (GPTQ; calibration: sampled from the float model: 8 x 128 tokens (seed 0)), block 32, "
+            "asymmetric (embeddings int4); 9.50 bits per weight") in card
     assert "top-1 agreement 99.80%, mean KL 2.00e-05 nats, perplexity 3.210 → 3.220" in card
     assert "max logit difference 2.00e-06" in card
 

@@ -100,7 +100,10 @@ def _quantization(q: dict[str, Any] | None) -> str:
     if not q:
         return "none (float weights)"
     s = q["scheme"]
-    return (f"int{s['bits']} weight-only, block {s['block_size']}, "
+    # Older manifests have no method (they were round-to-nearest) and no calibration source.
+    method = {"gptq": "GPTQ", "rtn": "round-to-nearest"}.get(s.get("method", "rtn"), s.get("method"))
+    calibrated = f"; calibration: {q['calibration']}" if q.get("calibration") else ""
+    return (f"int{s['bits']} weight-only ({method}{calibrated}), block {s['block_size']}, "
             f"{'symmetric' if s['symmetric'] else 'asymmetric'} (embeddings int{s['embedding_bits']}); "
             f"{q['bits_per_weight']['model']:.2f} bits per weight over the model; kept in float: {q['kept_float']}")
 
