@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from parscale.errors import ParScaleError
 
@@ -17,8 +18,8 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Export ParScale language models to ONNX and run them on small devices.",
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
 ModelArg = Annotated[
@@ -32,7 +33,7 @@ def main() -> None:
     try:
         app()
     except ParScaleError as e:
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")
