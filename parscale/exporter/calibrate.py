@@ -8,6 +8,8 @@ given instead.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from parscale.exporter.model import ParScaleForCausalLM
 # Projections that read the same tensor share one statistic (and one GPTQ factor).
 _SHARED_INPUT = {"self_attn.q_proj": ("self_attn.k_proj", "self_attn.v_proj"), "mlp.gate_proj": ("mlp.up_proj",)}
 _OWN_INPUT = ("self_attn.o_proj", "mlp.down_proj")
+SMALL_MODEL = 100_000_000  # parameters; below this, sampling runs on one thread
 
 
 def sample_with_hessians(
@@ -33,7 +36,12 @@ def sample_with_hessians(
     gen = torch.Generator().manual_seed(seed)
     ids = torch.full((sequences, 1), start_id, dtype=torch.int64)
     out = [ids]
-    with _collect(model) as stats, torch.no_grad():
+    threads = torch.get_num_threads()
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+        # One-token steps of a small model are all overhead: with 2 threads on a busy 2-core machine
+        # a step took 560 ms, with 1 thread 12-39 ms (the OpenMP workers wait for cores).
+        torch.set_num_threads(1)
+    with _collect(model) as stats, torch.no_grad(), _restore_threads(threads):
         logits, cache = model(ids)
         for _ in range(length - 1):
             nxt = torch.multinomial(torch.softmax(logits[:, -1].float(), dim=-1), 1, generator=gen)
@@ -41,6 +49,14 @@ def sample_with_hessians(
             if len(out) < length:  # the last token's activations are never used to predict anything
                 logits, cache = model(nxt, None, None, cache)
     return torch.cat(out, dim=1).numpy(), stats.result()
+
+
+@contextlib.contextmanager
+def _restore_threads(threads: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def text_windows(model_dir: Path, text_path: str | Path, *, sequences: int = 16, length: int = 128,
