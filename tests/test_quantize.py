@@ -331,3 +331,27 @@ def test_default_scheme_overrides() -> None:
     with pytest.raises(ParScaleError):
         default_scheme(3)
     assert np.isclose(QuantScheme(bits=4).to_dict()["embedding_bits"], 4)
+
+
+def test_compare_runs_without_torch(int4_tied) -> None:
+    """`parscale compare` (and parscale.fidelity) need only numpy, onnxruntime and tokenizers."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import importlib.abc, json, sys
+        BLOCKED = ("torch", "onnx", "onnxscript", "safetensors", "transformers")
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)")
+        sys.meta_path.insert(0, Block())
+        from parscale.cli import main
+        sys.argv = ["parscale", "compare", {str(int4_tied.out)!r}, {str(int4_tied.out)!r}, "--window", "16",
+                    "--windows", "1", "--decode-steps", "2", "--json"]
+        main()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["top1_agreement"] == 1.0
