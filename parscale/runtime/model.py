@@ -20,7 +20,7 @@ from parscale.manifest import MODEL_FILE, check_files, read_manifest
 from parscale.runtime.generate import Generation, GenerationResult
 from parscale.runtime.memory import advise_random_access, limit_malloc_retention
 from parscale.runtime.sampling import Sampler, SamplingConfig
-from parscale.runtime.session import CPU, Engine, GraphInfo, create_session, default_threads, resolve_provider
+from parscale.runtime.session import CPU, CUDA, Engine, GraphInfo, create_session, default_threads, resolve_provider
 from parscale.runtime.tokenizer import TOKENIZER_FILE, Tokenizer, load_eos_ids
 
 Prompt = str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
@@ -67,6 +67,10 @@ class Model:
         name = resolve_provider(provider)
         limit_malloc_retention()
         session = create_session(path / MODEL_FILE, name, threads if threads is not None else default_threads())
+        if name == CUDA and CUDA not in session.get_providers():  # onnxruntime-gpu without a usable GPU
+            if provider == "cuda":
+                raise ParScaleError("onnxruntime could not initialise CUDA (no GPU or missing CUDA/cuDNN libraries)")
+            name = CPU
         for data in sorted(path.glob(MODEL_FILE + "*.data")):
             advise_random_access(data)  # tables read in place (embeddings): fault in rows, not folios
         tok = Tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
