@@ -1,0 +1,257 @@
+"""The recipe of the embedded default model: corpus, tokenizer, stage 1 (P=1), stage 2 (P streams)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from parscale.config import ParScaleConfig
+from parscale.evaluate import Window, plan_windows
+from parscale.exporter.init import make_config, save_checkpoint
+from parscale.train.corpus import SourceFile, collect_sources, join_documents, split_sources, stdlib_root
+from parscale.train.data import WindowSampler, encode_stream
+from parscale.train.stages import (
+    Log,
+    StageResult,
+    expand_to_parscale,
+    held_out_nll,
+    init_backbone,
+    param_groups,
+    train_stage,
+)
+from parscale.train.tokenizer import eos_id, save_tokenizer, train_tokenizer
+
+REPORT_FILE = "training_report.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every choice that determines the trained model (seed included): recorded in the report."""
+
+    seed: int = 0
+    # tokenizer
+    vocab_size: int = 4096
+    # backbone (Qwen2 shapes)
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    # parallel scaling
+    P: int = 4
+    prefix_tokens: int = 16
+    prefix_std: float = 0.02
+    # data
+    seq_len: int = 256
+    # stage 1: the whole backbone at P=1
+    steps1: int = 800
+    batch1: int = 16
+    lr1: float = 2e-3
+    warmup1: int = 40
+    weight_decay1: float = 0.1
+    # stage 2: prefixes and aggregation only, backbone frozen
+    steps2: int = 300
+    batch2: int = 8
+    lr2_prefix: float = 1e-2
+    lr2_aggregate: float = 1e-3
+    warmup2: int = 15
+    # both stages
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    bf16_autocast: bool = True
+    # held-out measurement: this many non-overlapping seq_len windows, evenly spread over the held-out
+    # stream (0 = all of them); both models are scored on exactly the same windows
+    eval_windows: int = 128
+    storage_dtype: str = "float32"
+
+    def config(self, P: int) -> dict[str, Any]:  # noqa: N803
+        """The `config.json` dict of the P=1 backbone or of the P-stream model."""
+        return make_config(
+            "tiny", P=P, prefix=self.prefix_tokens, tied=self.tie_word_embeddings,
+            dtype=self.storage_dtype, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            max_position_embeddings=self.max_position_embeddings, rope_theta=self.rope_theta,
+        )
+
+
+@dataclass
+class TrainReport:
+    """Measured figures of one run of the recipe (also written as training_report.json)."""
+
+    recipe: dict[str, Any]
+    held_out_loss_p1: float  # mean NLL per token (nats) of the stage-1 backbone
+    held_out_loss_pn: float  # same windows, the final P-stream model
+    held_out_loss_pn_init: float  # the P-stream model before stage 2 (what stage 2 starts from)
+    held_out_tokens: int
+    held_out_method: str
+    corpus: dict[str, Any]
+    stage1: dict[str, Any]
+    stage2: dict[str, Any]
+    tokenizer_seconds: float
+    total_seconds: float
+    checkpoint_bytes: int
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _spread(windows: list[Window], n: int) -> list[Window]:
+    """n windows evenly spaced over the list (all when n is 0 or too large)."""
+    if n <= 0 or n >= len(windows):
+        return windows
+    picks = np.linspace(0, len(windows) - 1, n).round().astype(int)
+    return [windows[i] for i in picks]
+
+
+def _stage_dict(r: StageResult) -> dict[str, Any]:
+    return dataclasses.asdict(r) | {"tokens_per_second": r.tokens / max(r.seconds, 1e-9)}
+
+
+def train(
+    out: str | Path, recipe: Recipe, *, sources: Sequence[SourceFile] | None = None,
+    backbone_out: str | Path | None = None, log: Log | None = None, threads: int = 2,
+) -> TrainReport:
+    """Run the recipe and write the P-stream checkpoint to `out` (replaced atomically).
+
+    `sources` defaults to this interpreter's standard library; `backbone_out`, when given, also
+    receives the stage-1 P=1 checkpoint (to compare with, or to check that stage 2 left it alone).
+    `threads` sets torch's intra-op threads for the run (restored after); it is not part of the
+    recipe: on this code path 1 and 2 threads gave bit-identical weights, only the speed differs.
+    """
+    say = log or (lambda _msg: None)
+    out = Path(out)
+    t_start = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(recipe.seed)
+        files = list(sources) if sources is not None else collect_sources()
+        train_files, held_files = split_sources(files)
+        if not train_files or not held_files:
+            raise ValueError(f"corpus split left an empty side ({len(train_files)}/{len(held_files)} files)")
+        t0 = time.perf_counter()
+        tok = train_tokenizer([f.text for f in train_files], recipe.vocab_size)
+        tok_seconds = time.perf_counter() - t0
+        train_ids = encode_stream(tok, train_files)
+        held_ids = np.concatenate([[eos_id(tok)], encode_stream(tok, held_files)]).astype(np.int64)
+        corpus = {
+            "root": str(stdlib_root()) if sources is None else "custom",
+            "files_train": len(train_files), "files_held_out": len(held_files),
+            "bytes_train": sum(len(f.text.encode()) for f in train_files),
+            "bytes_held_out": len(join_documents(held_files).encode()),
+            "tokens_train": len(train_ids), "tokens_held_out": len(held_ids) - 1,
+            "vocab_size": tok.get_vocab_size(),
+        }
+        say(f"corpus: {corpus}")
+        windows = _spread(plan_windows(len(held_ids), recipe.seq_len, recipe.seq_len), recipe.eval_windows)
+
+        cfg_dict1 = recipe.config(1) | _special_ids(tok)
+        cfg_dict1["vocab_size"] = tok.get_vocab_size()
+        backbone = init_backbone(ParScaleConfig.from_dict(cfg_dict1), recipe.seed)
+        s1 = train_stage(
+            backbone, param_groups(backbone, recipe.lr1, recipe.weight_decay1),
+            WindowSampler(train_ids, recipe.seq_len, recipe.batch1, recipe.seed),
+            steps=recipe.steps1, warmup=recipe.warmup1, min_lr_ratio=recipe.min_lr_ratio,
+            grad_clip=recipe.grad_clip, bf16=recipe.bf16_autocast, name="stage1", log=log,
+        )
+        loss1, n_eval = held_out_nll(backbone, held_ids, windows)
+        say(f"stage 1 done in {s1.seconds:.0f}s: held-out loss P=1 {loss1:.4f} on {n_eval} tokens")
+
+        cfg_dict = cfg_dict1 | {"parscale_n": recipe.P}
+        model = expand_to_parscale(backbone, ParScaleConfig.from_dict(cfg_dict), recipe.seed + 1,
+                                   recipe.prefix_std)
+        loss_init, _ = held_out_nll(model, held_ids, windows)
+        say(f"stage 2 starts: held-out loss P={recipe.P} {loss_init:.4f}")
+        groups = param_groups(model, recipe.lr2_aggregate, 0.0, {"prefix_": recipe.lr2_prefix})
+        s2 = train_stage(
+            model, groups, WindowSampler(train_ids, recipe.seq_len, recipe.batch2, recipe.seed + 1),
+            steps=recipe.steps2, warmup=recipe.warmup2, min_lr_ratio=recipe.min_lr_ratio,
+            grad_clip=recipe.grad_clip, bf16=recipe.bf16_autocast, name="stage2", log=log,
+        )
+        loss_n, _ = held_out_nll(model, held_ids, windows)
+        say(f"stage 2 done in {s2.seconds:.0f}s: held-out loss P={recipe.P} {loss_n:.4f}")
+
+        report = TrainReport(
+            recipe=dataclasses.asdict(recipe), held_out_loss_p1=loss1, held_out_loss_pn=loss_n,
+            held_out_loss_pn_init=loss_init, held_out_tokens=n_eval, corpus=corpus,
+            held_out_method=(
+                f"mean next-token NLL (nats, float32, no autocast) over {len(windows)} non-overlapping "
+                f"{recipe.seq_len}-token windows spread evenly over the held-out stream (EOS, then the "
+                "held-out files each followed by EOS); the same windows for every model"
+            ),
+            stage1=_stage_dict(s1), stage2=_stage_dict(s2), tokenizer_seconds=tok_seconds,
+            total_seconds=0.0, checkpoint_bytes=0, environment=_environment() | {"threads": threads},
+        )
+        with tempfile.TemporaryDirectory() as scratch:
+            tok_dir = Path(scratch)
+            save_tokenizer(tok, tok_dir, recipe.max_position_embeddings)
+            extra = {n: tok_dir / n for n in ("tokenizer.json", "tokenizer_config.json")}
+            if backbone_out is not None:
+                _write_atomically(Path(backbone_out), lambda d: save_checkpoint(
+                    backbone, cfg_dict1, d, extra_files=extra))
+            report.total_seconds = time.perf_counter() - t_start
+
+            def write(d: Path) -> None:
+                save_checkpoint(model, cfg_dict, d, extra_files=extra)
+                report.checkpoint_bytes = (d / "model.safetensors").stat().st_size
+                (d / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+            _write_atomically(out, write)
+        return report
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def train_default(
+    out: str | Path, *, seed: int = 0, steps1: int = Recipe.steps1, steps2: int = Recipe.steps2,
+    log: Log | None = None, threads: int = 2,
+) -> TrainReport:
+    """Train the embedded default model (the `Recipe` defaults) into `out` on the stdlib corpus."""
+    return train(out, Recipe(seed=seed, steps1=steps1, steps2=steps2), log=log, threads=threads)
+
+
+def _special_ids(tok: Any) -> dict[str, int]:
+    # Qwen2 style: no BOS is prepended; EOS ends a document and generation.
+    e = eos_id(tok)
+    return {"bos_token_id": e, "eos_token_id": e}
+
+
+def _environment() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0], "torch": torch.__version__,
+        "platform": platform.platform(), "machine": platform.machine(),
+    }
+
+
+def _write_atomically(out: Path, write: Any) -> None:
+    """Build the folder beside `out`, then swap it in, so a failed run leaves no half checkpoint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        # mkdtemp and safetensors create private files; a checkpoint is ordinary shared data
+        tmp.chmod(0o755)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
