@@ -180,6 +180,55 @@ def compare(
         _print_fidelity(f, f"{b} vs {a}")
 
 
+@app.command()
+def train(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Checkpoint folder to write (replaced).")],
+    seed: Annotated[int, typer.Option(help="Random seed (initialisation and data order).")] = 0,
+    steps1: Annotated[int, typer.Option(help="Stage-1 steps: the P=1 backbone.")] = 800,
+    steps2: Annotated[int, typer.Option(help="Stage-2 steps: prefixes and aggregation, backbone frozen.")] = 300,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 2,
+) -> None:
+    """Train the embedded default model: the two-stage ParScale recipe on the Python standard library."""
+    from parscale.train.recipe import train_default
+
+    report = train_default(out_dir, seed=seed, steps1=steps1, steps2=steps2, threads=threads,
+                           log=_stage_printer(False))
+    out.print(f"held-out loss (nats/token, {report.held_out_tokens} tokens): P=1 backbone "
+              f"{report.held_out_loss_p1:.4f}, P={report.recipe['P']} {report.held_out_loss_pn:.4f}; "
+              f"{report.checkpoint_bytes / 1e6:.1f} MB in {report.total_seconds:.0f} s -> {out_dir}")
+
+
+@app.command("eval")
+def evaluate(
+    model: ModelArg = None,
+    text: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: the held-out stdlib files).")] = None,  # noqa: UP045
+    window: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
+    stride: Annotated[int, typer.Option(help="Window stride; tokens are scored once.")] = 256,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Score at most this many tokens.")] = None,  # noqa: UP045
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Perplexity per token and bits per byte of a text, for a checkpoint or an export folder."""
+    import json
+    import tempfile
+
+    from parscale.evaluate import eval_checkpoint, eval_export
+    from parscale.manifest import MANIFEST
+
+    model = model or DEFAULT_MODEL
+    with tempfile.TemporaryDirectory() as tmp:
+        if text is None:
+            from parscale.train.corpus import write_held_out
+
+            text = write_held_out(Path(tmp) / "held_out.txt")
+        run = eval_export if (model / MANIFEST).is_file() else eval_checkpoint
+        result = run(model, text, window=window, stride=stride, max_tokens=max_tokens)
+    if as_json:
+        print(json.dumps({"model": str(model), **result.to_dict()}))
+    else:
+        out.print(f"{model}: {result.tokens} tokens, {result.bytes} bytes: perplexity {result.ppl_per_token:.3f} "
+                  f"per token (NLL {result.nll_per_token:.4f} nats), {result.bits_per_byte:.4f} bits/byte")
+
+
 # ----------------------------------------------------------------------------- runtime commands
 # Runtime modules are imported inside the commands: the CLI must start without torch installed.
 
