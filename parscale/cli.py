@@ -187,12 +187,13 @@ def train(
     steps1: Annotated[int, typer.Option(help="Stage-1 steps: the P=1 backbone.")] = 800,
     steps2: Annotated[int, typer.Option(help="Stage-2 steps: prefixes and aggregation, backbone frozen.")] = 300,
     threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 2,
+    backbone_out: Annotated[Optional[Path], typer.Option(help="Also write the stage-1 P=1 backbone here.")] = None,  # noqa: UP045
 ) -> None:
     """Train the embedded default model: the two-stage ParScale recipe on the Python standard library."""
     from parscale.train.recipe import train_default
 
     report = train_default(out_dir, seed=seed, steps1=steps1, steps2=steps2, threads=threads,
-                           log=_stage_printer(False))
+                           backbone_out=backbone_out, log=_stage_printer(False))
     out.print(f"held-out loss (nats/token, {report.held_out_tokens} tokens): P=1 backbone "
               f"{report.held_out_loss_p1:.4f}, P={report.recipe['P']} {report.held_out_loss_pn:.4f}; "
               f"{report.checkpoint_bytes / 1e6:.1f} MB in {report.total_seconds:.0f} s -> {out_dir}")

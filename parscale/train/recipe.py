@@ -221,10 +221,14 @@ def train(
 
 def train_default(
     out: str | Path, *, seed: int = 0, steps1: int = Recipe.steps1, steps2: int = Recipe.steps2,
-    log: Log | None = None, threads: int = 2,
+    backbone_out: str | Path | None = None, log: Log | None = None, threads: int = 2,
 ) -> TrainReport:
-    """Train the embedded default model (the `Recipe` defaults) into `out` on the stdlib corpus."""
-    return train(out, Recipe(seed=seed, steps1=steps1, steps2=steps2), log=log, threads=threads)
+    """Train the embedded default model (the `Recipe` defaults) into `out` on the stdlib corpus.
+
+    `backbone_out`, when given, also receives the stage-1 P=1 backbone (to compare with `eval`).
+    """
+    return train(out, Recipe(seed=seed, steps1=steps1, steps2=steps2), backbone_out=backbone_out,
+                 log=log, threads=threads)
 
 
 def _special_ids(tok: Any) -> dict[str, int]:
