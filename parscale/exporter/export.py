@@ -195,6 +195,10 @@ def _calibrate(
     return hessians, f"sampled from the float model: {tokens.shape[0]} x {tokens.shape[1]} tokens (seed 0)"
 
 
+# Text windows (x 128 tokens) scored after a quantized export; `parscale compare --windows 0` does a whole text.
+EVAL_WINDOWS = 64
+
+
 def _fidelity(float_dir: Path, quant_dir: Path, model_dir: Path, vocab: int, text: str | Path | None) -> Fidelity:
     """The quantized graph against the float one, on a text file's tokens or on random tokens."""
     if text is not None:
@@ -203,7 +207,7 @@ def _fidelity(float_dir: Path, quant_dir: Path, model_dir: Path, vocab: int, tex
         tokens, source = random_tokens(vocab, 4 * 128, seed=0), "random tokens (seed 0)"
     return compare_sessions(
         cpu_session(float_dir / MODEL_FILE), cpu_session(quant_dir / MODEL_FILE), tokens,
-        window=128, max_windows=None if text is not None else 4, source=source, text=text is not None,
+        window=128, max_windows=EVAL_WINDOWS if text is not None else 4, source=source, text=text is not None,
     )
 
 
