@@ -176,3 +176,16 @@ def test_clip_search_never_raises_the_weight_error() -> None:
         e_plain = np.square(qm.dequantize_blockwise(plain) - w).reshape(48, -1, 32).sum(-1)
         e_clip = np.square(qm.dequantize_blockwise(clipped) - w).reshape(48, -1, 32).sum(-1)
         assert (e_clip <= e_plain + 1e-12).all() and e_clip.sum() < e_plain.sum()
+
+
+def test_gptq_factor_is_the_upper_cholesky_factor_of_the_damped_inverse() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 24))
+    h = x.T @ x
+    h[5, :] = h[:, 5] = 0.0  # a dead input
+    u = qm.gptq_factor(h, damp=0.01)
+    assert np.allclose(u, np.triu(u)) and (np.diag(u) > 0).all()
+    damped = h.copy()
+    damped[5, 5] = 1.0
+    damped[np.diag_indices(24)] += 0.01 * np.mean(np.diag(damped))
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(damped), rtol=1e-8, atol=1e-12)
