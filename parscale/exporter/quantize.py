@@ -3,7 +3,8 @@
 Quantized: every decoder projection (q/k/v/o, gate/up/down) and the LM head, as
 `com.microsoft.MatMulNBits`, and the embedding table, as `com.microsoft.GatherBlockQuantized`.
 Kept in floating point: ParScale's own parameters (prefix keys/values, the aggregation MLP), which
-decide how the streams mix and are ~0.2% of the weights; norms and biases.
+decide how the streams mix (0.9% of the weights of a 0.5B P=4 model, 7.7% of the small embedded
+model); norms and biases.
 
 With tied embeddings one quantized table serves both nodes: MatMulNBits reads it as
 (vocab, k_blocks, blob) and the Gather reads it reshaped to (vocab, k_blocks * blob), quantized
