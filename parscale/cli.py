@@ -102,6 +102,8 @@ def export(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail.")] = False,
 ) -> None:
     """Export a ParScale checkpoint to ONNX with KV-cache inputs/outputs, validated on CPU."""
+    import tempfile
+
     from parscale.exporter.export import Dtype
     from parscale.exporter.export import export as run_export
     from parscale.exporter.quantize import default_scheme
@@ -117,10 +119,16 @@ def export(
     elif any(o is not None for o in (block_size, symmetric, accuracy_level, method, calibration_text, eval_text)):
         raise ParScaleError("quantization options (--block-size, --symmetric/--asymmetric, --accuracy-level, "
                             "--method, --calibration-text, --eval-text) need --int8 or --int4")
-    result = run_export(model or DEFAULT_MODEL, output, P=P, dtype=Dtype(dtype), opset=opset, force=force,
-                        validate=not no_validate, quantize=scheme, eval_text=eval_text,
-                        calibration_text=calibration_text,
-                        ort_format=ort_format, log=_stage_printer(verbose))
+    with tempfile.TemporaryDirectory() as tmp:
+        if scheme is not None and eval_text is None and model is None and not no_validate:
+            # The embedded model's fidelity is judged on its held-out text, as `parscale eval` does.
+            from parscale.train.corpus import write_held_out
+
+            eval_text = write_held_out(Path(tmp) / "held_out.txt")
+        result = run_export(model or DEFAULT_MODEL, output, P=P, dtype=Dtype(dtype), opset=opset, force=force,
+                            validate=not no_validate, quantize=scheme, eval_text=eval_text,
+                            calibration_text=calibration_text,
+                            ort_format=ort_format, log=_stage_printer(verbose))
     m = result.manifest
     out.print(f"exported {result.out}: P={m['model']['P']}, {m['dtype']}, {_mb(result.total_bytes)}")
     if verbose:
@@ -154,6 +162,9 @@ def _print_fidelity(f, what: str) -> None:  # type: ignore[no-untyped-def]
     out.print(f"fidelity ({what}, {f.source}, {f.positions} positions, {f.decode_steps} of each "
               f"{f.window} decoded with the cache): top-1 agreement {100 * f.top1_agreement:.2f}%, "
               f"mean KL {f.mean_kl:.2e} (max {f.max_kl:.2e});{ppl}".rstrip(";"))
+    if f.perplexity_a is None:
+        out.print("  (random tokens are out of distribution for a trained model: pass a text file for "
+                  "representative figures)")
 
 
 @app.command()
