@@ -115,6 +115,15 @@ def export(
     # A quantized export is validated through its float graph, written here and never kept.
     float_dir = tmp.with_name(tmp.name + "-float") if quantize is not None and validate else tmp
     qreport, fidelity = None, None
+    float32_module: list = []  # loaded at most once, and only when the export is not float32 itself
+
+    def float32_reference():  # type: ignore[no-untyped-def]
+        if dtype is Dtype.fp32:
+            return model
+        if not float32_module:
+            float32_module.append(load_model(model_dir, torch.float32)[1])
+        return float32_module[0]
+
     try:
         stage("tracing to ONNX")
         proto = trace_to_onnx(model, dtype=dtype.torch, opset=opset)
@@ -128,9 +137,7 @@ def export(
             hessians, calibration = None, None
             if quantize.method == "gptq":
                 stage("calibrating (GPTQ input statistics)")
-                fp32 = model if dtype is Dtype.fp32 else load_model(model_dir, torch.float32)[1]
-                hessians, calibration = _calibrate(fp32, model_dir, cfg, calibration_text)
-                del fp32
+                hessians, calibration = _calibrate(float32_reference(), model_dir, cfg, calibration_text)
             stage("quantizing")
             qreport = quantize_graph(proto, quantize, cfg.num_hidden_layers, hessians)
             qreport.calibration = calibration
@@ -148,7 +155,7 @@ def export(
         if validate:
             stage("validating on CPU against PyTorch")
             # The float32 module is the reference, whatever the export's dtype.
-            reference = model if dtype is Dtype.fp32 else load_model(model_dir, torch.float32)[1]
+            reference = float32_reference()
             report = compare(cpu_session(float_dir / MODEL_FILE), reference, tolerance=TOLERANCE[dtype])
             manifest["validation"] = {
                 "max_abs_logit_diff": report.max_abs_diff, "greedy_match": report.greedy_match,
@@ -161,6 +168,7 @@ def export(
                 )
             if quantize is not None:
                 del reference, model  # the float sessions below need the memory more
+                float32_module.clear()
                 stage("measuring fidelity against the float graph")
                 fidelity = _fidelity(float_dir, tmp, model_dir, cfg.vocab_size, eval_text)
                 manifest["validation"]["fidelity"] = fidelity.to_dict()
