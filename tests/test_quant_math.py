@@ -189,3 +189,24 @@ def test_gptq_factor_is_the_upper_cholesky_factor_of_the_damped_inverse() -> Non
     damped[5, 5] = 1.0
     damped[np.diag_indices(24)] += 0.01 * np.mean(np.diag(damped))
     np.testing.assert_allclose(u.T @ u, np.linalg.inv(damped), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["rtn", "rtn-clip", "gptq"])
+def test_row_chunks_give_the_same_result(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large matrices are quantized a few rows at a time (memory); the result must not depend on it."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(37, 80)).astype(np.float32)
+    x = rng.normal(size=(200, 80))
+    factor = qm.gptq_factor(x.T @ x)
+
+    def run() -> qm.BlockQuantized:
+        if method == "gptq":
+            return qm.gptq_quantize(w, factor, 4, 32, symmetric=False)
+        return qm.quantize_blockwise(w, 4, 32, symmetric=False, clip_search=method == "rtn-clip")
+
+    whole = run()
+    monkeypatch.setattr(qm, "CHUNK_BYTES", 5 * 4 * 80)  # 5 rows at a time: 8 chunks, the last one short
+    chunked = run()
+    np.testing.assert_array_equal(whole.q, chunked.q)
+    np.testing.assert_array_equal(whole.scales, chunked.scales)
+    np.testing.assert_array_equal(whole.zero_points, chunked.zero_points)

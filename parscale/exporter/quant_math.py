@@ -16,6 +16,7 @@ the default both kernels assume.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,29 @@ def quantize_blockwise(
     _check(bits, block_size)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {w.shape}")
+    return _by_rows(w, lambda rows: _quantize_rows(rows, bits, block_size, symmetric, scale_dtype, clip_search))
+
+
+# Rows quantized at once: every row is independent, and the temporaries of a whole LM head (several
+# copies of a 151936 x 2048 float32 matrix) would need gigabytes.
+CHUNK_BYTES = 64 << 20
+
+
+def _by_rows(w: np.ndarray, quantize: Callable[[np.ndarray], BlockQuantized]) -> BlockQuantized:
+    """Apply a row-wise quantizer to chunks of rows of `w` and join the results."""
+    rows = max(1, CHUNK_BYTES // max(1, 4 * w.shape[1]))
+    if w.shape[0] <= rows:
+        return quantize(w)
+    parts = [quantize(w[i:i + rows]) for i in range(0, w.shape[0], rows)]
+    first = parts[0]
+    zp = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])  # type: ignore[misc]
+    return BlockQuantized(q=np.concatenate([p.q for p in parts]), scales=np.concatenate([p.scales for p in parts]),
+                          zero_points=zp, bits=first.bits, block_size=first.block_size, K=first.K)
+
+
+def _quantize_rows(
+    w: np.ndarray, bits: int, block_size: int, symmetric: bool, scale_dtype: np.dtype | type, clip_search: bool,
+) -> BlockQuantized:
     N, K = w.shape
     k_blocks = -(-K // block_size)
     padded = np.zeros((N, k_blocks * block_size), dtype=np.float32)
@@ -226,15 +250,26 @@ def gptq_quantize(
     it. `factor` is `gptq_factor` of the (K, K) Hessian.
     """
     _check(bits, block_size)
-    N, K = w.shape
+    K = w.shape[1]
     if factor.shape != (K, K):
         raise ValueError(f"factor has shape {factor.shape}, expected {(K, K)}")
+    Kp = -(-K // block_size) * block_size
+    if Kp == K:
+        U = np.asarray(factor, dtype=np.float32)
+    else:
+        U = np.eye(Kp, dtype=np.float32)
+        U[:K, :K] = factor  # padded columns: zero weights, identity factor (no error to spread)
+    return _by_rows(w, lambda rows: _gptq_rows(rows, U, bits, block_size, symmetric, scale_dtype))
+
+
+def _gptq_rows(
+    w: np.ndarray, U: np.ndarray, bits: int, block_size: int, symmetric: bool, scale_dtype: np.dtype | type,  # noqa: N803
+) -> BlockQuantized:
+    N, K = w.shape
     k_blocks = -(-K // block_size)
     Kp = k_blocks * block_size
     W = np.zeros((N, Kp), dtype=np.float32)
     W[:, :K] = w
-    U = np.eye(Kp, dtype=np.float32)
-    U[:K, :K] = factor  # padded columns: zero weights, identity factor (no error to spread)
     codes = np.empty((N, Kp), dtype=np.uint8)
     scales = np.empty((N, k_blocks), dtype=np.float32)
     zeros = np.empty((N, k_blocks), dtype=np.float32)
