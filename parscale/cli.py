@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,15 +30,32 @@ ModelArg = Annotated[
 
 
 def main() -> None:
-    """Console-script entry: library errors become one line on stderr and exit code 1."""
+    """Console-script entry: every error becomes one line on stderr and exit code 1.
+
+    A ParScaleError is a problem the user can fix and is printed as it is. Anything else is a
+    failure inside the library: one line with its type (and stage, for exports), the traceback
+    only with --verbose.
+    """
+    verbose = any(a in ("--verbose", "-v") for a in sys.argv[1:])
     try:
         app()
-    except ParScaleError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}")
-        sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except ParScaleError as e:
+        cause = e.__cause__
+        if verbose and cause is not None:
+            err.print("".join(traceback.format_exception(cause)), markup=False, end="")
+        hint = "; run with --verbose for the traceback" if cause is not None and not verbose else ""
+        err.print(f"[bold red]error:[/] {escape(str(e))}{hint}")
+        sys.exit(1)
+    except Exception as e:
+        if verbose:
+            err.print(traceback.format_exc(), markup=False, end="")
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = "" if verbose else "; run with --verbose for the traceback"
+        err.print(f"[bold red]error:[/] {type(e).__name__}" + escape(f": {detail}" if detail else "") + hint)
+        sys.exit(1)
 
 
 def _stage_printer(verbose: bool):  # type: ignore[no-untyped-def]
@@ -99,7 +117,10 @@ def export(
     ort_format: Annotated[bool, typer.Option(
         "--ort-format", help="Also write model.ort + required_operators.config (ONNX Runtime Mobile).",
     )] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail.")] = False,
+    force_memory: Annotated[bool, typer.Option(
+        "--force-memory", help="Run even if the estimated peak memory exceeds what is available.",
+    )] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail, and tracebacks of failures.")] = False,
 ) -> None:
     """Export a ParScale checkpoint to ONNX with KV-cache inputs/outputs, validated on CPU."""
     import tempfile
@@ -127,8 +148,8 @@ def export(
             eval_text = write_held_out(Path(tmp) / "held_out.txt")
         result = run_export(model or DEFAULT_MODEL, output, P=P, dtype=Dtype(dtype), opset=opset, force=force,
                             validate=not no_validate, quantize=scheme, eval_text=eval_text,
-                            calibration_text=calibration_text,
-                            ort_format=ort_format, log=_stage_printer(verbose))
+                            calibration_text=calibration_text, ort_format=ort_format,
+                            check_memory=not force_memory, log=_stage_printer(verbose))
     m = result.manifest
     out.print(f"exported {result.out}: P={m['model']['P']}, {m['dtype']}, {_mb(result.total_bytes)}")
     if verbose:

@@ -14,7 +14,10 @@ Torch-free: numpy, onnxruntime and tokenizers only, so it runs wherever the runt
 
 from __future__ import annotations
 
+import gc
 import math
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -129,32 +132,43 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def compare_sessions(
-    a: ort.InferenceSession, b: ort.InferenceSession, tokens: np.ndarray, *, window: int = 128,
-    max_windows: int | None = 8, decode_steps: int = 8, batch: int = 4, source: str = "tokens",
+    open_a: Callable[[], ort.InferenceSession], open_b: Callable[[], ort.InferenceSession], tokens: np.ndarray, *,
+    window: int = 128, max_windows: int | None = 8, decode_steps: int = 8, batch: int = 4, source: str = "tokens",
     text: bool = False,
 ) -> Fidelity:
-    """Run `a` (the reference) and `b` on the same windows of `tokens` and measure b against a."""
+    """Run the reference `a` and then `b` on the same windows of `tokens` and measure b against a.
+
+    The sessions are opened one after the other (`open_a`, `open_b` return them): a's logits wait
+    on disk while b runs, so two large graphs never need memory at the same time.
+    """
     windows = make_windows(tokens, window, max_windows)
-    ra, rb = _Runner(a), _Runner(b)
+    starts = range(0, len(windows), batch)
     agree, kl_sum, kl_max, nll_a, nll_b, count, scored = 0, 0.0, 0.0, 0.0, 0.0, 0, 0
-    for i in range(0, len(windows), batch):
-        ids = windows[i:i + batch]
-        la, lb = ra.logits(ids, decode_steps), rb.logits(ids, decode_steps)
-        if la.shape != lb.shape:
-            raise ParScaleError(f"the exports disagree on the logits' shape: {la.shape} vs {lb.shape}")
-        if not np.isfinite(lb).all():
-            raise ParScaleError("the compared export produced non-finite logits")
-        for row in range(len(ids)):  # one window at a time: float64 (s, vocab) stays small
-            pa, pb = _log_softmax(la[row]), _log_softmax(lb[row])
-            kl = (np.exp(pa) * (pa - pb)).sum(-1)
-            agree += int((pa.argmax(-1) == pb.argmax(-1)).sum())
-            kl_sum += float(kl.sum())
-            kl_max = max(kl_max, float(kl.max()))
-            count += len(kl)
-            targets = ids[row, 1:]
-            nll_a -= float(np.take_along_axis(pa[:-1], targets[:, None], -1).sum())
-            nll_b -= float(np.take_along_axis(pb[:-1], targets[:, None], -1).sum())
-            scored += len(targets)
+    with tempfile.TemporaryDirectory(prefix="parscale-fidelity-") as spill:
+        ra = _Runner(open_a())
+        for i in starts:
+            np.save(Path(spill) / f"{i}.npy", ra.logits(windows[i:i + batch], decode_steps))
+        del ra
+        gc.collect()  # let the reference session's memory go before the candidate's is allocated
+        rb = _Runner(open_b())
+        for i in starts:
+            ids = windows[i:i + batch]
+            la, lb = np.load(Path(spill) / f"{i}.npy"), rb.logits(ids, decode_steps)
+            if la.shape != lb.shape:
+                raise ParScaleError(f"the exports disagree on the logits' shape: {la.shape} vs {lb.shape}")
+            if not np.isfinite(lb).all():
+                raise ParScaleError("the compared export produced non-finite logits")
+            for row in range(len(ids)):  # one window at a time: float64 (s, vocab) stays small
+                pa, pb = _log_softmax(la[row]), _log_softmax(lb[row])
+                kl = (np.exp(pa) * (pa - pb)).sum(-1)
+                agree += int((pa.argmax(-1) == pb.argmax(-1)).sum())
+                kl_sum += float(kl.sum())
+                kl_max = max(kl_max, float(kl.max()))
+                count += len(kl)
+                targets = ids[row, 1:]
+                nll_a -= float(np.take_along_axis(pa[:-1], targets[:, None], -1).sum())
+                nll_b -= float(np.take_along_axis(pb[:-1], targets[:, None], -1).sum())
+                scored += len(targets)
     return Fidelity(
         positions=count, windows=len(windows), window=window, decode_steps=decode_steps,
         top1_agreement=agree / count, mean_kl=kl_sum / count, max_kl=kl_max,
@@ -163,14 +177,20 @@ def compare_sessions(
     )
 
 
-def cpu_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session with full graph optimizations, as a deployment would use."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+def cpu_session(path: str | Path, threads: int | None = None, *, prepack: bool = True) -> ort.InferenceSession:
+    """A CPU session with the runtime's options (full graph optimizations, as a deployment would use).
+
+    `prepack=False` leaves the weights where ONNX Runtime mapped them instead of also keeping a
+    copy packed for its matrix kernels: the session of a float reference graph then needs memory
+    for its weights once, not twice, and computes the same products a little more slowly.
+    """
+    from parscale.runtime.session import CPU, session_options
+
+    opts = session_options(threads, CPU)
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=[CPU])
     except Exception as e:  # ORT has its own exception types for unreadable or unsupported graphs
         raise ParScaleError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
 
@@ -191,13 +211,19 @@ def compare_exports(
     for folder in (a, b):
         if not (folder / MODEL_FILE).is_file():
             raise ParScaleError(f"{folder / MODEL_FILE} not found: not an export folder")
-    sa, sb = cpu_session(a / MODEL_FILE, threads), cpu_session(b / MODEL_FILE, threads)
-    if _vocab(sa) != _vocab(sb):
-        raise ParScaleError(f"the exports have different vocabularies ({_vocab(sa)} vs {_vocab(sb)})")
+    opened = [cpu_session(a / MODEL_FILE, threads)]  # handed over to compare_sessions, not kept here
+    vocab = _vocab(opened[0])
     if text is not None:
         tokens, source = text_tokens(a, text), f"text {Path(text).name}"
     else:
         n = window * (max_windows or 8)
-        tokens, source = random_tokens(_vocab(sa), n, seed), f"random tokens (seed {seed})"
-    return compare_sessions(sa, sb, tokens, window=window, max_windows=max_windows, decode_steps=decode_steps,
-                            source=source, text=text is not None)
+        tokens, source = random_tokens(vocab, n, seed), f"random tokens (seed {seed})"
+
+    def open_b() -> ort.InferenceSession:
+        session = cpu_session(b / MODEL_FILE, threads)
+        if _vocab(session) != vocab:
+            raise ParScaleError(f"the exports have different vocabularies ({vocab} vs {_vocab(session)})")
+        return session
+
+    return compare_sessions(opened.pop, open_b, tokens, window=window, max_windows=max_windows,
+                            decode_steps=decode_steps, source=source, text=text is not None)

@@ -14,6 +14,7 @@ from parscale.errors import ParScaleError
 
 MANIFEST = "parscale.json"
 MODEL_FILE = "model.onnx"
+EXTERNAL_DATA = MODEL_FILE + ".data"  # the weights of graphs above the external-data threshold
 FORMAT = "parscale-export"
 FORMAT_VERSION = 1
 

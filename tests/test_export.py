@@ -15,7 +15,8 @@ from parscale.config import ParScaleConfig
 from parscale.exporter.checkpoint import load_model
 from parscale.exporter.export import Dtype, export
 from parscale.exporter.init import make_config, random_model, save_checkpoint
-from parscale.exporter.validate import compare, cpu_session
+from parscale.exporter.validate import compare
+from parscale.fidelity import cpu_session
 from parscale.manifest import MANIFEST, read_manifest
 
 # (P, kv heads, tied, stored dtype, shards): together they cover P in {1,2,3,4,8}, GQA (2 of 4

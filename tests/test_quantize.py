@@ -26,13 +26,13 @@ from parscale.cli import app
 from parscale.errors import ParScaleError
 from parscale.exporter import export as export_module
 from parscale.exporter import quant_math as qm
-from parscale.exporter.calibrate import input_hessians, sample_with_hessians
+from parscale.exporter.calibrate import LayerwiseHessians, sample_tokens
 from parscale.exporter.checkpoint import load_model
 from parscale.exporter.export import export
 from parscale.exporter.init import init_checkpoint
 from parscale.exporter.quantize import QuantScheme, default_scheme, quantize_graph
-from parscale.exporter.validate import compare, cpu_session
-from parscale.fidelity import compare_exports
+from parscale.exporter.validate import compare
+from parscale.fidelity import compare_exports, cpu_session
 from parscale.manifest import MANIFEST, MODEL_FILE, read_manifest
 
 
@@ -55,7 +55,8 @@ def float_exports(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPat
 @pytest.fixture(scope="module")
 def hessians(checkpoints: dict[str, Path]) -> dict[str, dict[str, np.ndarray]]:
     """GPTQ statistics per checkpoint: a short sample from each model (8 x 16 tokens)."""
-    return {k: sample_with_hessians(load_model(v)[1], sequences=8, length=16)[1] for k, v in checkpoints.items()}
+    models = {k: load_model(v)[1] for k, v in checkpoints.items()}
+    return {k: dict(LayerwiseHessians(m, sample_tokens(m, sequences=8, length=16)[:, :-1])) for k, m in models.items()}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_gptq_lowers_the_output_error_of_every_projection(checkpoints: dict[str,
     """On its calibration inputs, each GPTQ projection's outputs move less than round-to-nearest's."""
     _, model = load_model(checkpoints["untied"], torch.float32)
     tokens = np.random.default_rng(0).integers(0, 512, size=(8, 32))
-    h = input_hessians(model, tokens)
+    h = dict(LayerwiseHessians(model, tokens))
     _, gptq, _ = quantize_copy(float_exports["untied"], tmp_path / "g", QuantScheme(bits=4, method="gptq"), h)
     _, rtn, _ = quantize_copy(float_exports["untied"], tmp_path / "r", QuantScheme(bits=4))
     wg, wr = graph_weights(gptq), graph_weights(rtn)
@@ -309,8 +310,10 @@ def test_failed_quantization_leaves_nothing(checkpoints: dict[str, Path], float_
     def boom(*_args, **_kwargs):
         raise ParScaleError("quantization exploded")
 
-    traced = onnx.load(str(float_exports["p1"] / MODEL_FILE))  # skip re-tracing: the failure comes later
-    monkeypatch.setattr(export_module, "trace_to_onnx", lambda *_a, **_k: traced)
+    def traced(_model, folder: Path, **_kwargs) -> None:  # skip re-tracing: the failure comes later
+        shutil.copyfile(float_exports["p1"] / MODEL_FILE, folder / MODEL_FILE)
+
+    monkeypatch.setattr(export_module, "trace_to_folder", traced)
     monkeypatch.setattr(export_module, "quantize_graph", boom)
     with pytest.raises(ParScaleError, match="exploded"):
         export(checkpoints["p1"], tmp_path / "out", quantize=QuantScheme(bits=4))

@@ -19,7 +19,7 @@ import torch
 
 from parscale.cli import DEFAULT_MODEL
 from parscale.config import ParScaleConfig
-from parscale.exporter.calibrate import sample_with_hessians
+from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens
 from parscale.exporter.checkpoint import load_model
 from parscale.exporter.export import export
 from parscale.exporter.quantize import default_scheme, quantize_graph
@@ -61,8 +61,8 @@ def measured(default_model: Path, held_out: Path, tmp_path_factory: pytest.TempP
         scheme = default_scheme(bits)
         hessians = None
         if scheme.method == "gptq":  # the same calibration `export` runs
-            start = cfg.bos_token_id if cfg.bos_token_id is not None else (cfg.eos_ids() or [0])[0]
-            hessians = sample_with_hessians(load_model(default_model, torch.float32)[1], start_id=start)[1]
+            model = load_model(default_model, torch.float32)[1]
+            hessians = LayerwiseHessians(model, calibration_tokens(model, default_model, None)[0])
         out = shutil.copytree(fp32, root / f"int{bits}")
         proto = onnx.load(str(out / MODEL_FILE))
         quantize_graph(proto, scheme, cfg.num_hidden_layers, hessians)

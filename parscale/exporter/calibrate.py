@@ -4,35 +4,39 @@ The calibration tokens are, by default, sampled from the float model itself (tem
 the document-start token): no data set is needed, and measured on the trained default model they
 calibrate as well as held-out text of the same length (README: quantization). A text file can be
 given instead.
+
+The statistics are computed one decoder layer at a time (`LayerwiseHessians`), in the order the
+quantizer asks for them: the hidden states of the calibration tokens are carried from layer to
+layer, so only one layer's statistics exist at once (the down_proj statistic alone is 485 MB per
+layer at 3B, 17 GB for all layers).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from parscale.exporter.model import ParScaleForCausalLM
+from parscale.errors import ParScaleError
+from parscale.exporter.checkpoint import release
+from parscale.exporter.model import ParScaleForCausalLM, aggregate_streams, attention_bias, fold_streams, rope_cos_sin
 
 # Projections that read the same tensor share one statistic (and one GPTQ factor).
 _SHARED_INPUT = {"self_attn.q_proj": ("self_attn.k_proj", "self_attn.v_proj"), "mlp.gate_proj": ("mlp.up_proj",)}
 _OWN_INPUT = ("self_attn.o_proj", "mlp.down_proj")
+_LAYER_PATH = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 SMALL_MODEL = 100_000_000  # parameters; below this, sampling runs on one thread
 
 
-def sample_with_hessians(
+def sample_tokens(
     model: ParScaleForCausalLM, *, sequences: int = 16, length: int = 128, seed: int = 0, start_id: int = 0,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Sample (sequences, length) tokens from `model` (temperature 1, from `start_id`) and collect the
-    projections' input statistics on the way.
-
-    With a causal model and a KV cache, the activations of each sampled token are the ones a
-    forward pass over the finished sequences would produce, so no second pass is needed.
-    """
+) -> np.ndarray:
+    """Sample (sequences, length) tokens from `model` at temperature 1, each sequence from `start_id`."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.full((sequences, 1), start_id, dtype=torch.int64)
     out = [ids]
@@ -41,14 +45,14 @@ def sample_with_hessians(
         # One-token steps of a small model are all overhead: with 2 threads on a busy 2-core machine
         # a step took 560 ms, with 1 thread 12-39 ms (the OpenMP workers wait for cores).
         torch.set_num_threads(1)
-    with _collect(model) as stats, torch.no_grad(), _restore_threads(threads):
+    with torch.no_grad(), _restore_threads(threads):
         logits, cache = model(ids)
         for _ in range(length - 1):
             nxt = torch.multinomial(torch.softmax(logits[:, -1].float(), dim=-1), 1, generator=gen)
             out.append(nxt)
-            if len(out) < length:  # the last token's activations are never used to predict anything
+            if len(out) < length:
                 logits, cache = model(nxt, None, None, cache)
-    return torch.cat(out, dim=1).numpy(), stats.result()
+    return torch.cat(out, dim=1).numpy()
 
 
 @contextlib.contextmanager
@@ -59,6 +63,20 @@ def _restore_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def calibration_tokens(
+    model: ParScaleForCausalLM, model_dir: Path, text: str | Path | None,
+) -> tuple[np.ndarray, str]:
+    """GPTQ's calibration tokens, and where they came from: windows of a text file, or model samples."""
+    if text is not None:
+        tokens = text_windows(model_dir, text)
+        return tokens, f"text {Path(text).name}: {tokens.shape[0]} x {tokens.shape[1]} tokens"
+    cfg = model.cfg
+    start = cfg.bos_token_id if cfg.bos_token_id is not None else (cfg.eos_ids() or [0])[0]
+    tokens = sample_tokens(model, start_id=start)
+    # The last sampled token's activations never predict anything: they are left out.
+    return tokens[:, :-1], f"sampled from the float model: {tokens.shape[0]} x {tokens.shape[1]} tokens (seed 0)"
+
+
 def text_windows(model_dir: Path, text_path: str | Path, *, sequences: int = 16, length: int = 128,
                  seed: int = 0) -> np.ndarray:
     """(sequences, length) windows at random offsets of a text file, tokenized by the checkpoint's tokenizer."""
@@ -66,39 +84,105 @@ def text_windows(model_dir: Path, text_path: str | Path, *, sequences: int = 16,
 
     tokens = text_tokens(model_dir, text_path)
     if len(tokens) < length:
-        from parscale.errors import ParScaleError
-
         raise ParScaleError(f"{text_path} has {len(tokens)} tokens, fewer than one calibration window ({length})")
     starts = np.random.default_rng(seed).integers(0, len(tokens) - length + 1, size=sequences)
     return np.stack([tokens[s:s + length] for s in starts])
 
 
-def input_hessians(model: ParScaleForCausalLM, tokens: np.ndarray, batch: int = 4) -> dict[str, np.ndarray]:
+class LayerwiseHessians(Mapping):
     """X^T X (float32, (K, K)) of the inputs of every projection and of the LM head over `tokens`.
 
-    Keys are module paths as in the checkpoint (`model.layers.0.self_attn.q_proj`, `lm_head`);
-    projections reading the same input share one array. With P streams every stream's rows count.
+    A read-only mapping keyed by module path as in the checkpoint (`model.layers.0.self_attn.q_proj`,
+    `lm_head`); projections that read the same input share one array. With P streams every
+    stream's rows count. Layers must be asked for in order (a quantizer walks the graph that way);
+    only the current layer's statistics are kept. With `consume`, each layer's weights are freed
+    once the hidden states have passed it: the module is unusable afterwards, but its memory goes
+    back while the quantized graph grows.
     """
-    with _collect(model) as stats, torch.no_grad():
-        for i in range(0, len(tokens), batch):
-            model(torch.from_numpy(np.ascontiguousarray(tokens[i:i + batch])))
-    return stats.result()
+
+    def __init__(self, model: ParScaleForCausalLM, tokens: np.ndarray, *, batch: int = 4,
+                 consume: bool = False) -> None:
+        cfg = model.cfg
+        self.model, self.consume, self.batch = model, consume, batch
+        self.ids = torch.from_numpy(np.ascontiguousarray(tokens))
+        b, s = min(batch, len(self.ids)), self.ids.shape[1]
+        self.cos, self.sin = rope_cos_sin(torch.arange(s).repeat(b, 1), cfg.head_dim, cfg.rope_theta)
+        self.bias = attention_bias(torch.ones(b, s, dtype=torch.int64), s, torch.float32)
+        self._start()
+        self._paths = [f"model.layers.{i}.{n}" for i in range(cfg.num_hidden_layers)
+                       for n in (*_SHARED_INPUT, *sum(_SHARED_INPUT.values(), ()), *_OWN_INPUT)] + ["lm_head"]
+
+    def _start(self) -> None:
+        with torch.no_grad():  # hidden states, one (P*b, s, h) chunk per `batch` sequences
+            self.hidden = [fold_streams(self.model.model.embed_tokens(self.ids[i:i + self.batch]), self.model.cfg.P)
+                           for i in range(0, len(self.ids), self.batch)]
+        self.layer = -1  # the layer whose statistics `self.stats` holds; num_layers: the LM head's
+        self.stats: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        n = self.model.cfg.num_hidden_layers
+        m = _LAYER_PATH.match(path)
+        if path == "lm_head":
+            target = n
+        elif m and int(m.group(1)) < n and m.group(2) in (*_SHARED_INPUT, *sum(_SHARED_INPUT.values(), ()),
+                                                          *_OWN_INPUT):
+            target = int(m.group(1))
+        else:
+            raise KeyError(path)
+        if target < self.layer:
+            if self.consume:
+                raise ParScaleError(f"calibration statistics were asked for {path} after layer {self.layer}: "
+                                    "layers must be quantized in order")
+            self._start()  # the module is intact: start again from the embeddings
+        while self.layer < target:
+            self._advance()
+        return self.stats[path]
+
+    def _advance(self) -> None:
+        """Compute the next layer's statistics, moving the hidden states through the current layer."""
+        model, n = self.model, self.model.cfg.num_hidden_layers
+        self.stats = {}  # free the previous layer's statistics first
+        nxt = self.layer + 1
+        with torch.no_grad():
+            if nxt < n:
+                layer = model.model.layers[nxt]
+                with _collect(layer, f"model.layers.{nxt}.") as stats:
+                    for i, x in enumerate(self.hidden):
+                        b = x.shape[0] // model.cfg.P
+                        past = (x.new_zeros(b, model.cfg.cache_heads, 0, model.cfg.head_dim),) * 2
+                        self.hidden[i] = layer(x, self.cos[:b], self.sin[:b], self.bias[:b], past)[0]
+                if self.consume:
+                    release(layer)  # its weights are done with; the module cannot run again
+            else:
+                with _collect(model.lm_head, "") as stats:
+                    for x in self.hidden:
+                        x = model.model.norm(x)
+                        if model.cfg.P > 1:
+                            x = aggregate_streams(x, model.cfg.P, model.model.aggregate_layer,
+                                                  model.cfg.parscale_attn_smooth)
+                        model.lm_head(x)
+                self.hidden = []
+        self.stats = stats.result()
+        self.layer = nxt
 
 
 class _collect:  # noqa: N801 - used as a context manager, like a function
-    """Forward hooks that accumulate X^T X of each projection's (and the LM head's) input."""
+    """Forward hooks that accumulate X^T X of the inputs of a layer's projections (or of the LM head)."""
 
-    def __init__(self, model: ParScaleForCausalLM) -> None:
-        self.model = model
+    def __init__(self, module: nn.Module, prefix: str) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.source: dict[str, str] = {"lm_head": "lm_head"}  # module path -> path of its statistic
-        self.hooked: list[tuple[nn.Module, str]] = [(model.lm_head, "lm_head")]
-        for i, layer in enumerate(model.model.layers):
-            pre = f"model.layers.{i}."
-            for first, others in _SHARED_INPUT.items():
-                self.source.update({pre + first: pre + first, **{pre + o: pre + first for o in others}})
-            self.source.update({pre + o: pre + o for o in _OWN_INPUT})
-            self.hooked += [(layer.get_submodule(n), pre + n) for n in (*_SHARED_INPUT, *_OWN_INPUT)]
+        if prefix:  # a decoder layer
+            self.source = {prefix + o: prefix + first for first, others in _SHARED_INPUT.items() for o in others}
+            self.source.update({prefix + n: prefix + n for n in (*_SHARED_INPUT, *_OWN_INPUT)})
+            self.hooked = [(module.get_submodule(n), prefix + n) for n in (*_SHARED_INPUT, *_OWN_INPUT)]
+        else:  # the LM head
+            self.source, self.hooked = {"lm_head": "lm_head"}, [(module, "lm_head")]
 
     def _hook(self, name: str):  # type: ignore[no-untyped-def]
         def accumulate(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:

@@ -2,37 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
 from parscale import __version__, contract
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
-from parscale.exporter import folder
-from parscale.exporter.calibrate import input_hessians, sample_with_hessians, text_windows
-from parscale.exporter.checkpoint import load_model, source_checksum
+from parscale.exporter import budget, folder
+from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens
+from parscale.exporter.checkpoint import load_model, release, source_checksum
 from parscale.exporter.extras import write_extras
+from parscale.exporter.graphfile import (
+    EXTERNAL_DATA_THRESHOLD,
+    load_external,
+    rewrite_structure,
+    save_graph,
+    set_metadata,
+)
 from parscale.exporter.quantize import QuantReport, QuantScheme, quantize_graph
-from parscale.exporter.trace import trace_to_onnx
-from parscale.exporter.validate import ValidationReport, compare, cpu_session
-from parscale.fidelity import Fidelity, compare_sessions, random_tokens, text_tokens
+from parscale.exporter.trace import trace_to_folder
+from parscale.exporter.validate import ValidationReport, check_graph, reference_run
+from parscale.fidelity import Fidelity, compare_sessions, cpu_session, random_tokens, text_tokens
 from parscale.manifest import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, describe_files
-
-EXTERNAL_DATA = MODEL_FILE + ".data"
-# Above this many weight bytes the weights go to EXTERNAL_DATA: protobuf cannot hold 2 GB, and
-# ONNX Runtime maps external data instead of copying it out of a parsed protobuf.
-EXTERNAL_DATA_THRESHOLD = 64 << 20
+from parscale.runtime.memory import limit_malloc_retention
 
 
 class Dtype(str, enum.Enum):
@@ -78,6 +83,8 @@ def export(
     eval_text: str | Path | None = None,
     calibration_text: str | Path | None = None,
     ort_format: bool = False,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    check_memory: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a checkpoint folder to `out`; nothing is left at `out` if any step fails.
@@ -87,12 +94,20 @@ def export(
     graph (top-1 agreement, KL; perplexity too on `eval_text`, a UTF-8 file, else random tokens).
     GPTQ (the int4 default) calibrates on `calibration_text`, else on text sampled from the model.
     `ort_format`: also write model.ort and required_operators.config (ONNX Runtime Mobile).
+    `external_data_threshold`: weight bytes above which the weights go to `model.onnx.data`.
+    `check_memory`: refuse, before any work, a job whose estimated peak memory exceeds what the
+    machine has available (`parscale.exporter.budget`).
     Every export also gets transformers_js_config.json and a model card, README.md (extras.py).
+
+    The stages run so that at most one copy of the weights is in memory at a time: the module is
+    traced straight to disk, quantized tensor by tensor from there (GPTQ statistics one layer at
+    a time), and compared with ONNX Runtime only after it is gone (its logits are kept instead).
+    An unexpected error is raised as `StageError`, naming the stage it happened in.
     """
     model_dir, out = Path(model_dir), Path(out)
     log = log or (lambda _msg: None)
-    _check_destination(model_dir, out, force)
     dtype = Dtype(dtype)
+    limit_malloc_retention()  # freed weights go back to the system instead of staying in the heap
     seconds: dict[str, float] = {}
 
     def stage(name: str) -> None:
@@ -100,84 +115,106 @@ def export(
         log(name)
 
     stage("reading checkpoint")
+    _check_destination(model_dir, out, force)
     cfg = ParScaleConfig.load(model_dir) if model_dir.is_dir() else None
     if cfg is not None and P is not None and P != cfg.P:
         raise ParScaleError(
             f"--P {P} does not match the checkpoint, which was trained with parscale_n={cfg.P}; "
             f"pass --P {cfg.P} (or omit --P)"
         )
-    cfg, model = load_model(model_dir, dtype.torch)
+    if cfg is None:
+        raise ParScaleError(f"model folder {model_dir} does not exist")
+    eos = folder.eos_ids(model_dir, cfg)  # a malformed generation_config.json fails now, not after tracing
+    plan = budget.plan(cfg, dtype=dtype.value, quantize=quantize, validate=validate)
+    if ort_format and plan.graph_bytes > budget.ORT_FORMAT_LIMIT:
+        raise ParScaleError(
+            f"--ort-format: this model's graph holds {plan.graph_bytes / 1e9:.2f} GB of weights, and an ORT "
+            f"format file cannot exceed {budget.ORT_FORMAT_LIMIT / 2**30:.0f} GiB (a flatbuffer limit); "
+            "quantize (--int4) or drop --ort-format"
+        )
+    if check_memory:
+        budget.check(plan)
     checksum = source_checksum(model_dir)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
-    # A quantized export is validated through its float graph, written here and never kept.
-    float_dir = tmp.with_name(tmp.name + "-float") if quantize is not None and validate else tmp
-    qreport, fidelity = None, None
-    float32_module: list = []  # loaded at most once, and only when the export is not float32 itself
-
-    def float32_reference():  # type: ignore[no-untyped-def]
-        if dtype is Dtype.fp32:
-            return model
-        if not float32_module:
-            float32_module.append(load_model(model_dir, torch.float32)[1])
-        return float32_module[0]
-
+    # A quantized export is made from its float graph, written here and never kept.
+    float_dir = tmp.with_name(tmp.name + "-float") if quantize is not None else tmp
+    qreport, fidelity, report = None, None, None
     try:
-        stage("tracing to ONNX")
-        proto = trace_to_onnx(model, dtype=dtype.torch, opset=opset)
-
-        manifest = _manifest(cfg, dtype, opset, checksum, model_dir)
-        if float_dir != tmp:
-            stage("writing the float model (validation only)")
-            float_dir.mkdir()
-            _write_model(proto, float_dir, manifest)
-        if quantize is not None:
-            hessians, calibration = None, None
-            if quantize.method == "gptq":
-                stage("calibrating (GPTQ input statistics)")
-                hessians, calibration = _calibrate(float32_reference(), model_dir, cfg, calibration_text)
-            stage("quantizing")
-            qreport = quantize_graph(proto, quantize, cfg.num_hidden_layers, hessians)
-            qreport.calibration = calibration
-            del hessians
-            manifest["quantization"] = qreport.to_dict()
-        stage("writing model")
-        _write_model(proto, tmp, manifest)
-        del proto
-        folder.copy_source_files(model_dir, tmp)
-        eos = folder.eos_ids(model_dir, cfg)
-        genai = folder.genai_config(cfg, eos, context_length=cfg.max_position_embeddings)
-        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
-
-        report = None
-        if validate:
-            stage("validating on CPU against PyTorch")
-            # The float32 module is the reference, whatever the export's dtype.
-            reference = float32_reference()
-            report = compare(cpu_session(float_dir / MODEL_FILE), reference, tolerance=TOLERANCE[dtype])
-            manifest["validation"] = {
-                "max_abs_logit_diff": report.max_abs_diff, "greedy_match": report.greedy_match,
-                "decode_steps": report.steps, "tolerance": report.tolerance,
-            }
-            if not report.ok:
-                raise ParScaleError(
-                    f"validation failed: max |logit difference| {report.max_abs_diff:.3g} "
-                    f"(tolerance {report.tolerance:g}), greedy tokens match: {report.greedy_match}"
-                )
+        with _stage_errors(seconds):
+            manifest = _manifest(cfg, dtype, opset, checksum, model_dir)
+            stage("loading weights")
+            _, model = load_model(model_dir, dtype.torch)
+            stage("tracing to ONNX")
+            float_dir.mkdir(exist_ok=True)
+            trace_to_folder(model, float_dir, dtype=dtype.torch, opset=opset,
+                            external_threshold=external_data_threshold)
+            gptq = quantize is not None and quantize.method == "gptq"
+            if dtype is not Dtype.fp32:
+                release(model)
+                model = None
+                if validate or gptq:  # the float32 module is the reference and calibrates GPTQ
+                    stage("loading float32 weights")
+                    _, model = load_model(model_dir, torch.float32)
+            reference = None
+            if validate:
+                stage("running the PyTorch reference")
+                reference = reference_run(model)
+            if not gptq and model is not None:
+                release(model)  # round-to-nearest reads the weights from the traced graph
+                model = None
             if quantize is not None:
-                del reference, model  # the float sessions below need the memory more
-                float32_module.clear()
-                stage("measuring fidelity against the float graph")
-                fidelity = _fidelity(float_dir, tmp, model_dir, cfg.vocab_size, eval_text)
-                manifest["validation"]["fidelity"] = fidelity.to_dict()
-        # Files for other runtimes and the model card: last, so the card can describe everything.
-        write_extras(tmp, cfg, eos, manifest, out.name, ort_format=ort_format, stage=stage)
-        for path in tmp.iterdir():
-            path.chmod(0o644)  # some writers create private files; an export is ordinary data
-        manifest["files"] = describe_files(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+                hessians = None
+                if gptq:
+                    stage("calibrating (GPTQ calibration tokens)")
+                    tokens, qcalibration = calibration_tokens(model, model_dir, calibration_text)
+                    hessians = LayerwiseHessians(model, tokens, consume=True)
+                stage("quantizing")
+                proto = onnx.load(str(float_dir / MODEL_FILE), load_external_data=False)
+                qreport = quantize_graph(proto, quantize, cfg.num_hidden_layers, hessians, base_dir=float_dir)
+                qreport.calibration = qcalibration if gptq else None
+                manifest["quantization"] = qreport.to_dict()
+                del hessians
+            if model is not None:
+                release(model)  # the module's memory goes back before ONNX Runtime needs its own
+            model = None
+            stage("writing model")
+            meta = {k: v for k, v in manifest.items() if k not in ("files", "validation")}
+            if quantize is not None:
+                load_external(proto, float_dir)  # the float tensors left (norms, biases, prefixes, mixing)
+                set_metadata(proto, meta)
+                save_graph(proto, tmp, external_threshold=external_data_threshold)
+                del proto
+            else:
+                rewrite_structure(tmp, meta)
+            folder.copy_source_files(model_dir, tmp)
+            genai = folder.genai_config(cfg, eos, context_length=cfg.max_position_embeddings)
+            (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
+
+            if reference is not None:
+                stage("validating on CPU against PyTorch")
+                float_session = [cpu_session(float_dir / MODEL_FILE, prepack=False)]
+                report = check_graph(float_session[0], reference, tolerance=TOLERANCE[dtype])
+                manifest["validation"] = {
+                    "max_abs_logit_diff": report.max_abs_diff, "greedy_match": report.greedy_match,
+                    "decode_steps": report.steps, "tolerance": report.tolerance,
+                }
+                if not report.ok:
+                    raise ParScaleError(_validation_failure(report))
+                if quantize is not None:
+                    stage("measuring fidelity against the float graph")
+                    fidelity = _fidelity(float_session.pop, tmp, model_dir, cfg.vocab_size, eval_text)
+                    manifest["validation"]["fidelity"] = fidelity.to_dict()
+                float_session.clear()
+            # Files for other runtimes and the model card: last, so the card can describe everything.
+            stage("writing files for other runtimes and the model card")
+            write_extras(tmp, cfg, eos, manifest, out.name, ort_format=ort_format, stage=stage)
+            for path in tmp.iterdir():
+                path.chmod(0o644)  # some writers create private files; an export is ordinary data
+            manifest["files"] = describe_files(tmp)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
@@ -191,31 +228,52 @@ def export(
                         quantization=qreport, fidelity=fidelity)
 
 
-def _calibrate(
-    model: Any, model_dir: Path, cfg: ParScaleConfig, text: str | Path | None,
-) -> tuple[dict[str, Any], str]:
-    """GPTQ's input statistics, and where they came from: windows of a text file, or model samples."""
-    if text is not None:
-        tokens = text_windows(model_dir, text)
-        return input_hessians(model, tokens), f"text {Path(text).name}: {tokens.shape[0]} x {tokens.shape[1]} tokens"
-    start = cfg.bos_token_id if cfg.bos_token_id is not None else (cfg.eos_ids() or [0])[0]
-    tokens, hessians = sample_with_hessians(model, start_id=start)
-    return hessians, f"sampled from the float model: {tokens.shape[0]} x {tokens.shape[1]} tokens (seed 0)"
+class StageError(ParScaleError):
+    """An unexpected error inside an export stage; `__cause__` is the original exception."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        super().__init__(f"{stage}: {type(cause).__name__}" + (f": {detail}" if detail else ""))
+        self.stage = stage
+
+
+@contextlib.contextmanager
+def _stage_errors(seconds: dict[str, float]) -> Iterator[None]:
+    """Re-raise anything but a ParScaleError as a StageError naming the stage that was running."""
+    try:
+        yield
+    except (ParScaleError, KeyboardInterrupt):
+        raise
+    except MemoryError as e:
+        raise StageError(next(reversed(seconds)), MemoryError("out of memory")) from e
+    except Exception as e:
+        raise StageError(next(reversed(seconds)), e) from e
+
+
+def _validation_failure(report: ValidationReport) -> str:
+    if not np.isfinite(report.max_abs_diff):
+        return ("validation failed: the graph's logits are not finite (NaN or Inf) where PyTorch's are "
+                "compared; the export is not usable")
+    return (f"validation failed: max |logit difference| {report.max_abs_diff:.3g} "
+            f"(tolerance {report.tolerance:g}), greedy tokens match: {report.greedy_match}")
 
 
 # Text windows (x 128 tokens) scored after a quantized export; `parscale compare --windows 0` does a whole text.
 EVAL_WINDOWS = 64
 
 
-def _fidelity(float_dir: Path, quant_dir: Path, model_dir: Path, vocab: int, text: str | Path | None) -> Fidelity:
+def _fidelity(
+    open_float: Callable[[], Any], quant_dir: Path, model_dir: Path, vocab: int, text: str | Path | None,
+) -> Fidelity:
     """The quantized graph against the float one, on a text file's tokens or on random tokens."""
     if text is not None:
         tokens, source = text_tokens(model_dir, text), f"text {Path(text).name}"
     else:
         tokens, source = random_tokens(vocab, 4 * 128, seed=0), "random tokens (seed 0)"
     return compare_sessions(
-        cpu_session(float_dir / MODEL_FILE), cpu_session(quant_dir / MODEL_FILE), tokens,
+        open_float, lambda: cpu_session(quant_dir / MODEL_FILE), tokens,
         window=128, max_windows=EVAL_WINDOWS if text is not None else 4, source=source, text=text is not None,
+        batch=1,  # one window at a time: a (4, 128, 151936) batch of logits alone is 311 MB
     )
 
 
@@ -249,16 +307,3 @@ def _manifest(cfg: ParScaleConfig, dtype: Dtype, opset: int, checksum: str, mode
                "axes": contract.axes(n)},
         "source": {"name": model_dir.resolve().name, "sha256": checksum},
     }
-
-
-def _write_model(proto: onnx.ModelProto, out: Path, manifest: dict[str, Any]) -> None:
-    """Save with the manifest (less file list) as metadata; large weights as external data."""
-    meta = {k: v for k, v in manifest.items() if k not in ("files", "validation")}
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, {"parscale": json.dumps(meta)})
-    weight_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
-    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(
-        proto, out / MODEL_FILE, save_as_external_data=external, all_tensors_to_one_file=True,
-        location=EXTERNAL_DATA, size_threshold=1024,
-    )

@@ -1,7 +1,7 @@
 """Post-trace graph rewrites that keep the graph plain ONNX but let ONNX Runtime fuse more at load.
 
 Only exact rewrites (the same math, at most rounding in the last bit) that any ONNX runtime runs.
-Applied by `trace_to_onnx` to every export.
+Applied by `trace.finish_graph` to every export.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,6 +29,7 @@ from onnx import helper, numpy_helper
 
 from parscale.errors import ParScaleError
 from parscale.exporter import quant_math as qm
+from parscale.exporter.graphfile import read_tensor
 
 MS_DOMAIN = "com.microsoft"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -184,23 +187,26 @@ class _Quantized(NamedTuple):
 class _Quantizer:
     """Picks the algorithm per tensor: GPTQ where the scheme asks for it, else round-to-nearest."""
 
-    def __init__(self, scheme: QuantScheme, hessians: dict[str, np.ndarray] | None) -> None:
-        if scheme.method == "gptq" and not hessians:
-            raise ParScaleError("GPTQ needs calibration statistics (input_hessians); none were given")
-        self.scheme, self.hessians = scheme, hessians or {}
+    def __init__(self, scheme: QuantScheme, hessians: Mapping[str, np.ndarray] | None) -> None:
+        if scheme.method == "gptq" and hessians is None:
+            raise ParScaleError("GPTQ needs calibration statistics (calibrate.LayerwiseHessians); none were given")
+        self.scheme, self.hessians = scheme, hessians if hessians is not None else {}
         # The factor of the last statistic used: q/k/v and gate/up share one and come one after another
         # in the graph. Keeping only one bounds memory (0.5B: 24 factors of 4864^2 would be 2.3 GB).
-        self._factor: tuple[int, np.ndarray] | None = None
+        # The statistic is kept with its factor and compared by identity (an id() could be reused
+        # once a layer-wise provider has freed the previous layer's arrays).
+        self._factor: tuple[np.ndarray, np.ndarray] | None = None
 
     def __call__(self, path: str | None, w: np.ndarray, bits: int) -> _Quantized:
-        s, w32 = self.scheme, w.astype(np.float32)
+        s, w32 = self.scheme, w.astype(np.float32, copy=False)
         if s.method == "gptq" and path is not None:  # path None: the embedding lookup, no matmul input
-            h = self.hessians.get(path)
-            if h is None:
-                raise ParScaleError(f"no calibration statistics for {path}")
-            if self._factor is None or self._factor[0] != id(h):
+            try:
+                h = self.hessians[path]
+            except KeyError:
+                raise ParScaleError(f"no calibration statistics for {path}") from None
+            if self._factor is None or self._factor[0] is not h:
                 self._factor = None  # free the previous factor before computing the next
-                self._factor = (id(h), qm.gptq_factor(h).astype(np.float32))
+                self._factor = (h, qm.gptq_factor(h).astype(np.float32))
             bq = qm.gptq_quantize(w32, self._factor[1], bits, s.block_size, symmetric=s.symmetric,
                                   scale_dtype=w.dtype)
             return _Quantized(bq, "gptq", w.dtype)
@@ -211,11 +217,14 @@ class _Quantizer:
 
 
 def quantize_graph(
-    proto: onnx.ModelProto, scheme: QuantScheme, num_layers: int, hessians: dict[str, np.ndarray] | None = None,
+    proto: onnx.ModelProto, scheme: QuantScheme, num_layers: int, hessians: Mapping[str, np.ndarray] | None = None,
+    *, base_dir: Path | None = None,
 ) -> QuantReport:
     """Rewrite a traced export in place: quantized nodes in, replaced float weights out.
 
-    `hessians`: calibration statistics by module path (`calibrate.input_hessians`), for GPTQ.
+    `hessians`: calibration statistics by module path (`calibrate.LayerwiseHessians`), for GPTQ;
+    asked for in graph order, layer by layer. `base_dir`: the folder whose external-data file
+    holds the proto's weights, if they are stored there; they are read one tensor at a time.
     """
     graph = proto.graph
     targets = _find_targets(graph, num_layers)
@@ -227,14 +236,14 @@ def quantize_graph(
     replaced: set[str] = set()
 
     for node, path in targets.projections:
-        w = numpy_helper.to_array(inits[node.input[1]])  # (K, N): the exporter stores W transposed
+        w = read_tensor(inits[node.input[1]], base_dir)  # (K, N): the exporter stores W transposed
         name = path + ".weight"
         new_nodes[id(node)] = [_matmul_nbits(graph, node, quantizer(path, w.T, scheme.bits), name, scheme, report)]
         replaced.add(node.input[1])
 
     lm, table_name, transpose = targets.lm_head
     gather, embed_name = targets.embedding
-    table = numpy_helper.to_array(inits[table_name])
+    table = read_tensor(inits[table_name], base_dir)
     tied = transpose is not None and table_name == embed_name
     if transpose is not None:
         dropped.add(id(transpose))
@@ -246,7 +255,7 @@ def quantize_graph(
         report.shared_embedding = True
         new_nodes[id(gather)] = _shared_gather(graph, gather, lm_node, scheme, table.shape[1])
     else:
-        emb = numpy_helper.to_array(inits[embed_name])
+        emb = read_tensor(inits[embed_name], base_dir)
         bq = quantizer(None, emb, scheme.embed_bits)
         new_nodes[id(gather)] = _gather_quantized(graph, gather, bq, "model.embed_tokens.weight", scheme, report)
         replaced.add(embed_name)

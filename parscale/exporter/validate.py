@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -29,12 +28,6 @@ class ValidationReport:
         return self.max_abs_diff <= self.tolerance and self.greedy_match
 
 
-def cpu_session(model_path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-
-
 def validation_batch(vocab: int, seed: int, length: int = 12, pad: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Two random prompts, the first left-padded by `pad`: (input_ids, attention_mask)."""
     rng = np.random.default_rng(seed)
@@ -45,49 +38,93 @@ def validation_batch(vocab: int, seed: int, length: int = 12, pad: int = 3) -> t
     return ids, mask
 
 
+@dataclass
+class Reference:
+    """The PyTorch module's logits on the validation batch: prefill, then greedy cached decode steps.
+
+    Computed before the graph is run, so the module and an ONNX Runtime session of the same
+    weights never need memory at the same time.
+    """
+
+    ids: np.ndarray  # (2, s) prompts, the first left-padded
+    mask: np.ndarray  # (2, s)
+    logits: list[np.ndarray]  # [prefill (2, s, vocab), then one (2, 1, vocab) per decode step]
+    tokens: list[np.ndarray]  # the module's greedy token fed at each decode step, (2, 1)
+    num_layers: int
+    cache_heads: int
+    head_dim: int
+
+
+def reference_run(model: ParScaleForCausalLM, *, steps: int = 8, seed: int = 0) -> Reference:
+    """Run the module on the validation batch: prefill, then `steps` decode steps on its own greedy tokens."""
+    cfg = model.cfg
+    ids, mask = validation_batch(cfg.vocab_size, seed)
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    logits, tokens = [], []
+    with torch.no_grad():
+        ref, cache = model(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos))
+        logits.append(ref.numpy())
+        for _ in range(steps):
+            nxt = ref[:, -1].argmax(-1, keepdim=True)  # (2, 1)
+            tokens.append(nxt.numpy())
+            mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+            pos = pos[:, -1:] + 1
+            ref, cache = model(nxt, torch.from_numpy(mask), torch.from_numpy(pos), cache, 1)
+            logits.append(ref.numpy())
+    return Reference(ids=ids, mask=mask[:, :ids.shape[1]], logits=logits, tokens=tokens,
+                     num_layers=cfg.num_hidden_layers, cache_heads=cfg.cache_heads, head_dim=cfg.head_dim)
+
+
+def check_graph(session: ort.InferenceSession, ref: Reference, *, tolerance: float = 1e-3) -> ValidationReport:
+    """Run the graph on the reference's inputs and compare: prefill, then the cached decode steps.
+
+    Decode steps feed the graph the module's greedy token, so one early flip cannot hide later ones.
+    """
+    ids, mask = ref.ids, ref.mask
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    cache_dtype = np.float16 if _cache_is_fp16(session) else np.float32
+    empty = np.zeros((2, ref.cache_heads, 0, ref.head_dim), dtype=cache_dtype)
+    feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask, contract.POSITION_IDS: pos,
+            contract.NUM_LOGITS_TO_KEEP: np.array(0, dtype=np.int64)}
+    feed.update(dict.fromkeys(contract.past_names(ref.num_layers), empty))
+    names = contract.output_names(ref.num_layers)
+
+    out = session.run(names, feed)
+    real = mask.astype(bool)
+    prefill_diff = _max_diff(out[0], ref.logits[0], real)
+    greedy = bool((out[0].argmax(-1) == ref.logits[0].argmax(-1))[real].all())
+
+    decode_diff = 0.0
+    for nxt, expected in zip(ref.tokens, ref.logits[1:], strict=True):
+        mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        past = dict(zip(contract.past_names(ref.num_layers), out[1:], strict=True))
+        feed = {contract.INPUT_IDS: nxt, contract.ATTENTION_MASK: mask,
+                contract.POSITION_IDS: pos, contract.NUM_LOGITS_TO_KEEP: np.array(1, dtype=np.int64),
+                **past}
+        out = session.run(names, feed)
+        decode_diff = max(decode_diff, _max_diff(out[0], expected, None))
+        greedy &= bool((out[0].argmax(-1) == expected.argmax(-1)).all())
+    return ValidationReport(
+        max_abs_diff=max(prefill_diff, decode_diff), prefill_diff=prefill_diff,
+        decode_diff=decode_diff, greedy_match=greedy, steps=len(ref.tokens), tolerance=tolerance,
+    )
+
+
 def compare(
     session: ort.InferenceSession, model: ParScaleForCausalLM, *, steps: int = 8, seed: int = 0,
     tolerance: float = 1e-3,
 ) -> ValidationReport:
-    """Run both on the same left-padded batch of 2: prefill, then `steps` cached decode steps.
+    """`check_graph` against `reference_run` of `model`: the graph against the module, on CPU."""
+    return check_graph(session, reference_run(model, steps=steps, seed=seed), tolerance=tolerance)
 
-    Decode steps feed both sides the module's greedy token, so one early flip cannot hide later ones.
-    """
-    cfg = model.cfg
-    ids, mask = validation_batch(cfg.vocab_size, seed)
-    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    cache_dtype = np.float16 if _cache_is_fp16(session) else np.float32
-    empty = np.zeros((2, cfg.cache_heads, 0, cfg.head_dim), dtype=cache_dtype)
-    feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask, contract.POSITION_IDS: pos,
-            contract.NUM_LOGITS_TO_KEEP: np.array(0, dtype=np.int64)}
-    feed.update(dict.fromkeys(contract.past_names(cfg.num_hidden_layers), empty))
-    names = contract.output_names(cfg.num_hidden_layers)
 
-    with torch.no_grad():
-        ref, cache = model(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos))
-    out = session.run(names, feed)
-    real = mask.astype(bool)
-    prefill_diff = float(np.abs(out[0] - ref.numpy())[real].max())
-    greedy = bool((out[0].argmax(-1) == ref.numpy().argmax(-1))[real].all())
-
-    decode_diff = 0.0
-    for _ in range(steps):
-        nxt = ref[:, -1].argmax(-1, keepdim=True)  # (2, 1)
-        mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
-        past = dict(zip(contract.past_names(cfg.num_hidden_layers), out[1:], strict=True))
-        feed = {contract.INPUT_IDS: nxt.numpy(), contract.ATTENTION_MASK: mask,
-                contract.POSITION_IDS: pos, contract.NUM_LOGITS_TO_KEEP: np.array(1, dtype=np.int64),
-                **past}
-        with torch.no_grad():
-            ref, cache = model(nxt, torch.from_numpy(mask), torch.from_numpy(pos), cache, 1)
-        out = session.run(names, feed)
-        decode_diff = max(decode_diff, float(np.abs(out[0] - ref.numpy()).max()))
-        greedy &= bool((out[0].argmax(-1) == ref.numpy().argmax(-1)).all())
-    return ValidationReport(
-        max_abs_diff=max(prefill_diff, decode_diff), prefill_diff=prefill_diff,
-        decode_diff=decode_diff, greedy_match=greedy, steps=steps, tolerance=tolerance,
-    )
+def _max_diff(got: np.ndarray, expected: np.ndarray, where: np.ndarray | None) -> float:
+    """Largest |difference|; NaN or Inf on either side counts as infinitely different."""
+    diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+    if where is not None:
+        diff = diff[where]
+    return float(np.nan_to_num(diff, nan=np.inf).max())
 
 
 def _cache_is_fp16(session: ort.InferenceSession) -> bool:
