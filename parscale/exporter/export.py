@@ -6,7 +6,6 @@ import enum
 import itertools
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import onnx
 import torch
 
 from parscale import __version__, contract
+from parscale.atomic import AtomicFolder, check_destination, foreign_in_export
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import folder
@@ -91,7 +91,8 @@ def export(
     """
     model_dir, out = Path(model_dir), Path(out)
     log = log or (lambda _msg: None)
-    _check_destination(model_dir, out, force)
+    # Refused early (before loading anything), and again under the lock when the folder is swapped in.
+    check_destination(out, force=force, is_replaceable=foreign_in_export, protect=(model_dir,))
     dtype = Dtype(dtype)
     seconds: dict[str, float] = {}
 
@@ -109,9 +110,8 @@ def export(
     cfg, model = load_model(model_dir, dtype.torch)
     checksum = source_checksum(model_dir)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
+    destination = AtomicFolder(out, force=force, is_replaceable=foreign_in_export, protect=(model_dir,), log=log)
+    tmp = destination.open()  # .NAME.partial-<pid>-<random> beside OUT, under a lock on OUT
     # A quantized export is validated through its float graph, written here and never kept.
     float_dir = tmp.with_name(tmp.name + "-float") if quantize is not None and validate else tmp
     qreport, fidelity = None, None
@@ -178,11 +178,9 @@ def export(
             path.chmod(0o644)  # some writers create private files; an export is ordinary data
         manifest["files"] = describe_files(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
+        destination.commit()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        destination.close()
         shutil.rmtree(float_dir, ignore_errors=True)
     stage("done")
     names = list(seconds)
@@ -217,15 +215,6 @@ def _fidelity(float_dir: Path, quant_dir: Path, model_dir: Path, vocab: int, tex
         cpu_session(float_dir / MODEL_FILE), cpu_session(quant_dir / MODEL_FILE), tokens,
         window=128, max_windows=EVAL_WINDOWS if text is not None else 4, source=source, text=text is not None,
     )
-
-
-def _check_destination(model_dir: Path, out: Path, force: bool) -> None:
-    if out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents:
-        raise ParScaleError(f"output folder {out} would overwrite the checkpoint; choose another -o")
-    if out.exists() and not out.is_dir():
-        raise ParScaleError(f"{out} exists and is not a folder; choose another -o")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ParScaleError(f"{out} exists and is not empty; pass --force to replace it")
 
 
 def _manifest(cfg: ParScaleConfig, dtype: Dtype, opset: int, checksum: str, model_dir: Path) -> dict:
