@@ -140,6 +140,7 @@ def test_malformed_file_lists_are_clear_errors(export, files):
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"prompt": b"def f"}, "got bytes; decode bytes first"),
+    ({"prompt": "def \udcff"}, "not valid UTF-8 text"),  # undecodable argv bytes arrive as lone surrogates
     ({"prompt": [1.0, 2.0]}, r"expected int token ids, got 1.0 \(float\)"),
     ({"prompt_ids": np.array([1.5, 2.0])}, "expected int token ids, got 1.5"),
     ({"prompt": [[1, 2], [3, 2.5]]}, r"expected int token ids \(prompt 1\), got 2.5"),

@@ -90,6 +90,10 @@ class Model:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: pass the prompt as token ids")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # e.g. undecodable argv bytes, which Python keeps as lone surrogates
+            raise ParScaleError("the prompt is not valid UTF-8 text; pass UTF-8 text or token ids") from None
         return self.tokenizer.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
