@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import time
@@ -188,6 +189,9 @@ def _print_fidelity(f, what: str) -> None:  # type: ignore[no-untyped-def]
                   "representative figures)")
 
 
+MAX_RANDOM_WINDOWS = 1024
+
+
 @app.command()
 def compare(
     a: Annotated[Path, typer.Argument(metavar="A", help="Reference export folder (e.g. the fp32 export).")],
@@ -198,14 +202,24 @@ def compare(
     decode_steps: Annotated[int, typer.Option(help="Last tokens of each window fed through the KV cache.")] = 8,
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads.")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Top-1 agreement, KL(A || B) and perplexity of two exports on identical token windows."""
     import json
 
+    from parscale.args import check_int, check_threads, check_window
     from parscale.fidelity import compare_exports
 
+    context = min(_load_checks(folder, not no_verify)["max_position_embeddings"] for folder in (a, b))
+    check_window(window, context)
+    # Random tokens are made in memory, window x windows of them: bounded; a text bounds itself.
+    check_int(windows, "--windows", minimum=0, maximum=None if text else MAX_RANDOM_WINDOWS,
+              why=" without --text (pass a text file to score more)")
+    check_int(decode_steps, "--decode-steps", minimum=0, maximum=window - 1, why=" (the window minus one)")
+    if text is None and windows == 0:
+        windows = 8  # "the whole text" without a text: the default number of random windows
     f = compare_exports(a, b, text=text, window=window, max_windows=windows or None,
-                        decode_steps=decode_steps, threads=threads)
+                        decode_steps=decode_steps, threads=check_threads(threads))
     if as_json:
         print(json.dumps({"a": str(a), "b": str(b), **f.to_dict()}))
     else:
@@ -239,15 +253,23 @@ def evaluate(
     stride: Annotated[int, typer.Option(help="Window stride; tokens are scored once.")] = 256,
     max_tokens: Annotated[Optional[int], typer.Option(help="Score at most this many tokens.")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Perplexity per token and bits per byte of a text, for a checkpoint or an export folder."""
     import json
     import tempfile
 
+    from parscale.args import check_int
     from parscale.evaluate import eval_checkpoint, eval_export
     from parscale.manifest import MANIFEST
 
     model = model or DEFAULT_MODEL
+    check_int(window, "--window", minimum=1)
+    check_int(stride, "--stride", minimum=1, maximum=window, why=" (the window)")
+    if max_tokens is not None:
+        check_int(max_tokens, "--max-tokens", minimum=1)
+    if (model / MANIFEST).is_file():
+        _load_checks(model, not no_verify)
     with tempfile.TemporaryDirectory() as tmp:
         if text is None:
             from parscale.train.corpus import write_held_out
@@ -269,11 +291,29 @@ RuntimeModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Export f
 ProviderOpt = Annotated[str, typer.Option(help="Execution provider: auto, cpu or cuda.")]
 
 
+# Decimal ids separated by commas, spaces allowed around the commas only: "1 2 3" is not "123".
+IDS = re.compile(r"\s*\d+(?:\s*,\s*\d+)*\s*", re.ASCII)
+
+
 def _parse_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise ParScaleError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not IDS.fullmatch(text):
+        raise ParScaleError(f"--prompt-ids must be comma-separated non-negative integers such as 1,2,3; got {text!r}")
+    return [int(t) for t in text.split(",")]
+
+
+NoVerifyOpt = Annotated[bool, typer.Option(
+    "--no-verify", help="Skip the sha256 and NaN/Inf checks of the export (sizes are still checked).",
+)]
+
+
+def _load_checks(model: Path, verify: bool) -> dict:  # type: ignore[type-arg]
+    """Read and check an export folder as Model.load does; returns the manifest's runtime fields."""
+    from parscale.manifest import read_manifest
+    from parscale.runtime.integrity import check_against_config, verify_folder
+
+    fields = verify_folder(model, read_manifest(model), verify=verify)
+    check_against_config(model, fields)
+    return fields
 
 
 @app.command()
@@ -292,16 +332,20 @@ def generate(
     provider: ProviderOpt = "auto",
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Generate text from an export, streaming it to the terminal."""
     import json
 
+    from parscale.args import check_seed, check_threads
     from parscale.runtime import Model
 
     if (prompt is None) == (prompt_ids is None):
         raise ParScaleError("pass exactly one of --prompt and --prompt-ids")
-    m = Model.load(model, provider=provider, threads=threads)
-    kwargs = dict(prompt=prompt, prompt_ids=_parse_ids(prompt_ids) if prompt_ids is not None else None,
+    ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
+    check_seed(seed)
+    m = Model.load(model, provider=provider, threads=check_threads(threads), verify=not no_verify)
+    kwargs = dict(prompt=prompt, prompt_ids=ids,
                   max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
                   top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or None)
     if as_json or m.tokenizer is None:
@@ -331,13 +375,14 @@ def bench(
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,  # noqa: UP045
     provider: ProviderOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Measure prefill tok/s, decode ms/token, time to first token and peak RSS (batch 1, greedy)."""
     import json
 
     from parscale.runtime.bench import bench as run_bench
 
-    r = run_bench(model, prompt_len=prompt_len, gen=gen, threads=threads, provider=provider)
+    r = run_bench(model, prompt_len=prompt_len, gen=gen, threads=threads, provider=provider, verify=not no_verify)
     if as_json:
         print(json.dumps(r.as_dict()))
         return
@@ -352,14 +397,12 @@ def bench(
 
 
 @app.command()
-def inspect(model: RuntimeModelArg) -> None:
+def inspect(model: RuntimeModelArg, no_verify: NoVerifyOpt = False) -> None:
     """Print an export's manifest: P, dtype, quantization, sizes and graph inputs/outputs."""
-    import re
+    from parscale.manifest import read_manifest
 
-    from parscale.manifest import check_files, read_manifest
-
+    _load_checks(model, not no_verify)
     m = read_manifest(model)
-    check_files(model, m)
     info = m.get("model", {})
     out.print(f"{model}: parscale export (format {m.get('format_version')}, "
               f"tool {m.get('tool', {}).get('version', '?')})")
@@ -383,9 +426,9 @@ def inspect(model: RuntimeModelArg) -> None:
             out.print(f"    {n:32s} {axes.get(n)}")
         if len(shown) < len(names):
             out.print(f"    ... and the other layers' {kind[:-1]}s alike")
-    if "validation" in m:
-        v = m["validation"]
-        out.print(f"  validation: max |logit diff| {v.get('max_abs_logit_diff'):.2e}, "
+    v = m.get("validation")
+    if isinstance(v, dict) and isinstance(v.get("max_abs_logit_diff"), (int, float)):
+        out.print(f"  validation: max |logit diff| {v['max_abs_logit_diff']:.2e}, "
                   f"greedy match {v.get('greedy_match')}")
 
 

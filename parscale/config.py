@@ -81,7 +81,7 @@ class ParScaleConfig:
             raise ParScaleError(f"config.json lacks required field(s): {', '.join(missing)}")
         try:
             cfg = cls(**kwargs)
-        except TypeError as e:
+        except (TypeError, ZeroDivisionError) as e:  # e.g. a string where a number belongs, or 0 heads
             raise ParScaleError(f"config.json is invalid: {e}") from None
         cfg.check()
         return cfg

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from parscale.args import check_threads, check_window
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 
@@ -134,10 +135,7 @@ def _result(total: float, count: int, n_bytes: int, window: int, stride: int) ->
 
 
 def _check_window(cfg: ParScaleConfig, window: int) -> None:
-    if window > cfg.max_position_embeddings:
-        raise ParScaleError(
-            f"window {window} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})"
-        )
+    check_window(window, cfg.max_position_embeddings)  # the same rule as compare, bench and generate
 
 
 def eval_checkpoint(
@@ -223,9 +221,13 @@ def eval_export(
     _check_window(cfg, window)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: graph-optimisation notices are not the user's concern
+    threads = check_threads(threads)
     if threads:
         opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for corrupt or unreadable files
+        raise ParScaleError(f"onnxruntime cannot load {onnx_path}: {str(e).splitlines()[0]}") from None
     total, count = score_windows(onnx_nll_fn(session, cfg), ids, plan_windows(len(ids), window, stride),
                                  batch_size)
     return _result(total, count, n_bytes, window, stride)

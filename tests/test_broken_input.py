@@ -65,6 +65,8 @@ CASES = [
     ("sliding-window", edit_config(use_sliding_window=True), [], ["use_sliding_window"]),
     ("rope-scaling", edit_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}), [], ["rope_scaling", "yarn"]),
     ("missing-model-folder", lambda c: shutil.rmtree(c), [], ["does not exist"]),
+    ("malformed-eos", lambda c: (c / "generation_config.json").write_text('{"eos_token_id": 2.5}'), [],
+     ["generation_config.json", "eos_token_id must be a token id", "2.5"]),
 ]
 
 
@@ -99,14 +101,27 @@ def test_existing_output_is_not_touched(tmp_path, good_checkpoint):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_force_replaces_output_and_validates(tmp_path, good_checkpoint):
+def test_force_replaces_an_earlier_export_and_validates(tmp_path, good_checkpoint):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    assert run_cli("export", str(good_checkpoint), "-o", str(out), "--no-validate").returncode == 0
+    (out / "model.onnx").write_bytes(b"stale")  # an earlier export, however damaged, is ours to replace
     result = run_cli("export", str(good_checkpoint), "-o", str(out), "--force")
     assert result.returncode == 0, result.stderr
     assert "validation: max |logit diff|" in result.stdout
-    assert not (out / "stale.txt").exists() and (out / "model.onnx").is_file()
+    assert (out / "model.onnx").stat().st_size > 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial, old or lock left
+
+
+def test_force_refuses_a_folder_of_user_files(tmp_path, good_checkpoint):
+    """--force replaces only an earlier export: user files are named and left alone."""
+    out = tmp_path / "d"
+    (out / "sub").mkdir(parents=True)
+    (out / "thesis.txt").write_text("years of work")
+    result = run_cli("export", str(good_checkpoint), "-o", str(out), "--force", "--no-validate")
+    assert result.returncode == 1
+    assert "refusing to replace" in result.stderr and "thesis.txt" in result.stderr and "sub/" in result.stderr
+    assert (out / "thesis.txt").read_text() == "years of work" and (out / "sub").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
 def test_failed_validation_leaves_nothing(tmp_path, good_checkpoint, monkeypatch):
@@ -122,5 +137,5 @@ def test_failed_validation_leaves_nothing(tmp_path, good_checkpoint, monkeypatch
 
 def test_output_over_checkpoint_is_refused(good_checkpoint):
     result = run_cli("export", str(good_checkpoint), "-o", str(good_checkpoint), "--force")
-    assert result.returncode == 1 and "overwrite the checkpoint" in result.stderr
+    assert result.returncode == 1 and "would overwrite the input folder" in result.stderr
     assert (good_checkpoint / "model.safetensors").is_file()

@@ -7,7 +7,6 @@ import enum
 import itertools
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import onnx
 import torch
 
 from parscale import __version__, contract
+from parscale.atomic import AtomicFolder, check_destination, foreign_in_export
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import budget, folder
@@ -50,6 +50,8 @@ class Dtype(str, enum.Enum):
     def torch(self) -> torch.dtype:
         return {"fp32": torch.float32, "fp16": torch.float16}[self.value]
 
+
+MIN_OPSET = 18  # the oldest opset torch.onnx's exporter writes
 
 TOLERANCE = {Dtype.fp32: 1e-3, Dtype.fp16: 5e-2}
 
@@ -106,6 +108,8 @@ def export(
     """
     model_dir, out = Path(model_dir), Path(out)
     log = log or (lambda _msg: None)
+    # Refused early (before loading anything), and again under the lock when the folder is swapped in.
+    check_destination(out, force=force, is_replaceable=foreign_in_export, protect=(model_dir,))
     dtype = Dtype(dtype)
     limit_malloc_retention()  # freed weights go back to the system instead of staying in the heap
     seconds: dict[str, float] = {}
@@ -115,7 +119,8 @@ def export(
         log(name)
 
     stage("reading checkpoint")
-    _check_destination(model_dir, out, force)
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ParScaleError(f"--opset must be between {MIN_OPSET} and {onnx.defs.onnx_opset_version()}, got {opset}")
     cfg = ParScaleConfig.load(model_dir) if model_dir.is_dir() else None
     if cfg is not None and P is not None and P != cfg.P:
         raise ParScaleError(
@@ -136,11 +141,10 @@ def export(
         budget.check(plan)
     checksum = source_checksum(model_dir)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
-    # A quantized export is made from its float graph, written here and never kept.
-    float_dir = tmp.with_name(tmp.name + "-float") if quantize is not None else tmp
+    destination = AtomicFolder(out, force=force, is_replaceable=foreign_in_export, protect=(model_dir,), log=log)
+    tmp = destination.open()  # .NAME.partial-<pid>-<random> beside OUT, under a lock on OUT
+    # A quantized export is made from its float graph, written inside the partial folder and never kept.
+    float_dir = tmp / ".float" if quantize is not None else tmp
     qreport, fidelity, report = None, None, None
     try:
         with _stage_errors(seconds):
@@ -208,6 +212,8 @@ def export(
                     fidelity = _fidelity(float_session.pop, tmp, model_dir, cfg.vocab_size, eval_text)
                     manifest["validation"]["fidelity"] = fidelity.to_dict()
                 float_session.clear()
+            if float_dir != tmp:
+                shutil.rmtree(float_dir)  # before the extras: they and the manifest describe the folder
             # Files for other runtimes and the model card: last, so the card can describe everything.
             stage("writing files for other runtimes and the model card")
             write_extras(tmp, cfg, eos, manifest, out.name, ort_format=ort_format, stage=stage)
@@ -215,12 +221,9 @@ def export(
                 path.chmod(0o644)  # some writers create private files; an export is ordinary data
             manifest["files"] = describe_files(tmp)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
+        destination.commit()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(float_dir, ignore_errors=True)
+        destination.close()
     stage("done")
     names = list(seconds)
     durations = {a: seconds[b] - seconds[a] for a, b in itertools.pairwise(names)}
@@ -275,15 +278,6 @@ def _fidelity(
         window=128, max_windows=EVAL_WINDOWS if text is not None else 4, source=source, text=text is not None,
         batch=1,  # one window at a time: a (4, 128, 151936) batch of logits alone is 311 MB
     )
-
-
-def _check_destination(model_dir: Path, out: Path, force: bool) -> None:
-    if out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents:
-        raise ParScaleError(f"output folder {out} would overwrite the checkpoint; choose another -o")
-    if out.exists() and not out.is_dir():
-        raise ParScaleError(f"{out} exists and is not a folder; choose another -o")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ParScaleError(f"{out} exists and is not empty; pass --force to replace it")
 
 
 def _manifest(cfg: ParScaleConfig, dtype: Dtype, opset: int, checksum: str, model_dir: Path) -> dict:

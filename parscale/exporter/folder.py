@@ -33,14 +33,20 @@ def eos_ids(model_dir: Path, cfg: ParScaleConfig) -> list[int]:
     """EOS ids from generation_config.json (preferred, as transformers does) or config.json."""
     path = model_dir / "generation_config.json"
     ids: Any = None
+    where = path
     if path.is_file():
         try:
             ids = json.loads(path.read_text()).get("eos_token_id")
-        except json.JSONDecodeError:
-            raise ParScaleError(f"{path} is not valid JSON") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise ParScaleError(f"{path} is not a valid JSON object") from None
     if ids is None:
-        return cfg.eos_ids()
-    return [ids] if isinstance(ids, int) else list(ids)
+        ids, where = cfg.eos_token_id, model_dir / "config.json"
+    if ids is None:
+        return []
+    ids = [ids] if not isinstance(ids, list) else ids
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ParScaleError(f"{where}: eos_token_id must be a token id or a list of them, got {ids!r}")
+    return ids
 
 
 def genai_config(cfg: ParScaleConfig, eos: list[int], *, context_length: int) -> dict[str, Any]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from parscale.args import check_int, check_seed
+from parscale.atomic import AtomicFolder, foreign_in_checkpoint
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter.model import ParScaleForCausalLM
@@ -38,6 +39,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
     ),
 }
+
+# More shards than this is a typo, not a layout anyone publishes (each shard is a file).
+MAX_SHARDS = 1000
+MAX_P, MAX_PREFIX = 64, 4096  # the paper goes to P=8 and 48 prefix tokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -125,19 +130,20 @@ def init_checkpoint(
 ) -> Path:
     """Create a random checkpoint folder at `out` (atomically; an existing folder needs `force`)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ParScaleError(f"{out} exists and is not empty; pass --force to replace it")
+    check_int(shards, "--shards", minimum=1, maximum=MAX_SHARDS)
+    # Random weights for demos and tests: bounds keep a typo from allocating gigabytes.
+    check_int(P, "--P", minimum=1, maximum=MAX_P)
+    check_int(prefix, "--prefix", minimum=1, maximum=MAX_PREFIX)
+    check_seed(seed)
     config = make_config(preset, P=P, prefix=prefix, tied=tied, dtype=dtype)
     cfg = ParScaleConfig.from_dict(config)
+    checkpoint_folder(out, force).check()  # refuse before building the model
     model = random_model(cfg, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with checkpoint_folder(out, force) as tmp:
         save_checkpoint(model, config, tmp, shards=shards)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def checkpoint_folder(out: Path, force: bool) -> AtomicFolder:
+    """The atomic writer for checkpoint folders: `--force` replaces only an earlier checkpoint."""
+    return AtomicFolder(out, force=force, is_replaceable=foreign_in_checkpoint, what="a parscale checkpoint")

@@ -226,15 +226,21 @@ def gptq_factor(hessian: np.ndarray, damp: float = 0.01) -> np.ndarray:
     (dead columns) get a unit diagonal; `damp` * mean(diag) is added for numerical stability.
     Shared by all layers that read the same input (q/k/v, gate/up), so it is computed separately.
     """
+    from scipy.linalg import lapack
+
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
     # With J the order-reversing permutation, J H J = M M^T (M lower) gives H = R R^T with R = J M J
-    # upper, so H^-1 = U^T U for the upper U = R^-1 = J M^-1 J: one Cholesky and one inverse, 2.8x
-    # faster than inverting H and factoring the inverse (the same U to 1e-16 at K = 1024).
-    m = np.linalg.cholesky(h[::-1, ::-1])
-    return np.ascontiguousarray(np.linalg.inv(m)[::-1, ::-1])
+    # upper, so H^-1 = U^T U for the upper U = R^-1 = J M^-1 J: one Cholesky and one triangular
+    # inverse (LAPACK potrf + trtri: 12 s at K = 11008 where numpy's cholesky + general inv took 79).
+    m, info = lapack.dpotrf(np.asfortranarray(h[::-1, ::-1]), lower=1, clean=1, overwrite_a=1)
+    if info == 0:
+        m, info = lapack.dtrtri(m, lower=1, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the damped Hessian is not positive definite (LAPACK info {info})")
+    return np.ascontiguousarray(m[::-1, ::-1])
 
 
 def gptq_quantize(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parscale.errors import ParScaleError
+from parscale.args import check_generation, check_int, check_threads
 from parscale.runtime.model import Model
 
 
@@ -71,12 +71,17 @@ def max_rss_mb() -> float:
 
 
 def bench(model: str | Path, *, prompt_len: int = 128, gen: int = 64, threads: int | None = None,
-          provider: str = "auto", warmup: int = 1, seed: int = 0) -> BenchResult:
-    """Load the export, warm up, then time one greedy generation from a random prompt of `prompt_len` ids."""
-    if prompt_len < 1 or gen < 1:
-        raise ParScaleError("--prompt-len and --gen must be positive")
+          provider: str = "auto", warmup: int = 1, seed: int = 0, verify: bool = True) -> BenchResult:
+    """Load the export, warm up, then time one greedy generation from a random prompt of `prompt_len` ids.
+
+    `threads` is clamped to the CPUs available (the result records the count used); `verify`: see `Model.load`.
+    """
+    check_int(prompt_len, "--prompt-len", minimum=1)
+    check_int(gen, "--gen", minimum=1)
+    threads = check_threads(threads)
     t0 = time.perf_counter()
-    m = Model.load(model, provider=provider, threads=threads)
+    m = Model.load(model, provider=provider, threads=threads, verify=verify)
+    check_generation(prompt_len, gen, m.context_length, "--gen")
     load_s = time.perf_counter() - t0
     ids = np.random.default_rng(seed).integers(0, m.vocab_size, size=prompt_len).tolist()
     for _ in range(warmup):  # first runs pay one-off kernel and allocator setup

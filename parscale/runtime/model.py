@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from parscale.args import check_generation, check_seed, check_threads
 from parscale.errors import ParScaleError
-from parscale.manifest import MODEL_FILE, check_files, read_manifest
+from parscale.manifest import MODEL_FILE, model_fields, read_manifest
 from parscale.runtime.generate import Generation, GenerationResult
+from parscale.runtime.integrity import check_against_config, check_against_graph, verify_folder
 from parscale.runtime.memory import advise_random_access, limit_malloc_retention
 from parscale.runtime.sampling import Sampler, SamplingConfig
 from parscale.runtime.session import CPU, CUDA, Engine, GraphInfo, create_session, default_threads, resolve_provider
@@ -37,7 +39,7 @@ class Model:
                  tokenizer: Tokenizer | None) -> None:
         self.path, self.manifest, self.session, self.provider = path, manifest, session, provider
         self.tokenizer = tokenizer
-        m = manifest["model"]
+        m = model_fields(path, manifest)  # type-checked: a damaged manifest cannot crash below
         self.P: int = m["P"]
         self.vocab_size: int = m["vocab_size"]
         self.context_length: int = m["max_position_embeddings"]
@@ -51,22 +53,27 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None,
-             verify_checksums: bool = False) -> Model:
+             verify: bool = True, verify_checksums: bool | None = None) -> Model:
         """Open an export folder (made by `parscale export`) on 'auto', 'cpu' or 'cuda'.
 
-        The manifest's file sizes (and with `verify_checksums`, sha256) are checked first, so a
-        truncated or foreign folder fails with a clear message before ONNX Runtime reads it.
+        Before ONNX Runtime reads anything: the manifest's fields are type-checked and every file it
+        lists must have its size; with `verify` (the default) also its sha256, and no floating-point
+        weight may hold NaN/Inf (`verify=False` skips both, for folders too large to read twice).
+        After the session is created, P, cache heads, head_dim, vocabulary, layers and context are
+        compared with the graph and config.json. `threads` is clamped to the CPUs available.
+        `verify_checksums` is the old name of `verify`.
         """
         path = Path(path)
+        if verify_checksums is not None:
+            verify = verify_checksums
         manifest = read_manifest(path)
-        check_files(path, manifest, checksums=verify_checksums)
-        if not isinstance(manifest.get("model"), dict) or "P" not in manifest["model"]:
-            raise ParScaleError(f"{path}: the manifest has no model description; re-export the model")
-        if not (path / MODEL_FILE).is_file():
-            raise ParScaleError(f"{path}: {MODEL_FILE} is missing; re-export the model")
+        fields = verify_folder(path, manifest, verify=verify)
+        check_against_config(path, fields)
         name = resolve_provider(provider)
+        threads = check_threads(threads if threads is not None else default_threads(), "threads")
         limit_malloc_retention()
-        session = create_session(path / MODEL_FILE, name, threads if threads is not None else default_threads())
+        session = create_session(path / MODEL_FILE, name, threads)
+        check_against_graph(path, fields, session)
         if name == CUDA and CUDA not in session.get_providers():  # onnxruntime-gpu without a usable GPU
             if provider == "cuda":
                 raise ParScaleError("onnxruntime could not initialise CUDA (no GPU or missing CUDA/cuDNN libraries)")
@@ -83,6 +90,10 @@ class Model:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: pass the prompt as token ids")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # e.g. undecodable argv bytes, which Python keeps as lone surrogates
+            raise ParScaleError("the prompt is not valid UTF-8 text; pass UTF-8 text or token ids") from None
         return self.tokenizer.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -137,6 +148,11 @@ class Model:
         if (prompt is None) == (prompt_ids is None):
             raise ParScaleError("pass exactly one of prompt (text or ids) and prompt_ids")
         raw: Any = prompt_ids if prompt_ids is not None else prompt
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            raise ParScaleError(f"a prompt is text (str) or a list of int token ids, got {type(raw).__name__}; "
+                                "decode bytes first, e.g. prompt.decode('utf-8')")
+        if prompt_ids is not None and isinstance(raw, str):
+            raise ParScaleError("prompt_ids takes a list of int token ids; pass text as prompt")
         if isinstance(raw, str):
             batch, single = [self.encode(raw)], True
         elif isinstance(raw, np.ndarray):
@@ -144,7 +160,8 @@ class Model:
             batch, single = (raw, False) if raw and isinstance(raw[0], list) else ([raw], True)
         elif isinstance(raw, Sequence) and raw and all(isinstance(x, str) for x in raw):
             batch, single = [self.encode(x) for x in raw], False
-        elif isinstance(raw, Sequence) and raw and all(isinstance(x, Sequence) for x in raw):
+        elif isinstance(raw, Sequence) and raw and all(isinstance(x, Sequence) and not isinstance(x, bytes)
+                                                       for x in raw):
             batch, single = [list(x) for x in raw], False
         elif isinstance(raw, Sequence):
             batch, single = [list(raw)], True
@@ -154,8 +171,10 @@ class Model:
             where = "" if single else f" (prompt {i})"
             if not ids:
                 raise ParScaleError(f"the prompt is empty{where}: give at least one token")
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))
-                   or not 0 <= t < self.vocab_size]
+            wrong = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
+            if wrong:
+                raise ParScaleError(f"expected int token ids{where}, got {wrong[0]!r} ({type(wrong[0]).__name__})")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ParScaleError(
                     f"token id {bad[0]!r}{where} is outside the vocabulary (0..{self.vocab_size - 1})"
@@ -166,15 +185,11 @@ class Model:
                     greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                     repetition_penalty: float = 1.0, seed: int | None = None,
                     stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Generation:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ParScaleError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.context_length:
-            raise ParScaleError(
-                f"prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
-                f"context length of {self.context_length} tokens"
-            )
+        check_generation(max(len(p) for p in prompts), max_new_tokens, self.context_length)
+        check_seed(seed, "seed")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ParScaleError(f"stop takes non-empty strings, got {stop!r}")
         if stops and self.tokenizer is None:
             raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: stop strings need one")
         config = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -139,9 +139,11 @@ class Engine:
         outputs = b.get_outputs()
         # Order of get_outputs() is the binding order: logits, then the presents.
         self.cache = [outputs[i + 1] for i in range(len(self.present_names))]
-        if self.has_keep:
-            return self.logits[:, -1]
-        return outputs[0].numpy()[:, -1]
+        logits = self.logits[:, -1] if self.has_keep else outputs[0].numpy()[:, -1]
+        if not np.isfinite(logits).all():  # cheap (one row per sequence); NaN would decode as token 0 forever
+            raise ParScaleError("the model produced NaN/Inf logits: its weights or inputs are damaged; "
+                                "load it with verification on (the default) to find the tensor, or re-export")
+        return logits
 
     def release(self) -> None:
         """Drop the cache (its memory returns to the allocator)."""
@@ -153,4 +155,4 @@ class Engine:
 def default_threads() -> int | None:
     """PARSCALE_THREADS overrides ORT's default thread count (handy for containers)."""
     value = os.environ.get("PARSCALE_THREADS")
-    return int(value) if value and value.isdigit() else None
+    return int(value) if value and value.isdigit() and int(value) > 0 else None

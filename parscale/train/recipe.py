@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -17,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from parscale.args import available_cpus, check_int, check_seed
 from parscale.config import ParScaleConfig
 from parscale.evaluate import Window, plan_windows
-from parscale.exporter.init import make_config, save_checkpoint
+from parscale.exporter.init import checkpoint_folder, make_config, save_checkpoint
 from parscale.train.corpus import SourceFile, collect_sources, join_documents, split_sources, stdlib_root
 from parscale.train.data import WindowSampler, encode_stream
 from parscale.train.stages import (
@@ -137,6 +137,14 @@ def train(
     """
     say = log or (lambda _msg: None)
     out = Path(out)
+    check_int(threads, "--threads", minimum=1)
+    check_seed(recipe.seed)
+    check_int(recipe.steps1, "--steps1", minimum=1)
+    check_int(recipe.steps2, "--steps2", minimum=1)
+    threads = min(threads, available_cpus())
+    # Refused now rather than after the run: the same rules are applied again under the lock at the end.
+    for folder in (out, *([Path(backbone_out)] if backbone_out is not None else [])):
+        checkpoint_folder(folder, force=True).check()
     t_start = time.perf_counter()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -245,17 +253,7 @@ def _environment() -> dict[str, Any]:
 
 
 def _write_atomically(out: Path, write: Any) -> None:
-    """Build the folder beside `out`, then swap it in, so a failed run leaves no half checkpoint."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Build the folder beside `out`, then swap it in: a failed run leaves no half checkpoint, and an
+    existing `out` is replaced only if it is a checkpoint (parscale.atomic has the rules)."""
+    with checkpoint_folder(out, force=True) as tmp:
         write(tmp)
-        # mkdtemp and safetensors create private files; a checkpoint is ordinary shared data
-        tmp.chmod(0o755)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,205 @@
+"""Loading verifies an export by default; inputs are type-checked; arguments share one validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from parscale.args import available_cpus, check_seed, check_threads, check_window
+from parscale.cli import _parse_ids
+from parscale.errors import ParScaleError
+from parscale.manifest import MANIFEST, MODEL_FILE, describe_files
+from parscale.runtime import Model
+from parscale.runtime.weights import find_nonfinite
+
+
+@pytest.fixture
+def export(tmp_path, tiny_exports) -> Path:
+    """A private copy of the tiny P=4 export, free to damage."""
+    dst = tmp_path / "export"
+    shutil.copytree(tiny_exports[4][1], dst)
+    return dst
+
+
+def edit_manifest(folder: Path, fn) -> None:  # type: ignore[no-untyped-def]
+    m = json.loads((folder / MANIFEST).read_text())
+    fn(m)
+    (folder / MANIFEST).write_text(json.dumps(m))
+
+
+def rehash(folder: Path) -> None:
+    """Make the manifest agree with the files again: what a careless (or malicious) edit would do."""
+    edit_manifest(folder, lambda m: m.update(files=describe_files(folder)))
+
+
+def poison(folder: Path, name: str, value: float, external: bool = False) -> None:
+    model = onnx.load(folder / MODEL_FILE)
+    for t in model.graph.initializer:
+        if t.name == name:
+            a = numpy_helper.to_array(t).copy()
+            a.flat[min(100, a.size - 1)] = value  # in the embedding: row 1, a token of the prompts below
+            t.CopyFrom(numpy_helper.from_array(a, name))
+    if external:  # the layout of exports above 64 MB: weights in model.onnx.data
+        onnx.save_model(model, folder / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=MODEL_FILE + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, folder / MODEL_FILE)
+    rehash(folder)
+
+
+def test_a_flipped_byte_of_the_same_size_is_refused(export):
+    data = bytearray((export / MODEL_FILE).read_bytes())
+    data[-100] ^= 0x01  # inside the last initializer: the file still parses
+    (export / MODEL_FILE).write_bytes(bytes(data))
+    with pytest.raises(ParScaleError, match=r"model.onnx does not match its sha256"):
+        Model.load(export)
+    Model.load(export, verify=False)  # the opt-out skips hashing (sizes still match)
+
+
+@pytest.mark.parametrize(("name", "external"), [
+    ("model.model.layers.1.self_attn.q_proj.bias", False),
+    ("model.model.embed_tokens.weight", True),  # stored in model.onnx.data
+], ids=["embedded", "external-data"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_naming_the_tensor(export, value, name, external):
+    poison(export, name, value, external)
+    with pytest.raises(ParScaleError, match=rf"weight '{name}' holds NaN or Inf"):
+        Model.load(export)
+    # Without verification the engine still refuses to emit tokens from NaN logits.
+    m = Model.load(export, verify=False)
+    with pytest.raises(ParScaleError, match="NaN/Inf logits"):
+        m.generate(prompt_ids=[1, 2, 3], max_new_tokens=3)
+
+
+def test_finite_export_scans_clean(tiny_exports):
+    assert find_nonfinite(tiny_exports[4][1] / MODEL_FILE) is None
+
+
+def test_nan_checkpoint_exported_without_validation_fails_at_load(tmp_path, tiny_exports):
+    """The issue's case: NaN in a checkpoint, `export --no-validate`, then generate: refused, tensor named."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_exports[1][0], ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, ckpt / "model.safetensors")
+    run = [sys.executable, "-m", "parscale"]
+    r = subprocess.run([*run, "export", str(ckpt), "-o", str(tmp_path / "out"), "--no-validate"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*run, "generate", str(tmp_path / "out"), "--prompt-ids", "1,2", "--max-new-tokens", "4"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "norm.weight" in r.stderr and "NaN or Inf" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("P", 3, ["P=3", "config.json says 4"]),
+    ("max_position_embeddings", 5000, ["max_position_embeddings=5000", "says 512"]),
+    ("vocab_size", 4096, ["vocab_size=4096", "says 512"]),
+    ("cache_heads", 2, ["cache_heads=2", "says 8"]),
+    ("num_hidden_layers", 3, ["num_hidden_layers=3", "says 2"]),
+    ("head_dim", 32, ["head_dim=32", "says 16"]),
+    ("vocab_size", None, ["vocab_size=None", "positive integers"]),
+    ("P", "4", ["P='4'", "positive integers"]),
+    ("P", True, ["P=True", "positive integers"]),
+])
+def test_edited_manifest_fields_are_cross_checked(export, key, value, words):
+    edit_manifest(export, lambda m: m["model"].__setitem__(key, value))
+    with pytest.raises(ParScaleError) as e:
+        Model.load(export)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_manifest_checked_against_the_graph_when_config_agrees(export):
+    """Edit config.json the same way (and rehash): the graph itself still disagrees."""
+    edit_manifest(export, lambda m: m["model"].__setitem__("vocab_size", 600))
+    cfg = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**cfg, "vocab_size": 600}))
+    rehash(export)
+    with pytest.raises(ParScaleError, match=r"vocab_size=600 but model.onnx's metadata says 512"):
+        Model.load(export)
+
+
+@pytest.mark.parametrize("files", [None, {"../escape": {"bytes": 1}}, {"model.onnx": {"bytes": "5"}}, []])
+def test_malformed_file_lists_are_clear_errors(export, files):
+    edit_manifest(export, lambda m: m.__setitem__("files", files))
+    with pytest.raises(ParScaleError, match=MANIFEST):
+        Model.load(export)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"prompt": b"def f"}, "got bytes; decode bytes first"),
+    ({"prompt": "def \udcff"}, "not valid UTF-8 text"),  # undecodable argv bytes arrive as lone surrogates
+    ({"prompt": [1.0, 2.0]}, r"expected int token ids, got 1.0 \(float\)"),
+    ({"prompt_ids": np.array([1.5, 2.0])}, "expected int token ids, got 1.5"),
+    ({"prompt": [[1, 2], [3, 2.5]]}, r"expected int token ids \(prompt 1\), got 2.5"),
+    ({"prompt_ids": "1,2,3"}, "prompt_ids takes a list of int token ids"),
+    ({"prompt": [b"ab"]}, "expected int token ids, got b'ab' \\(bytes\\)"),
+    ({"prompt": [True, 2]}, "expected int token ids, got True"),
+    ({"prompt": [1, 9999]}, "outside the vocabulary"),
+    ({"prompt": [1], "seed": -1}, "seed must be >= 0"),
+    ({"prompt": [1], "max_new_tokens": 2.0}, "max_new_tokens must be an integer"),
+    ({"prompt": [1], "stop": [1]}, "stop takes non-empty strings"),
+])
+def test_generate_type_checks_its_inputs(tiny_exports, kwargs, message):
+    m = Model.load(tiny_exports[4][1])
+    with pytest.raises(ParScaleError, match=message):
+        m.generate(**kwargs)
+
+
+@pytest.mark.parametrize(("text", "ids"), [("1,2,3", [1, 2, 3]), (" 1 , 2,3 ", [1, 2, 3]), ("7", [7])])
+def test_prompt_ids_parse(text, ids):
+    assert _parse_ids(text) == ids
+
+
+@pytest.mark.parametrize("text", ["1 2 3", "1,,2", "1,", "", " ", "1.5", "1e3", "-1", "0x10", "١,٢", "1;2"])
+def test_prompt_ids_refuse_anything_else(text):
+    with pytest.raises(ParScaleError, match="comma-separated"):
+        _parse_ids(text)
+
+
+def test_shared_argument_rules():
+    assert check_threads(10**9) == available_cpus()  # clamped: ORT would try to start them all
+    assert check_threads(None) is None
+    with pytest.raises(ParScaleError, match="--threads must be >= 1"):
+        check_threads(0)
+    with pytest.raises(ParScaleError, match="--seed must be >= 0"):
+        check_seed(-1)
+    with pytest.raises(ParScaleError, match="--seed must be <= "):
+        check_seed(2**63)
+    with pytest.raises(ParScaleError, match=r"--window must be <= 512 \(the model's context length\), got 5000"):
+        check_window(5000, 512)
+
+
+@pytest.mark.parametrize("command", ["compare", "eval"])
+def test_compare_and_eval_refuse_a_window_beyond_the_context_alike(tiny_exports, tmp_path, command):
+    export = str(tiny_exports[4][1])
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x\n" * 50)
+    args = [export, export] if command == "compare" else [export]
+    r = subprocess.run([sys.executable, "-m", "parscale", command, *args, "--window", "5000", "--text", str(text)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "--window must be <= 512 (the model's context length), got 5000" in r.stderr, r.stderr
+
+
+def test_no_verify_flag_skips_hashing(export):
+    data = bytearray((export / MODEL_FILE).read_bytes())
+    data[-100] ^= 0x01
+    (export / MODEL_FILE).write_bytes(bytes(data))
+    base = [sys.executable, "-m", "parscale", "generate", str(export), "--prompt-ids", "1,2", "--max-new-tokens", "2"]
+    r = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "sha256" in r.stderr
+    r = subprocess.run([*base, "--no-verify"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
