@@ -65,6 +65,8 @@ CASES = [
     ("sliding-window", edit_config(use_sliding_window=True), [], ["use_sliding_window"]),
     ("rope-scaling", edit_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}), [], ["rope_scaling", "yarn"]),
     ("missing-model-folder", lambda c: shutil.rmtree(c), [], ["does not exist"]),
+    ("nan-weight", edit_tensors(lambda t: t["model.layers.0.mlp.down_proj.weight"].__setitem__((0, 0), float("nan"))),
+     ["--no-validate"], ["model.layers.0.mlp.down_proj.weight", "NaN or infinite"]),
     ("malformed-eos", lambda c: (c / "generation_config.json").write_text('{"eos_token_id": 2.5}'), [],
      ["generation_config.json", "eos_token_id must be a token id", "2.5"]),
 ]
