@@ -34,6 +34,7 @@ class Plan:
     params: int
     fp32_bytes: int  # the model's weights in float32
     graph_bytes: int  # the float graph's weights (in the export dtype)
+    output_bytes: int  # the exported graph's weights (quantized, if it is)
     peak_bytes: int  # estimated peak resident memory of the export
     largest: str  # the stage expected to need the most
     options: str  # what the estimate assumed, for messages
@@ -71,10 +72,16 @@ def plan(cfg: ParScaleConfig, *, dtype: str, quantize: object | None, validate: 
         peaks["calibrating and quantizing"] = fp32 + max(stats, head)
     if validate:
         peaks["validating"] = int(ORT_FLOAT_FACTOR * graph)
+    output = graph
+    if quantize is not None:
+        # Codes, plus a scale (export dtype) and a zero point per block.
+        bits, block = quantize.bits, quantize.block_size  # type: ignore[attr-defined]
+        output = int(params * (bits / 8 + (_BYTES[dtype] + bits / 8) / block))
     largest = max(peaks, key=lambda k: peaks[k])
     what = f"{dtype}" + (f", int{quantize.bits} {quantize.method}" if quantize is not None else "")  # type: ignore[attr-defined]
     what += ", validation on" if validate else ", validation off"
-    return Plan(params=params, fp32_bytes=fp32, graph_bytes=graph, peak_bytes=BASE_BYTES + peaks[largest],
+    return Plan(params=params, fp32_bytes=fp32, graph_bytes=graph, output_bytes=output,
+                peak_bytes=BASE_BYTES + peaks[largest],
                 largest=largest, options=what)
 
 

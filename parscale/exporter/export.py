@@ -22,7 +22,7 @@ from parscale.atomic import AtomicFolder, check_destination, foreign_in_export
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import budget, folder
-from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens
+from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens, text_windows
 from parscale.exporter.checkpoint import load_model, release, source_checksum
 from parscale.exporter.extras import write_extras
 from parscale.exporter.graphfile import (
@@ -130,10 +130,16 @@ def export(
     if cfg is None:
         raise ParScaleError(f"model folder {model_dir} does not exist")
     eos = folder.eos_ids(model_dir, cfg)  # a malformed generation_config.json fails now, not after tracing
+    # Text files are read and tokenized now too (a few ms): a missing file or tokenizer is not
+    # found minutes later, after tracing.
+    if eval_text is not None:
+        text_tokens(model_dir, eval_text)
+    if calibration_text is not None:
+        text_windows(model_dir, calibration_text)
     plan = budget.plan(cfg, dtype=dtype.value, quantize=quantize, validate=validate)
-    if ort_format and plan.graph_bytes > budget.ORT_FORMAT_LIMIT:
+    if ort_format and plan.output_bytes > budget.ORT_FORMAT_LIMIT:
         raise ParScaleError(
-            f"--ort-format: this model's graph holds {plan.graph_bytes / 1e9:.2f} GB of weights, and an ORT "
+            f"--ort-format: this export's graph would hold {plan.output_bytes / 1e9:.2f} GB of weights, and an ORT "
             f"format file cannot exceed {budget.ORT_FORMAT_LIMIT / 2**30:.0f} GiB (a flatbuffer limit); "
             "quantize (--int4) or drop --ort-format"
         )
