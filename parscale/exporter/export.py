@@ -183,7 +183,8 @@ def export(
                     hessians = LayerwiseHessians(model, tokens, consume=True)
                 stage("quantizing")
                 proto = onnx.load(str(float_dir / MODEL_FILE), load_external_data=False)
-                qreport = quantize_graph(proto, quantize, cfg.num_hidden_layers, hessians, base_dir=float_dir)
+                qreport = quantize_graph(proto, quantize, cfg.num_hidden_layers, hessians, base_dir=float_dir,
+                                         progress=lambda msg: log("  " + msg))
                 qreport.calibration = qcalibration if gptq else None
                 manifest["quantization"] = qreport.to_dict()
                 del hessians

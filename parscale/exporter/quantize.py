@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -218,13 +218,14 @@ class _Quantizer:
 
 def quantize_graph(
     proto: onnx.ModelProto, scheme: QuantScheme, num_layers: int, hessians: Mapping[str, np.ndarray] | None = None,
-    *, base_dir: Path | None = None,
+    *, base_dir: Path | None = None, progress: Callable[[str], None] | None = None,
 ) -> QuantReport:
     """Rewrite a traced export in place: quantized nodes in, replaced float weights out.
 
     `hessians`: calibration statistics by module path (`calibrate.LayerwiseHessians`), for GPTQ;
     asked for in graph order, layer by layer. `base_dir`: the folder whose external-data file
     holds the proto's weights, if they are stored there; they are read one tensor at a time.
+    `progress` is told when the quantizer reaches each decoder layer.
     """
     graph = proto.graph
     targets = _find_targets(graph, num_layers)
@@ -235,7 +236,11 @@ def quantize_graph(
     dropped: set[int] = set()
     replaced: set[str] = set()
 
+    layer = None
     for node, path in targets.projections:
+        if progress is not None and (here := path.split(".")[2]) != layer:
+            layer = here
+            progress(f"layer {int(here) + 1}/{num_layers}")
         w = read_tensor(inits[node.input[1]], base_dir)  # (K, N): the exporter stores W transposed
         name = path + ".weight"
         new_nodes[id(node)] = [_matmul_nbits(graph, node, quantizer(path, w.T, scheme.bits), name, scheme, report)]
