@@ -14,7 +14,6 @@ layer at 3B, 17 GB for all layers).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from parscale.exporter.model import ParScaleForCausalLM, aggregate_streams, atte
 # Projections that read the same tensor share one statistic (and one GPTQ factor).
 _SHARED_INPUT = {"self_attn.q_proj": ("self_attn.k_proj", "self_attn.v_proj"), "mlp.gate_proj": ("mlp.up_proj",)}
 _OWN_INPUT = ("self_attn.o_proj", "mlp.down_proj")
-_LAYER_PATH = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_PROJECTIONS = (*_SHARED_INPUT, *(o for others in _SHARED_INPUT.values() for o in others), *_OWN_INPUT)
 SMALL_MODEL = 100_000_000  # parameters; below this, sampling runs on one thread
 
 
@@ -110,8 +109,8 @@ class LayerwiseHessians(Mapping):
         self.cos, self.sin = rope_cos_sin(torch.arange(s).repeat(b, 1), cfg.head_dim, cfg.rope_theta)
         self.bias = attention_bias(torch.ones(b, s, dtype=torch.int64), s, torch.float32)
         self._start()
-        self._paths = [f"model.layers.{i}.{n}" for i in range(cfg.num_hidden_layers)
-                       for n in (*_SHARED_INPUT, *sum(_SHARED_INPUT.values(), ()), *_OWN_INPUT)] + ["lm_head"]
+        self._layer_of = {f"model.layers.{i}.{n}": i for i in range(cfg.num_hidden_layers) for n in _PROJECTIONS}
+        self._layer_of["lm_head"] = cfg.num_hidden_layers
 
     def _start(self) -> None:
         with torch.no_grad():  # hidden states, one (P*b, s, h) chunk per `batch` sequences
@@ -121,21 +120,13 @@ class LayerwiseHessians(Mapping):
         self.stats: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return len(self._paths)
+        return len(self._layer_of)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._paths)
+        return iter(self._layer_of)
 
     def __getitem__(self, path: str) -> np.ndarray:
-        n = self.model.cfg.num_hidden_layers
-        m = _LAYER_PATH.match(path)
-        if path == "lm_head":
-            target = n
-        elif m and int(m.group(1)) < n and m.group(2) in (*_SHARED_INPUT, *sum(_SHARED_INPUT.values(), ()),
-                                                          *_OWN_INPUT):
-            target = int(m.group(1))
-        else:
-            raise KeyError(path)
+        target = self._layer_of[path]
         if target < self.layer:
             if self.consume:
                 raise ParScaleError(f"calibration statistics were asked for {path} after layer {self.layer}: "
