@@ -358,3 +358,30 @@ def test_compare_runs_without_torch(int4_tied) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["top1_agreement"] == 1.0
+
+
+def test_layerwise_statistics_equal_those_of_a_full_forward(checkpoints: dict[str, Path]) -> None:
+    """Layer by layer (hidden states carried, each layer then freed) gives the X^T X of one forward pass."""
+    _, model = load_model(checkpoints["untied"], torch.float32)
+    tokens = np.random.default_rng(1).integers(0, 512, size=(6, 24))
+    inputs: dict[str, list[torch.Tensor]] = {}
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj",
+             "lm_head"]
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda _m, x, _o, n=n: inputs.setdefault(n, []).append(x[0].reshape(-1, x[0].shape[-1]))) for n in names]
+    with torch.no_grad():
+        model(torch.from_numpy(tokens))
+    for h in hooks:
+        h.remove()
+    stats = LayerwiseHessians(model, tokens, batch=4, consume=True)
+    for n in names:
+        if n == "lm_head":  # layer 1 is current: its projections that read one input share one statistic
+            assert stats["model.layers.1.mlp.up_proj"] is stats["model.layers.1.mlp.gate_proj"]
+        x = torch.cat(inputs[n]).double()
+        expected = (x.T @ x).numpy()
+        got = stats[n]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=n)
+        assert np.array_equal(got, got.T), n
+    with pytest.raises(ParScaleError, match="in order"):
+        stats["model.layers.0.self_attn.q_proj"]  # consumed: cannot go back
+    assert model.model.layers[0].mlp.down_proj.weight.untyped_storage().size() == 0  # freed as it went

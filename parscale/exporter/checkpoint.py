@@ -128,7 +128,7 @@ def load_model(
         wanted = [name for name in _keys(path) if files.get(name) == path]  # safe_open checks the file's layout
         for name, t in _read_tensors(path, wanted):
             # One at a time: the checkpoint's own copy of the whole model never exists in memory.
-            tensors[name] = _checked(name, t).to(dtype)
+            tensors[name] = _checked(name, t).to(dtype, copy=True)  # a copy `release` can free
     check_shapes(cfg, {n: tuple(t.shape) for n, t in tensors.items()})
 
     with torch.device("meta"):
