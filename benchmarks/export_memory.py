@@ -1,6 +1,6 @@
 """Wall time and peak memory of `parscale export` per stage, at the sizes people deploy.
 
-    python -m benchmarks.export_memory [--work /tmp/parscale-export-mem] [--cases 1.5b-p8:int8 3b-p4:int4 ...]
+    python -m benchmarks.export_memory [--work DIR] [--cases 1.5b-p8:int8 3b-p4:int4 ...] [--append]
 
 Each case makes (once, cached in --work) a random bf16 checkpoint with `parscale init --preset ...`
 and runs the default command, `parscale export CKPT -o OUT --int8|--int4 --force --verbose`
@@ -129,13 +129,15 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/parscale-export-mem"))
     ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
     ap.add_argument("--name", default="export_memory", help="results file stem in benchmarks/results/")
+    ap.add_argument("--append", action="store_true", help="keep the cases already in the results file")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    records = []
+    path = RESULTS / f"{args.name}.json"
+    records = json.loads(path.read_text()) if args.append and path.is_file() else []
     for case in args.cases:
         records.append(run_case(case, args.work))
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(records, indent=2) + "\n")
+        path.write_text(json.dumps(records, indent=2) + "\n")
         write_report(records, RESULTS / f"{args.name}.md")
     print((RESULTS / f"{args.name}.md").read_text())
 
