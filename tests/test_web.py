@@ -111,7 +111,7 @@ def test_transformers_js_reads_external_data(node, p2_export, tmp_path):
     """Large exports keep their weights in model.onnx.data; on Node, ONNX Runtime finds them."""
     import onnx
 
-    from parscale.exporter.export import EXTERNAL_DATA
+    from parscale.manifest import EXTERNAL_DATA
 
     copy = tmp_path / "external"
     copy.mkdir()
