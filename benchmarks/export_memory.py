@@ -129,13 +129,15 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/parscale-export-mem"))
     ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
     ap.add_argument("--name", default="export_memory", help="results file stem in benchmarks/results/")
-    ap.add_argument("--append", action="store_true", help="keep the cases already in the results file")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the other cases already in the results file (a case run again replaces its row)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{args.name}.json"
     records = json.loads(path.read_text()) if args.append and path.is_file() else []
     for case in args.cases:
-        records.append(run_case(case, args.work))
+        record = run_case(case, args.work)
+        records = [r for r in records if r["case"] != record["case"]] + [record]
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(records, indent=2) + "\n")
         write_report(records, RESULTS / f"{args.name}.md")

@@ -62,7 +62,7 @@ def measured(default_model: Path, held_out: Path, tmp_path_factory: pytest.TempP
         hessians = None
         if scheme.method == "gptq":  # the same calibration `export` runs
             model = load_model(default_model, torch.float32)[1]
-            hessians = LayerwiseHessians(model, calibration_tokens(model, default_model, None)[0])
+            hessians = LayerwiseHessians(model, calibration_tokens(default_model, None)[0])
         out = shutil.copytree(fp32, root / f"int{bits}")
         proto = onnx.load(str(out / MODEL_FILE))
         quantize_graph(proto, scheme, cfg.num_hidden_layers, hessians)

@@ -144,6 +144,30 @@ def load_model(
     return cfg, model.eval()
 
 
+def stored_dtype(model_dir: str | Path) -> torch.dtype:
+    """The floating-point dtype holding most of a checkpoint's weight bytes (read from the headers)."""
+    files = weight_files(Path(model_dir))
+    by_dtype: dict[str, int] = {}
+    for path in sorted(set(files.values())):
+        for name, info in _header(path)[0].items():
+            if files.get(name) == path and info["dtype"] in ("F64", "F32", "F16", "BF16"):
+                start, end = info["data_offsets"]
+                by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + end - start
+    return _DTYPES[max(by_dtype, key=by_dtype.__getitem__)] if by_dtype else torch.float32
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, offsets) and where its data starts."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as e:
+        raise ParScaleError(f"cannot read {path.name}: {e} (truncated or not a safetensors file?)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -155,11 +179,9 @@ def _read_tensors(path: Path, names: list[str]) -> Iterator[tuple[str, torch.Ten
     safetensors' own reader maps the file, and every page read that way counts as resident memory
     until the file is closed (6 GB more at the peak of loading a 3B checkpoint).
     """
+    header, base = _header(path)
     try:
         with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-            base = 8 + size
             for name in names:
                 info = header[name]
                 start, end = info["data_offsets"]

@@ -155,13 +155,16 @@ def export(
     try:
         with _stage_errors(seconds):
             manifest = _manifest(cfg, dtype, opset, checksum, model_dir)
+            gptq = quantize is not None and quantize.method == "gptq"
+            if gptq:  # first: sampling loads the checkpoint on its own (in bfloat16 where it is stored so)
+                stage("calibrating (GPTQ calibration tokens)")
+                tokens, qcalibration = calibration_tokens(model_dir, calibration_text)
             stage("loading weights")
             _, model = load_model(model_dir, dtype.torch)
             stage("tracing to ONNX")
             float_dir.mkdir(exist_ok=True)
             trace_to_folder(model, float_dir, dtype=dtype.torch, opset=opset,
                             external_threshold=external_data_threshold)
-            gptq = quantize is not None and quantize.method == "gptq"
             if dtype is not Dtype.fp32:
                 release(model)
                 model = None
@@ -178,8 +181,6 @@ def export(
             if quantize is not None:
                 hessians = None
                 if gptq:
-                    stage("calibrating (GPTQ calibration tokens)")
-                    tokens, qcalibration = calibration_tokens(model, model_dir, calibration_text)
                     hessians = LayerwiseHessians(model, tokens, consume=True)
                 stage("quantizing")
                 proto = onnx.load(str(float_dir / MODEL_FILE), load_external_data=False)

@@ -206,7 +206,7 @@ class _Quantizer:
                 raise ParScaleError(f"no calibration statistics for {path}") from None
             if self._factor is None or self._factor[0] is not h:
                 self._factor = None  # free the previous factor before computing the next
-                self._factor = (h, qm.gptq_factor(h).astype(np.float32))
+                self._factor = (h, qm.gptq_factor(h))
             bq = qm.gptq_quantize(w32, self._factor[1], bits, s.block_size, symmetric=s.symmetric,
                                   scale_dtype=w.dtype)
             return _Quantized(bq, "gptq", w.dtype)
