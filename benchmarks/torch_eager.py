@@ -1,4 +1,4 @@
-"""PyTorch baseline: the project's module (parscale.exporter.model) in eager fp32 with its KV cache.
+"""PyTorch baseline: the project's module (parscale.modeling.model) in eager fp32 with its KV cache.
 
 This is what a user would run without our runtime. Batch 1, greedy, exactly `gen` new tokens.
 
@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, max_rss_mb, peak_rss_mb, prompt_ids, reset_peak_rss
 
-from parscale.exporter.checkpoint import load_model
+from parscale.modeling.checkpoint import load_model
 
 
 def generate(model: torch.nn.Module, ids: list[int], n: int) -> tuple[float, list[float]]:

@@ -88,7 +88,7 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
 ) -> None:
     """Write a random checkpoint in the published ParScale layout (for demos, tests, benchmarks)."""
-    from parscale.exporter.init import init_checkpoint
+    from parscale.modeling.init import init_checkpoint
 
     path = init_checkpoint(out_dir, P=P, preset=preset, prefix=prefix, seed=seed, dtype=dtype,
                            shards=shards, force=force)

@@ -148,7 +148,7 @@ def eval_checkpoint(
     """
     import torch
 
-    from parscale.exporter.checkpoint import load_model
+    from parscale.modeling.checkpoint import load_model
 
     model_dir = Path(model_dir)
     cfg, ids, n_bytes = _prepare(model_dir, text_path, max_tokens)

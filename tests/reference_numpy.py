@@ -1,6 +1,6 @@
 """An independent, deliberately plain numpy reference of the ParScale forward pass (test oracle).
 
-Written from ../shared/PARSCALE_SPEC.md only: it shares no code with `parscale.exporter.model` and
+Written from ../shared/PARSCALE_SPEC.md only: it shares no code with `parscale.modeling.model` and
 uses none of its tricks (no stream folding into the batch, no streams-as-heads, no cache). Everything
 is float64, with explicit loops over streams, batch rows, heads and query positions, so that each
 step can be read against the spec. It is slow on purpose; use it on tiny configs.

@@ -35,7 +35,7 @@ def byte_level_tokenizer(path: Path) -> Path:
 def make_export(root: Path, P: int, *, tokenizer: bool = True) -> tuple[Path, Path]:  # noqa: N803
     """A tiny random fp32 checkpoint (prefix 8) and its export; returns (checkpoint, export)."""
     from parscale.exporter.export import export
-    from parscale.exporter.init import init_checkpoint
+    from parscale.modeling.init import init_checkpoint
 
     ckpt = init_checkpoint(root / f"ckpt_p{P}", P=P, preset="tiny", prefix=8, dtype="float32", seed=P)
     if tokenizer:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from parscale.exporter.init import init_checkpoint
+from parscale.modeling.init import init_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def carded_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from runtime_helpers import byte_level_tokenizer
 
     from parscale.exporter.export import export
-    from parscale.exporter.init import init_checkpoint
+    from parscale.modeling.init import init_checkpoint
 
     root = tmp_path_factory.mktemp("card")
     ckpt = init_checkpoint(root / "ckpt", P=2, preset="tiny", prefix=4, dtype="float32", seed=11)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from parscale.exporter.init import init_checkpoint, make_config
+from parscale.modeling.init import init_checkpoint, make_config
 
 INJECT = """
 import sys

@@ -12,12 +12,12 @@ import torch
 
 from parscale import contract
 from parscale.config import ParScaleConfig
-from parscale.exporter.checkpoint import load_model
 from parscale.exporter.export import Dtype, export
-from parscale.exporter.init import make_config, random_model, save_checkpoint
 from parscale.exporter.validate import compare
 from parscale.fidelity import cpu_session
 from parscale.manifest import MANIFEST, read_manifest
+from parscale.modeling.checkpoint import load_model, save_checkpoint
+from parscale.modeling.init import make_config, random_model
 
 # (P, kv heads, tied, stored dtype, shards): together they cover P in {1,2,3,4,8}, GQA (2 of 4
 # heads) and MHA, tied and untied embeddings, bf16 storage and sharded weights.

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from parscale.exporter.export import Dtype, export
-from parscale.exporter.init import init_checkpoint
 from parscale.exporter.quantize import QuantScheme, default_scheme
 from parscale.manifest import EXTERNAL_DATA, MODEL_FILE, check_files, read_manifest
+from parscale.modeling.init import init_checkpoint
 from parscale.runtime import Model
 
 PROMPT = [3, 17, 250, 9, 41]

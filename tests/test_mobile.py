@@ -39,8 +39,8 @@ def greedy(session: ort.InferenceSession, prompts: list[list[int]], n: int, cach
 def int8_ort_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny P=2 int8 export with --ort-format: MatMulNBits and GatherBlockQuantized in ORT format."""
     from parscale.exporter.export import export
-    from parscale.exporter.init import init_checkpoint
     from parscale.exporter.quantize import default_scheme
+    from parscale.modeling.init import init_checkpoint
 
     root = tmp_path_factory.mktemp("mobile")
     ckpt = init_checkpoint(root / "ckpt", P=2, preset="tiny", prefix=4, dtype="float32", seed=5)

@@ -27,13 +27,13 @@ from parscale.errors import ParScaleError
 from parscale.exporter import export as export_module
 from parscale.exporter import quant_math as qm
 from parscale.exporter.calibrate import LayerwiseHessians, sample_tokens
-from parscale.exporter.checkpoint import load_model
 from parscale.exporter.export import export
-from parscale.exporter.init import init_checkpoint
 from parscale.exporter.quantize import QuantScheme, default_scheme, quantize_graph
 from parscale.exporter.validate import compare
 from parscale.fidelity import compare_exports, cpu_session
 from parscale.manifest import MANIFEST, MODEL_FILE, read_manifest
+from parscale.modeling.checkpoint import load_model
+from parscale.modeling.init import init_checkpoint
 
 
 @pytest.fixture(scope="module")

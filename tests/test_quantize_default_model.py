@@ -20,11 +20,11 @@ import torch
 from parscale.cli import DEFAULT_MODEL
 from parscale.config import ParScaleConfig
 from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens
-from parscale.exporter.checkpoint import load_model
 from parscale.exporter.export import export
 from parscale.exporter.quantize import default_scheme, quantize_graph
 from parscale.fidelity import Fidelity, compare_exports
 from parscale.manifest import MODEL_FILE
+from parscale.modeling.checkpoint import load_model
 
 BARS = {8: (0.99, 0.002), 4: (0.92, 0.02)}  # bits -> (min top-1 agreement, max mean KL)
 HELD_OUT_NAMES = ("held_out.txt", "heldout.txt", "held_out.py")

@@ -12,7 +12,7 @@ import torch
 from runtime_helpers import TEXTS, byte_level_tokenizer, torch_greedy
 
 from parscale.errors import ParScaleError
-from parscale.exporter.checkpoint import load_model
+from parscale.modeling.checkpoint import load_model
 from parscale.runtime import Model
 from parscale.runtime.sampling import Sampler, SamplingConfig, nucleus, softmax, top_k_filter
 from parscale.runtime.tokenizer import IncrementalDecoder, Tokenizer

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from parscale.config import ParScaleConfig
 from parscale.evaluate import eval_checkpoint, eval_export, plan_windows
-from parscale.exporter.checkpoint import load_model
+from parscale.modeling.checkpoint import load_model
 from parscale.train.corpus import (
     EOS,
     SourceFile,

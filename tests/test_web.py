@@ -49,7 +49,7 @@ def p2_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from runtime_helpers import byte_level_tokenizer
 
     from parscale.exporter.export import export
-    from parscale.exporter.init import init_checkpoint
+    from parscale.modeling.init import init_checkpoint
 
     root = tmp_path_factory.mktemp("web")
     ckpt = init_checkpoint(root / "ckpt", P=2, preset="tiny", prefix=4, dtype="float32", seed=3)

@@ -42,7 +42,7 @@ class Plan:
 
 def param_count(cfg: ParScaleConfig) -> int:
     """Parameters of the module (a tied LM head counts once)."""
-    from parscale.exporter.checkpoint import expected_shapes
+    from parscale.modeling.checkpoint import expected_shapes
 
     total = 0
     for shape in expected_shapes(cfg).values():

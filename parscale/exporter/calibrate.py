@@ -23,13 +23,17 @@ from scipy.linalg import blas
 from torch import nn
 
 from parscale.errors import ParScaleError
-from parscale.exporter.checkpoint import load_model, release, stored_dtype
-from parscale.exporter.model import ParScaleForCausalLM, aggregate_streams, attention_bias, fold_streams, rope_cos_sin
+from parscale.modeling.checkpoint import load_model, release, stored_dtype
+from parscale.modeling.model import (
+    PROJECTION_INPUTS,
+    PROJECTIONS,
+    ParScaleForCausalLM,
+    aggregate_streams,
+    attention_bias,
+    fold_streams,
+    rope_cos_sin,
+)
 
-# Projections that read the same tensor share one statistic (and one GPTQ factor).
-_SHARED_INPUT = {"self_attn.q_proj": ("self_attn.k_proj", "self_attn.v_proj"), "mlp.gate_proj": ("mlp.up_proj",)}
-_OWN_INPUT = ("self_attn.o_proj", "mlp.down_proj")
-_PROJECTIONS = (*_SHARED_INPUT, *(o for others in _SHARED_INPUT.values() for o in others), *_OWN_INPUT)
 SMALL_MODEL = 100_000_000  # parameters; below this, sampling runs on one thread
 
 
@@ -129,7 +133,7 @@ class LayerwiseHessians(Mapping):
         self.cos, self.sin = rope_cos_sin(torch.arange(s).repeat(b, 1), cfg.head_dim, cfg.rope_theta)
         self.bias = attention_bias(torch.ones(b, s, dtype=torch.int64), s, torch.float32)
         self._start()
-        self._layer_of = {f"model.layers.{i}.{n}": i for i in range(cfg.num_hidden_layers) for n in _PROJECTIONS}
+        self._layer_of = {f"model.layers.{i}.{n}": i for i in range(cfg.num_hidden_layers) for n in PROJECTIONS}
         self._layer_of["lm_head"] = cfg.num_hidden_layers
 
     def _start(self) -> None:
@@ -190,9 +194,9 @@ class _collect:  # noqa: N801 - used as a context manager, like a function
     def __init__(self, module: nn.Module, prefix: str) -> None:
         self.sums: dict[str, np.ndarray] = {}
         if prefix:  # a decoder layer
-            self.source = {prefix + o: prefix + first for first, others in _SHARED_INPUT.items() for o in others}
-            self.source.update({prefix + n: prefix + n for n in (*_SHARED_INPUT, *_OWN_INPUT)})
-            self.hooked = [(module.get_submodule(n), prefix + n) for n in (*_SHARED_INPUT, *_OWN_INPUT)]
+            # Projections that read the same tensor share one statistic (and one GPTQ factor).
+            self.source = {prefix + p: prefix + first for first, group in PROJECTION_INPUTS.items() for p in group}
+            self.hooked = [(module.get_submodule(n), prefix + n) for n in PROJECTION_INPUTS]
         else:  # the LM head
             self.source, self.hooked = {"lm_head": "lm_head"}, [(module, "lm_head")]
 

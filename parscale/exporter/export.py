@@ -23,7 +23,6 @@ from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import budget, folder
 from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens, text_windows
-from parscale.exporter.checkpoint import load_model, release, source_checksum
 from parscale.exporter.extras import write_extras
 from parscale.exporter.graphfile import (
     EXTERNAL_DATA_THRESHOLD,
@@ -37,6 +36,7 @@ from parscale.exporter.trace import trace_to_folder
 from parscale.exporter.validate import ValidationReport, check_graph, reference_run
 from parscale.fidelity import Fidelity, compare_sessions, cpu_session, random_tokens, text_tokens
 from parscale.manifest import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, describe_files
+from parscale.modeling.checkpoint import load_model, release, source_checksum
 from parscale.runtime.memory import limit_malloc_retention
 
 

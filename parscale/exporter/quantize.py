@@ -30,10 +30,11 @@ from onnx import helper, numpy_helper
 from parscale.errors import ParScaleError
 from parscale.exporter import quant_math as qm
 from parscale.exporter.graphfile import read_tensor
+from parscale.modeling.model import PROJECTIONS
 
 MS_DOMAIN = "com.microsoft"
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_MATMUL_SCOPE = re.compile(r"(?:^|\.)(?:layers\.\d+\.(?:self_attn|mlp)\.(?:" + "|".join(PROJECTIONS) + r")|lm_head)$")
+_PROJECTION_RE = "|".join(re.escape(p) for p in PROJECTIONS)
+_MATMUL_SCOPE = re.compile(r"(?:^|\.)(?:layers\.\d+\.(?:" + _PROJECTION_RE + r")|lm_head)$")
 _EMBED_SCOPE = re.compile(r"(?:^|\.)embed_tokens$")
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # module path of each node, recorded by torch.onnx (dynamo)
 
@@ -168,10 +169,10 @@ def _find_targets(graph: onnx.GraphProto, num_layers: int) -> _Targets:
                 lm_heads.append((node, src.input[0], src))  # tied: MatMul(x, Transpose(table))
         elif node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
             projections.append((node, path))
-    if len(projections) != 7 * num_layers or len(lm_heads) != 1 or len(embeddings) != 1:
+    if len(projections) != len(PROJECTIONS) * num_layers or len(lm_heads) != 1 or len(embeddings) != 1:
         # A silent partial quantization would be worse than none: say what was found.
         raise ParScaleError(
-            f"cannot quantize: found {len(projections)} projections (expected {7 * num_layers}), "
+            f"cannot quantize: found {len(projections)} projections (expected {len(PROJECTIONS) * num_layers}), "
             f"{len(lm_heads)} LM heads and {len(embeddings)} embedding lookups (expected 1 each) in the "
             "traced graph; it may lack torch.onnx's name_scopes metadata"
         )

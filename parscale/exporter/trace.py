@@ -15,9 +15,9 @@ from onnxscript import optimizer
 from torch import Tensor, nn
 
 from parscale import contract
-from parscale.exporter.model import ParScaleForCausalLM
 from parscale.exporter.optimize import optimize_graph
 from parscale.manifest import EXTERNAL_DATA, MODEL_FILE
+from parscale.modeling.model import ParScaleForCausalLM
 
 # Constants larger than this (elements) are weights: onnxscript's own limit for constant folding.
 _FOLD_LIMIT = 8192

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import torch
 
 from parscale import contract
-from parscale.exporter.model import ParScaleForCausalLM
+from parscale.modeling.model import ParScaleForCausalLM
 
 
 @dataclass

@@ -19,7 +19,8 @@ import torch
 from parscale.args import available_cpus, check_int, check_seed
 from parscale.config import ParScaleConfig
 from parscale.evaluate import Window, plan_windows
-from parscale.exporter.init import checkpoint_folder, make_config, save_checkpoint
+from parscale.modeling.checkpoint import checkpoint_folder, save_checkpoint
+from parscale.modeling.init import make_config
 from parscale.train.corpus import SourceFile, collect_sources, join_documents, split_sources, stdlib_root
 from parscale.train.data import WindowSampler, encode_stream
 from parscale.train.stages import (

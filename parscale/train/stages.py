@@ -19,7 +19,7 @@ from torch import nn
 
 from parscale.config import ParScaleConfig
 from parscale.evaluate import Window, score_windows, torch_nll_fn
-from parscale.exporter.model import ParScaleForCausalLM
+from parscale.modeling.model import ParScaleForCausalLM
 from parscale.train.data import WindowSampler
 
 Log = Callable[[str], None]

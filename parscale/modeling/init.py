@@ -1,20 +1,17 @@
-"""Write random checkpoints in the published layout (`parscale init`), and save trained ones."""
+"""Random checkpoints in the published layout (`parscale init`): preset backbones, random weights."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from parscale.args import check_int, check_seed
-from parscale.atomic import AtomicFolder, foreign_in_checkpoint
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
-from parscale.exporter.model import ParScaleForCausalLM
+from parscale.modeling.checkpoint import DTYPES, checkpoint_folder, save_checkpoint
+from parscale.modeling.model import ParScaleForCausalLM
 
 # Backbone shapes of real models (their published config.json); P and prefix come from the caller.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -43,9 +40,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # More shards than this is a typo, not a layout anyone publishes (each shard is a file).
 MAX_SHARDS = 1000
 MAX_P, MAX_PREFIX = 64, 4096  # the paper goes to P=8 and 48 prefix tokens
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def make_config(
     preset: str = "tiny", *, P: int = 1, prefix: int = 48, tied: bool | None = None,  # noqa: N803
@@ -91,39 +85,6 @@ def random_model(cfg: ParScaleConfig, seed: int) -> ParScaleForCausalLM:
     return model.eval()
 
 
-def save_checkpoint(
-    model: ParScaleForCausalLM, config: dict[str, Any], out: Path, *, shards: int = 1,
-    extra_files: dict[str, Path] | None = None,
-) -> None:
-    """Write config.json, generation_config.json and safetensors (optionally sharded) into `out`."""
-    dtype = DTYPES[config.get("torch_dtype", "float32")]
-    state = {n: t.detach().to(dtype).contiguous() for n, t in model.state_dict().items()}
-    if config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    gen = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    names = list(state)
-    if shards <= 1:
-        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    else:
-        per = -(-len(names) // shards)
-        weight_map = {}
-        for k in range(shards):
-            fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-            part = {n: state[n] for n in names[k * per:(k + 1) * per]}
-            save_file(part, out / fname, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(part, fname))
-        index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
-                 "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    for name, src in (extra_files or {}).items():
-        shutil.copyfile(src, out / name)
-    for path in out.iterdir():
-        path.chmod(0o644)  # safetensors writes private files; a checkpoint is ordinary data
-
-
 def init_checkpoint(
     out: str | Path, *, P: int, preset: str = "tiny", prefix: int = 48, seed: int = 0,  # noqa: N803
     dtype: str = "bfloat16", tied: bool | None = None, shards: int = 1, force: bool = False,
@@ -142,8 +103,3 @@ def init_checkpoint(
     with checkpoint_folder(out, force) as tmp:
         save_checkpoint(model, config, tmp, shards=shards)
     return out
-
-
-def checkpoint_folder(out: Path, force: bool) -> AtomicFolder:
-    """The atomic writer for checkpoint folders: `--force` replaces only an earlier checkpoint."""
-    return AtomicFolder(out, force=force, is_replaceable=foreign_in_checkpoint, what="a parscale checkpoint")

@@ -1,22 +1,26 @@
-"""Read a checkpoint in the published Hugging Face layout into a `ParScaleForCausalLM`.
+"""Checkpoints in the published Hugging Face layout: read into a `ParScaleForCausalLM`, and written.
 
 Weights come from safetensors only (one file, or shards listed by `model.safetensors.index.json`);
-every tensor is checked against the shapes the config implies before anything is built.
+every tensor is checked against the shapes of the module the config builds before anything is built.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from parscale.atomic import AtomicFolder, foreign_in_checkpoint
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
-from parscale.exporter.model import ParScaleForCausalLM
+from parscale.modeling.model import ParScaleForCausalLM
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -25,34 +29,24 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def expected_shapes(cfg: ParScaleConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name the checkpoint must hold, with its shape."""
-    h, i, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    H, Hkv, P = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.P
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    for n in range(cfg.num_hidden_layers):
-        pre = f"model.layers.{n}."
-        shapes.update({
-            pre + "self_attn.q_proj.weight": (H * D, h), pre + "self_attn.q_proj.bias": (H * D,),
-            pre + "self_attn.k_proj.weight": (Hkv * D, h), pre + "self_attn.k_proj.bias": (Hkv * D,),
-            pre + "self_attn.v_proj.weight": (Hkv * D, h), pre + "self_attn.v_proj.bias": (Hkv * D,),
-            pre + "self_attn.o_proj.weight": (h, H * D),
-            pre + "mlp.gate_proj.weight": (i, h), pre + "mlp.up_proj.weight": (i, h),
-            pre + "mlp.down_proj.weight": (h, i),
-            pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
-        })
-        if cfg.n_prefix:
-            shapes[pre + "self_attn.prefix_k"] = (P, Hkv, cfg.n_prefix, D)
-            shapes[pre + "self_attn.prefix_v"] = (P, Hkv, cfg.n_prefix, D)
-    shapes["model.norm.weight"] = (h,)
-    if P > 1:
-        shapes.update({
-            "model.aggregate_layer.0.weight": (h, P * h), "model.aggregate_layer.0.bias": (h,),
-            "model.aggregate_layer.2.weight": (P, h), "model.aggregate_layer.2.bias": (P,),
-        })
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    return shapes
+    """Every tensor name the checkpoint must hold, with its shape: those of the module `cfg` builds."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = ParScaleForCausalLM(cfg)
+    return {n: tuple(t.shape) for n, t in sanitize(cfg, model.state_dict()).items()}
+
+
+def sanitize(cfg: ParScaleConfig, weights: dict[str, Any]) -> dict[str, Any]:
+    """The tensors of a checkpoint (or a module's state dict) that the module loads.
+
+    Drops what some checkpoints carry and the graph never needs (rotary inv_freq buffers) and, for
+    tied embeddings, the LM head, which is the embedding table.
+    """
+    return {n: t for n, t in weights.items()
+            if not n.endswith(IGNORED_SUFFIXES) and not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
 
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
@@ -104,11 +98,7 @@ def check_shapes(cfg: ParScaleConfig, found: dict[str, tuple[int, ...]]) -> None
         if name.endswith(("prefix_k", "prefix_v")) and len(got) == 4 and got[0] != shape[0]:
             raise ParScaleError(f"{name} holds {got[0]} streams but config.json says parscale_n={cfg.P}")
         raise ParScaleError(f"tensor {name} has shape {list(got)}, expected {list(shape)}")
-    extra = [
-        n for n in found
-        if n not in expected and not n.endswith(IGNORED_SUFFIXES)
-        and not (n == "lm_head.weight" and cfg.tie_word_embeddings)
-    ]
+    extra = [n for n in sanitize(cfg, found) if n not in expected]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise ParScaleError(f"checkpoint has unexpected tensor {extra[0]}{more}: not a ParScale/Qwen2 layout?")
@@ -133,8 +123,7 @@ def load_model(
 
     with torch.device("meta"):
         model = ParScaleForCausalLM(cfg)
-    expected = expected_shapes(cfg)
-    state = {n: t for n, t in tensors.items() if n in expected}
+    state = sanitize(cfg, tensors)
     del tensors
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -228,3 +217,41 @@ def source_checksum(model_dir: str | Path) -> str:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def save_checkpoint(
+    model: ParScaleForCausalLM, config: dict[str, Any], out: Path, *, shards: int = 1,
+    extra_files: dict[str, Path] | None = None,
+) -> None:
+    """Write config.json, generation_config.json and safetensors (optionally sharded) into `out`."""
+    dtype = DTYPES[config.get("torch_dtype", "float32")]
+    state = {n: t.detach().to(dtype).contiguous() for n, t in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    names = list(state)
+    if shards <= 1:
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    else:
+        per = -(-len(names) // shards)
+        weight_map = {}
+        for k in range(shards):
+            fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: state[n] for n in names[k * per:(k + 1) * per]}
+            save_file(part, out / fname, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, fname))
+        index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
+                 "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, out / name)
+    for path in out.iterdir():
+        path.chmod(0o644)  # safetensors writes private files; a checkpoint is ordinary data
+
+
+def checkpoint_folder(out: Path, force: bool) -> AtomicFolder:
+    """The atomic writer for checkpoint folders: `--force` replaces only an earlier checkpoint."""
+    return AtomicFolder(out, force=force, is_replaceable=foreign_in_checkpoint, what="a parscale checkpoint")

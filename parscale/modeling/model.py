@@ -23,6 +23,17 @@ KVCache = list[tuple[Tensor, Tensor]]  # per layer: (key, value), each (b, P*Hkv
 # ----------------------------------------------------------------------------- pure functions
 
 
+# A decoder layer's linear projections (module paths inside a layer), grouped by the tensor they
+# read: projections that read one input share GPTQ's statistics. Keys name each group's first.
+PROJECTION_INPUTS: dict[str, tuple[str, ...]] = {
+    "self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+PROJECTIONS = tuple(p for group in PROJECTION_INPUTS.values() for p in group)
+
+
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """Qwen2 RoPE tables for the given positions, float32: two (b, s, D) tensors."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim

@@ -1,0 +1,1 @@
+"""The PyTorch ParScale model and its checkpoints: the layer below exporter/, train/ and evaluation."""
