@@ -12,11 +12,12 @@ import json
 import numpy as np
 import onnxruntime as ort
 
+from parscale.graph import CPU, session_options
 from parscale.manifest import MODEL_FILE
 from parscale.runtime.generate import Generation
 from parscale.runtime.model import Model
 from parscale.runtime.sampling import Sampler, SamplingConfig
-from parscale.runtime.session import CPU, Engine, session_options
+from parscale.runtime.session import Engine
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args()
     m = Model.load(args.export, provider="cpu", threads=args.threads)
-    opts = session_options(args.threads, CPU)
+    opts = session_options(args.threads)
     opts.enable_profiling = True
     opts.profile_file_prefix = "/tmp/parscale-profile"
     session = ort.InferenceSession(f"{args.export}/{MODEL_FILE}", opts, providers=[CPU])

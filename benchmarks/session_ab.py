@@ -16,9 +16,10 @@ import time
 import numpy as np
 import onnxruntime as ort
 
+from parscale.graph import CPU, session_options
 from parscale.manifest import MODEL_FILE
 from parscale.runtime.model import Model
-from parscale.runtime.session import CPU, Engine, session_options
+from parscale.runtime.session import Engine
 
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "ext": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -26,7 +27,7 @@ LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
 
 
 def options(variant: str, threads: int) -> ort.SessionOptions:
-    opts = session_options(threads, CPU)
+    opts = session_options(threads)
     for item in filter(None, variant.split(",")):
         if item == "default":
             continue

@@ -38,7 +38,7 @@ def check_float(value: Any, name: str, *, minimum: float | None = None, maximum:
     return float(value)
 
 
-def check_seed(seed: Any, name: str = "--seed") -> int | None:
+def check_seed(seed: Any, name: str = "seed") -> int | None:
     """None (nondeterministic) or an integer in [0, 2**63)."""
     return None if seed is None else check_int(seed, name, minimum=0, maximum=MAX_SEED)
 
@@ -51,7 +51,7 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def check_threads(threads: Any, name: str = "--threads") -> int | None:
+def check_threads(threads: Any, name: str = "threads") -> int | None:
     """None (the runtime's default) or a thread count >= 1, clamped to the CPUs available.
 
     Clamped rather than refused: more threads than CPUs never helps, and ONNX Runtime would try to
@@ -62,7 +62,7 @@ def check_threads(threads: Any, name: str = "--threads") -> int | None:
     return min(check_int(threads, name, minimum=1), available_cpus())
 
 
-def check_window(window: Any, context_length: int, name: str = "--window") -> int:
+def check_window(window: Any, context_length: int, name: str = "window") -> int:
     """A window of tokens that fits the model's context (positions beyond it were never trained)."""
     return check_int(window, name, minimum=1, maximum=context_length,
                      why=" (the model's context length)")

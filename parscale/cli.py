@@ -8,13 +8,16 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from parscale.errors import ParScaleError
+
+if TYPE_CHECKING:
+    from parscale.manifest import Manifest
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -152,10 +155,10 @@ def export(
                             calibration_text=calibration_text, ort_format=ort_format,
                             check_memory=not force_memory, log=_stage_printer(verbose))
     m = result.manifest
-    out.print(f"exported {result.out}: P={m['model']['P']}, {m['dtype']}, {_mb(result.total_bytes)}")
+    out.print(f"exported {result.out}: P={m.model.P}, {m.dtype}, {_mb(result.total_bytes)}")
     if verbose:
-        for name, info in m["files"].items():
-            out.print(f"  {name:28s} {_mb(info['bytes']):>12s}")
+        for name, info in m.files.items():
+            out.print(f"  {name:28s} {_mb(info.bytes):>12s}")
         for name, secs in result.seconds.items():
             out.print(f"  {name:28s} {secs:10.1f} s")
     if result.validation:
@@ -163,7 +166,7 @@ def export(
         out.print(f"validation: max |logit diff| {v.max_abs_diff:.2e} (prefill {v.prefill_diff:.2e}, "
                   f"{v.steps} decode steps {v.decode_diff:.2e}), greedy match {v.greedy_match}")
     if result.quantization:
-        _print_quantization(m["quantization"])
+        _print_quantization(m.quantization)
     if result.fidelity:
         _print_fidelity(result.fidelity, "quantized vs float graph")
     out.print(f"peak RSS {_peak_rss_mb():,.0f} MB")
@@ -210,7 +213,7 @@ def compare(
     from parscale.args import check_int, check_threads, check_window
     from parscale.fidelity import compare_exports
 
-    context = min(_load_checks(folder, not no_verify)["max_position_embeddings"] for folder in (a, b))
+    context = min(_load_checks(folder, not no_verify).model.max_position_embeddings for folder in (a, b))
     check_window(window, context)
     # Random tokens are made in memory, window x windows of them: bounded; a text bounds itself.
     check_int(windows, "--windows", minimum=0, maximum=None if text else MAX_RANDOM_WINDOWS,
@@ -306,14 +309,11 @@ NoVerifyOpt = Annotated[bool, typer.Option(
 )]
 
 
-def _load_checks(model: Path, verify: bool) -> dict:  # type: ignore[type-arg]
-    """Read and check an export folder as Model.load does; returns the manifest's runtime fields."""
-    from parscale.manifest import read_manifest
-    from parscale.runtime.integrity import check_against_config, verify_folder
+def _load_checks(model: Path, verify: bool) -> Manifest:
+    """Read and check an export folder as Model.load does, without a session; returns its manifest."""
+    from parscale.runtime.folder import ExportFolder
 
-    fields = verify_folder(model, read_manifest(model), verify=verify)
-    check_against_config(model, fields)
-    return fields
+    return ExportFolder.check(model, verify=verify)
 
 
 @app.command()
@@ -399,25 +399,20 @@ def bench(
 @app.command()
 def inspect(model: RuntimeModelArg, no_verify: NoVerifyOpt = False) -> None:
     """Print an export's manifest: P, dtype, quantization, sizes and graph inputs/outputs."""
-    from parscale.manifest import read_manifest
-
-    _load_checks(model, not no_verify)
-    m = read_manifest(model)
-    info = m.get("model", {})
-    out.print(f"{model}: parscale export (format {m.get('format_version')}, "
-              f"tool {m.get('tool', {}).get('version', '?')})")
-    out.print(f"  P={info.get('P')}  prefix tokens {info.get('prefix_tokens')}  dtype {m.get('dtype')}  "
-              f"quantization {m.get('quantization')}  opset {m.get('opset')}")
+    m = _load_checks(model, not no_verify)
+    info = m.model
+    out.print(f"{model}: parscale export (format {m.format_version}, tool {m.tool.get('version', '?')})")
+    out.print(f"  P={info.P}  prefix tokens {info.prefix_tokens}  dtype {m.dtype}  "
+              f"quantization {m.quantization}  opset {m.opset}")
     for key in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
                 "num_key_value_heads", "cache_heads", "head_dim", "vocab_size", "max_position_embeddings",
                 "tie_word_embeddings"):
-        out.print(f"  {key:24s} {info.get(key)}")
-    files = m.get("files", {})
-    out.print(f"  files ({_mb(sum(f['bytes'] for f in files.values()))}):")
-    for name, f in files.items():
-        out.print(f"    {name:28s} {_mb(f['bytes']):>12s}")
-    axes = m.get("io", {}).get("axes", {})
-    io = m.get("io", {})
+        out.print(f"  {key:24s} {getattr(info, key)}")
+    out.print(f"  files ({_mb(m.total_bytes)}):")
+    for name, f in m.files.items():
+        out.print(f"    {name:28s} {_mb(f.bytes):>12s}")
+    axes = m.io.get("axes", {})
+    io = m.io
     for kind in ("inputs", "outputs"):
         names = io.get(kind, [])
         shown = [n for n in names if all(i == "0" for i in re.findall(r"\.(\d+)\.", n))]  # layer 0 stands for all
@@ -426,8 +421,8 @@ def inspect(model: RuntimeModelArg, no_verify: NoVerifyOpt = False) -> None:
             out.print(f"    {n:32s} {axes.get(n)}")
         if len(shown) < len(names):
             out.print(f"    ... and the other layers' {kind[:-1]}s alike")
-    v = m.get("validation")
-    if isinstance(v, dict) and isinstance(v.get("max_abs_logit_diff"), (int, float)):
+    v = m.validation
+    if v is not None and isinstance(v.get("max_abs_logit_diff"), (int, float)):
         out.print(f"  validation: max |logit diff| {v['max_abs_logit_diff']:.2e}, "
                   f"greedy match {v.get('greedy_match')}")
 

@@ -90,13 +90,7 @@ class ParScaleConfig:
     def load(cls, model_dir: str | Path) -> ParScaleConfig:
         """Read `config.json` from a checkpoint folder."""
         path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise ParScaleError(f"{path} not found: a checkpoint folder needs a config.json")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ParScaleError(f"{path} is not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path, missing=f"{path} not found: a checkpoint folder needs a config.json"))
 
     def check(self) -> None:
         """Refuse shapes the graph cannot be built for."""
@@ -139,3 +133,13 @@ class ParScaleConfig:
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else [e] if isinstance(e, int) else list(e)
+
+
+def read_json(path: Path, *, missing: str) -> Any:
+    """A JSON file's contents; `missing` is the error message when the file does not exist."""
+    if not path.is_file():
+        raise ParScaleError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ParScaleError(f"{path} is not valid JSON ({e})") from None

@@ -18,20 +18,24 @@ LOGITS = "logits"  # float32 [batch, seq or k, vocab]
 BATCH, SEQ, PAST, TOTAL = "batch_size", "seq", "past", "total"
 
 
+PAST_PREFIX = "past_key_values."  # cache inputs: past_key_values.{layer}.key / .value
+PRESENT_PREFIX = "present."  # cache outputs: present.{layer}.key / .value
+
+
 def past_key(layer: int) -> str:
-    return f"past_key_values.{layer}.key"
+    return f"{PAST_PREFIX}{layer}.key"
 
 
 def past_value(layer: int) -> str:
-    return f"past_key_values.{layer}.value"
+    return f"{PAST_PREFIX}{layer}.value"
 
 
 def present_key(layer: int) -> str:
-    return f"present.{layer}.key"
+    return f"{PRESENT_PREFIX}{layer}.key"
 
 
 def present_value(layer: int) -> str:
-    return f"present.{layer}.value"
+    return f"{PRESENT_PREFIX}{layer}.value"
 
 
 def past_names(num_layers: int) -> list[str]:

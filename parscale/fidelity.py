@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from parscale import contract
 from parscale.errors import ParScaleError
+from parscale.graph import GraphInfo, open_session, step
 from parscale.manifest import MODEL_FILE
-
-EOS_TEXT = "<|endoftext|>"
+from parscale.scoring import full_windows, kl_divergence, log_softmax, window_arrays
+from parscale.text import document_ids, read_text
 
 
 @dataclass(frozen=True)
@@ -52,23 +52,8 @@ class Fidelity:
 
 
 def text_tokens(folder: str | Path, text_path: str | Path) -> np.ndarray:
-    """The tokens of a UTF-8 text file with the folder's tokenizer.json, after one EOS as context.
-
-    The leading EOS is the document boundary the model saw in training, so the first real token
-    is predicted from a familiar context.
-    """
-    from tokenizers import Tokenizer
-
-    path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        raise ParScaleError(f"{path} not found: scoring a text file needs the export's tokenizer.json")
-    try:
-        text = Path(text_path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ParScaleError(f"cannot read {text_path} as UTF-8 text: {e}") from None
-    tok = Tokenizer.from_file(str(path))
-    eos = tok.token_to_id(EOS_TEXT)
-    return np.asarray(([eos] if eos is not None else []) + tok.encode(text).ids, dtype=np.int64)
+    """The ids of a UTF-8 text file as every scorer sees them (`parscale.text.document_ids`)."""
+    return document_ids(folder, read_text(text_path))
 
 
 def random_tokens(vocab_size: int, n: int, seed: int = 0) -> np.ndarray:
@@ -76,30 +61,11 @@ def random_tokens(vocab_size: int, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab_size, size=n, dtype=np.int64)
 
 
-def make_windows(tokens: np.ndarray, window: int, max_windows: int | None) -> np.ndarray:
-    """Non-overlapping windows (n, window) from the start of the stream; a short tail is dropped."""
-    n = len(tokens) // window
-    if n == 0:
-        raise ParScaleError(f"the token stream has {len(tokens)} tokens, fewer than one window of {window}")
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return tokens[: n * window].reshape(n, window)
-
-
 class _Runner:
-    """Drives one export by the graph contract: full-sequence logits, prefill plus cached steps."""
+    """Full-sequence logits of one export: prefill, then the last `decode_steps` tokens through the cache."""
 
     def __init__(self, session: ort.InferenceSession) -> None:
-        self.session = session
-        inputs = {i.name: i for i in session.get_inputs()}
-        self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.")) // 2
-        past = inputs[contract.past_key(0)]
-        self.heads, self.head_dim = past.shape[1], past.shape[3]
-        if not isinstance(self.heads, int) or not isinstance(self.head_dim, int):
-            raise ParScaleError("the export's cache inputs lack static head dimensions")
-        self.cache_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
-        self.has_keep = contract.NUM_LOGITS_TO_KEEP in inputs
-        self.outputs = contract.output_names(self.num_layers)
+        self.session, self.info = session, GraphInfo.of(session)
 
     def logits(self, ids: np.ndarray, decode_steps: int) -> np.ndarray:
         """float32 logits (b, s, vocab) for every position of `ids` (b, s)."""
@@ -107,28 +73,14 @@ class _Runner:
         split = s - decode_steps
         if split < 1:
             raise ParScaleError(f"decode_steps ({decode_steps}) must be smaller than the window ({s})")
-        empty = np.zeros((b, self.heads, 0, self.head_dim), dtype=self.cache_dtype)
-        past = dict.fromkeys(contract.past_names(self.num_layers), empty)
+        past = None
         pieces = []
         for start, stop in [(0, split), *((t, t + 1) for t in range(split, s))]:
-            feed = {
-                contract.INPUT_IDS: ids[:, start:stop],
-                contract.ATTENTION_MASK: np.ones((b, stop), dtype=np.int64),
-                contract.POSITION_IDS: np.tile(np.arange(start, stop, dtype=np.int64), (b, 1)),
-                **past,
-            }
-            if self.has_keep:
-                feed[contract.NUM_LOGITS_TO_KEEP] = np.array(0, dtype=np.int64)
-            out = self.session.run(self.outputs, feed)
-            pieces.append(out[0].astype(np.float32))
-            past = dict(zip(contract.past_names(self.num_layers), out[1:], strict=True))
+            positions = np.tile(np.arange(start, stop, dtype=np.int64), (b, 1))
+            logits, past = step(self.session, self.info, ids[:, start:stop], np.ones((b, stop), dtype=np.int64),
+                                positions, past)
+            pieces.append(logits.astype(np.float32))
         return np.concatenate(pieces, axis=1)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def compare_sessions(
@@ -141,65 +93,43 @@ def compare_sessions(
     The sessions are opened one after the other (`open_a`, `open_b` return them): a's logits wait
     on disk while b runs, so two large graphs never need memory at the same time.
     """
-    windows = make_windows(tokens, window, max_windows)
+    windows = full_windows(len(tokens), window, max_windows)
     starts = range(0, len(windows), batch)
-    agree, kl_sum, kl_max, nll_a, nll_b, count, scored = 0, 0.0, 0.0, 0.0, 0.0, 0, 0
+    agree, kl_sum, kl_max, nll_a, nll_b, count = 0, 0.0, 0.0, 0.0, 0.0, 0
     with tempfile.TemporaryDirectory(prefix="parscale-fidelity-") as spill:
         ra = _Runner(open_a())
         for i in starts:
-            np.save(Path(spill) / f"{i}.npy", ra.logits(windows[i:i + batch], decode_steps))
+            ids, _ = window_arrays(tokens, windows[i:i + batch])
+            np.save(Path(spill) / f"{i}.npy", ra.logits(ids, decode_steps))
         del ra
         gc.collect()  # let the reference session's memory go before the candidate's is allocated
         rb = _Runner(open_b())
         for i in starts:
-            ids = windows[i:i + batch]
+            ids, targets = window_arrays(tokens, windows[i:i + batch])
             la, lb = np.load(Path(spill) / f"{i}.npy"), rb.logits(ids, decode_steps)
             if la.shape != lb.shape:
                 raise ParScaleError(f"the exports disagree on the logits' shape: {la.shape} vs {lb.shape}")
             if not np.isfinite(lb).all():
                 raise ParScaleError("the compared export produced non-finite logits")
             for row in range(len(ids)):  # one window at a time: float64 (s, vocab) stays small
-                pa, pb = _log_softmax(la[row]), _log_softmax(lb[row])
-                kl = (np.exp(pa) * (pa - pb)).sum(-1)
+                pa, pb = log_softmax(la[row]), log_softmax(lb[row])
+                kl = kl_divergence(pa, pb)
                 agree += int((pa.argmax(-1) == pb.argmax(-1)).sum())
                 kl_sum += float(kl.sum())
                 kl_max = max(kl_max, float(kl.max()))
                 count += len(kl)
-                targets = ids[row, 1:]
-                nll_a -= float(np.take_along_axis(pa[:-1], targets[:, None], -1).sum())
-                nll_b -= float(np.take_along_axis(pb[:-1], targets[:, None], -1).sum())
-                scored += len(targets)
+                nll_a -= float(np.take_along_axis(pa, targets[row][:, None], -1).sum())
+                nll_b -= float(np.take_along_axis(pb, targets[row][:, None], -1).sum())
     return Fidelity(
         positions=count, windows=len(windows), window=window, decode_steps=decode_steps,
         top1_agreement=agree / count, mean_kl=kl_sum / count, max_kl=kl_max,
-        perplexity_a=math.exp(nll_a / scored) if text else None,
-        perplexity_b=math.exp(nll_b / scored) if text else None, source=source,
+        perplexity_a=math.exp(nll_a / count) if text else None,
+        perplexity_b=math.exp(nll_b / count) if text else None, source=source,
     )
 
 
-def cpu_session(path: str | Path, threads: int | None = None, *, prepack: bool = True) -> ort.InferenceSession:
-    """A CPU session with the runtime's options (full graph optimizations, as a deployment would use).
-
-    `prepack=False` leaves the weights where ONNX Runtime mapped them instead of also keeping a
-    copy packed for its matrix kernels: the session of a float reference graph then needs memory
-    for its weights once, not twice, and computes the same products a little more slowly.
-    """
-    from parscale.runtime.session import CPU, session_options
-
-    opts = session_options(threads, CPU)
-    if not prepack:
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-    try:
-        return ort.InferenceSession(str(path), opts, providers=[CPU])
-    except Exception as e:  # ORT has its own exception types for unreadable or unsupported graphs
-        raise ParScaleError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
-
-
 def _vocab(session: ort.InferenceSession) -> int:
-    vocab = session.get_outputs()[0].shape[-1]
-    if not isinstance(vocab, int):
-        raise ParScaleError("the export's logits lack a static vocabulary dimension")
-    return vocab
+    return GraphInfo.of(session).vocab_size
 
 
 def compare_exports(
@@ -211,16 +141,16 @@ def compare_exports(
     for folder in (a, b):
         if not (folder / MODEL_FILE).is_file():
             raise ParScaleError(f"{folder / MODEL_FILE} not found: not an export folder")
-    opened = [cpu_session(a / MODEL_FILE, threads)]  # handed over to compare_sessions, not kept here
+    opened = [open_session(a / MODEL_FILE, threads=threads)]  # handed over to compare_sessions, not kept here
     vocab = _vocab(opened[0])
     if text is not None:
         tokens, source = text_tokens(a, text), f"text {Path(text).name}"
     else:
-        n = window * (max_windows or 8)
+        n = window * (max_windows or 8) + 1  # + 1: the last window's last target
         tokens, source = random_tokens(vocab, n, seed), f"random tokens (seed {seed})"
 
     def open_b() -> ort.InferenceSession:
-        session = cpu_session(b / MODEL_FILE, threads)
+        session = open_session(b / MODEL_FILE, threads=threads)
         if _vocab(session) != vocab:
             raise ParScaleError(f"the exports have different vocabularies ({vocab} vs {_vocab(session)})")
         return session

@@ -1,15 +1,17 @@
-"""An export's manifest (`parscale.json`): what the folder holds and how it was made.
+"""An export's manifest (`parscale.json`), typed: what the folder holds and how it was made.
 
 Shared by the exporter (writes it) and the runtime (reads and checks it); torch-free.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parscale.config import ParScaleConfig, read_json
 from parscale.errors import ParScaleError
 
 MANIFEST = "parscale.json"
@@ -27,99 +29,194 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+def describe_files(folder: Path) -> dict[str, FileEntry]:
     """Size and sha256 of every file in the folder except the manifest itself."""
     return {
-        p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+        p.name: FileEntry(bytes=p.stat().st_size, sha256=file_digest(p))
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Load an export's manifest, refusing folders that are not parscale exports."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ParScaleError(f"export folder {folder} does not exist")
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ParScaleError(f"{folder} is not a parscale export (no {MANIFEST}); run `parscale export` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ParScaleError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ParScaleError(f"{path} is not a parscale export manifest")
-    version = manifest.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise ParScaleError(f"{path}: format_version must be an integer, got {version!r}; re-export the model")
-    if version > FORMAT_VERSION:
-        raise ParScaleError(
-            f"{folder} was written by a newer parscale (format {manifest['format_version']}); upgrade parscale"
-        )
-    return manifest
+@dataclass(frozen=True)
+class ModelInfo:
+    """`model` in the manifest: what a runtime needs to know about the network (from config.json)."""
+
+    model_type: str
+    P: int
+    prefix_tokens: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    cache_heads: int  # P * num_key_value_heads: the graph's cache heads
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, cfg: ParScaleConfig) -> ModelInfo:
+        return cls(model_type=cfg.model_type, P=cfg.P, prefix_tokens=cfg.n_prefix,
+                   num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                   num_key_value_heads=cfg.num_key_value_heads, cache_heads=cfg.cache_heads, head_dim=cfg.head_dim,
+                   hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
+                   max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
+
+    def runtime_fields(self) -> dict[str, int]:
+        """The fields the runtime sizes things by, each checked against the graph and config.json on load."""
+        return {k: getattr(self, k) for k in RUNTIME_FIELDS}
 
 
-# Fields of manifest["model"] the runtime relies on: each must be a positive integer.
-RUNTIME_FIELDS = ("P", "num_hidden_layers", "cache_heads", "head_dim", "vocab_size", "max_position_embeddings")
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the export folder, as listed in the manifest."""
+
+    bytes: int
+    sha256: str | None = None
 
 
-def model_fields(folder: str | Path, manifest: dict[str, Any]) -> dict[str, int]:
-    """The manifest's `model` fields the runtime uses, type-checked: a clear error for null/missing/wrong."""
-    model = manifest.get("model")
-    if not isinstance(model, dict):
-        raise ParScaleError(f"{folder}: {MANIFEST} has no model description; re-export the model")
-    bad = [f"{k}={model.get(k)!r}" for k in RUNTIME_FIELDS
-           if isinstance(model.get(k), bool) or not isinstance(model.get(k), int) or model.get(k) < 1]
-    if bad:
-        raise ParScaleError(
-            f"{folder}: {MANIFEST} field(s) {', '.join(bad)} must be positive integers; the manifest was "
-            "edited or damaged: re-export the model"
-        )
-    return {k: model[k] for k in RUNTIME_FIELDS}
+@dataclass(frozen=True)
+class Manifest:
+    """An export's `parscale.json`, typed. `to_dict` gives the JSON layout; `read` type-checks it."""
+
+    model: ModelInfo
+    dtype: str  # "fp32" or "fp16"
+    opset: int
+    io: dict[str, Any]  # the graph's input and output names and axes (parscale.contract)
+    source: dict[str, Any]  # the checkpoint's folder name and sha256
+    tool: dict[str, Any]
+    quantization: dict[str, Any] | None = None  # exporter.quantize.QuantReport.to_dict()
+    validation: dict[str, Any] | None = None  # what the export measured against PyTorch and the float graph
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.bytes for f in self.files.values())
+
+    def replace(self, **changes: Any) -> Manifest:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"format": FORMAT, "format_version": self.format_version, "tool": self.tool,
+                             "model": dataclasses.asdict(self.model), "dtype": self.dtype, "opset": self.opset,
+                             "quantization": self.quantization, "io": self.io, "source": self.source}
+        if self.validation is not None:
+            d["validation"] = self.validation
+        if self.files:
+            d["files"] = {name: {k: v for k, v in dataclasses.asdict(f).items() if v is not None}
+                          for name, f in self.files.items()}
+        return d
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        """Load and type-check an export's manifest, refusing folders that are not parscale exports."""
+        folder = Path(folder)
+        return cls.from_dict(_load_json(folder), folder)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], folder: str | Path = ".") -> Manifest:
+        """Type-check a manifest's JSON: a clear error naming the field for anything null, missing or wrong."""
+        model = d.get("model")
+        if not isinstance(model, dict):
+            raise ParScaleError(f"{folder}: {MANIFEST} has no model description; re-export the model")
+        bad = [f"{k}={model.get(k)!r}" for k in RUNTIME_FIELDS
+               if isinstance(model.get(k), bool) or not isinstance(model.get(k), int) or model.get(k) < 1]
+        if bad:
+            raise ParScaleError(
+                f"{folder}: {MANIFEST} field(s) {', '.join(bad)} must be positive integers; the manifest was "
+                "edited or damaged: re-export the model"
+            )
+        types = {f.name: f.type for f in dataclasses.fields(ModelInfo)}
+        wrong = [k for k, t in types.items() if not _is(model.get(k), t)]
+        if wrong:
+            raise ParScaleError(f"{folder}: {MANIFEST} model field(s) {', '.join(wrong)} are missing or of the "
+                                "wrong type; re-export the model")
+        for key, kind in (("dtype", str), ("opset", int), ("io", dict), ("source", dict), ("tool", dict)):
+            if not _is(d.get(key), kind.__name__):
+                raise ParScaleError(f"{folder}: {MANIFEST} field {key} is missing or not a {kind.__name__}; "
+                                    "re-export the model")
+        for key in ("quantization", "validation"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ParScaleError(f"{folder}: {MANIFEST} field {key} is not an object; re-export the model")
+        return cls(model=ModelInfo(**{k: model[k] for k in types}), dtype=d["dtype"], opset=d["opset"], io=d["io"],
+                   source=d["source"], tool=d["tool"], quantization=d.get("quantization"),
+                   validation=d.get("validation"), files=_files(folder, d.get("files", {})),
+                   format_version=d["format_version"])
 
 
-def listed_files(folder: str | Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _is(value: Any, type_name: str) -> bool:
+    """isinstance against a dataclass field's annotation (a string under `from __future__ import annotations`)."""
+    kinds = {"int": int, "str": str, "bool": bool, "dict": dict}
+    if type_name != "bool" and isinstance(value, bool):
+        return False
+    return isinstance(value, kinds[type_name])
+
+
+def _files(folder: str | Path, files: Any) -> dict[str, FileEntry]:
     """The manifest's file list, type-checked (plain names, integer sizes), so that checks cannot crash."""
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise ParScaleError(f"{folder}: {MANIFEST} lists no files; re-export the model")
+    if not isinstance(files, dict):
+        raise ParScaleError(f"{folder}: {MANIFEST} field files is not an object; re-export the model")
+    out = {}
     for name, info in files.items():
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise ParScaleError(f"{folder}: {MANIFEST} lists {name!r}, which is not a file name in the folder")
         if (not isinstance(info, dict) or isinstance(info.get("bytes"), bool) or not isinstance(info.get("bytes"), int)
                 or not isinstance(info.get("sha256", ""), str)):
             raise ParScaleError(f"{folder}: {MANIFEST} entry for {name} is malformed; re-export the model")
-    return files
+        out[name] = FileEntry(bytes=info["bytes"], sha256=info.get("sha256"))
+    return out
 
 
-def check_files(folder: str | Path, manifest: dict[str, Any], *, checksums: bool = True) -> None:
+def _load_json(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise ParScaleError(f"export folder {folder} does not exist")
+    path = folder / MANIFEST
+    missing = f"{folder} is not a parscale export (no {MANIFEST}); run `parscale export` first"
+    manifest = read_json(path, missing=missing)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ParScaleError(f"{path} is not a parscale export manifest")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ParScaleError(f"{path}: format_version must be an integer, got {version!r}; re-export the model")
+    if version > FORMAT_VERSION:
+        raise ParScaleError(f"{folder} was written by a newer parscale (format {version}); upgrade parscale")
+    return manifest
+
+
+# Fields of the model description the runtime relies on: each must be a positive integer.
+RUNTIME_FIELDS = ("P", "num_hidden_layers", "cache_heads", "head_dim", "vocab_size", "max_position_embeddings")
+
+
+def check_files(folder: str | Path, manifest: Manifest, *, checksums: bool = True) -> None:
     """Raise unless every file listed in the manifest exists with its size and (`checksums`) its sha256.
 
     Sizes are always compared (free); hashing reads every byte (sha256, about 1.4 GB/s per core here).
     """
     folder = Path(folder)
-    files = listed_files(folder, manifest)
-    for name, info in files.items():
+    if not manifest.files:
+        raise ParScaleError(f"{folder}: {MANIFEST} lists no files; re-export the model")
+    for name, info in manifest.files.items():
         path = folder / name
         if not path.is_file():
             raise ParScaleError(f"{folder}: {name} is listed in {MANIFEST} but missing; re-export the model")
-        if path.stat().st_size != info["bytes"]:
+        if path.stat().st_size != info.bytes:
             raise ParScaleError(
-                f"{folder}: {name} has {path.stat().st_size} bytes, the manifest says {info['bytes']}: "
+                f"{folder}: {name} has {path.stat().st_size} bytes, the manifest says {info.bytes}: "
                 "the folder was modified or copied incompletely; re-export the model"
             )
     if not checksums:
         return
-    for name, info in files.items():
-        if "sha256" not in info:
+    for name, info in manifest.files.items():
+        if info.sha256 is None:
             raise ParScaleError(f"{folder}: {MANIFEST} has no sha256 for {name}; re-export, or skip the check "
-                                "with --no-verify")
+                                "with verify=False (--no-verify)")
         try:
             digest = file_digest(folder / name)
         except OSError as e:
             raise ParScaleError(f"{folder}: cannot read {name}: {e.strerror}") from None
-        if digest != info["sha256"]:
+        if digest != info.sha256:
             raise ParScaleError(
                 f"{folder}: {name} does not match its sha256 in {MANIFEST}: the file is damaged or was "
                 "modified; re-export the model (or copy it again)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from runtime_helpers import TinyFactory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
@@ -34,12 +35,19 @@ def golden_dir(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, Path]]:
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyFactory:
+    """The memoized factory of tiny checkpoints and exports (tests/runtime_helpers.py)."""
+    return TinyFactory(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tiny: TinyFactory) -> dict[int, tuple[Path, Path]]:
     """Tiny random fp32 checkpoints (prefix 8, byte-level tokenizer) and their exports, P = 1 and 4.
 
-    Maps P -> (checkpoint folder, export folder); built once per session (tests/runtime_helpers.py).
+    Maps P -> (checkpoint folder, export folder).
     """
-    from runtime_helpers import make_export
-
-    root = tmp_path_factory.mktemp("tiny_exports")
-    return {P: make_export(root, P) for P in (1, 4)}
+    made = {}
+    for P in (1, 4):
+        ckpt = tiny.checkpoint(P=P, seed=P, tokenizer=True)
+        made[P] = (ckpt, tiny.export(ckpt, P=P, validate=False))
+    return made

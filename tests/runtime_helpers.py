@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import onnxruntime as ort
 import torch
+
+from parscale.graph import GraphInfo, step
 
 TEXTS = [
     "def f(x):\n    return x + 1\n",
@@ -32,17 +38,43 @@ def byte_level_tokenizer(path: Path) -> Path:
     return path
 
 
-def make_export(root: Path, P: int, *, tokenizer: bool = True) -> tuple[Path, Path]:  # noqa: N803
-    """A tiny random fp32 checkpoint (prefix 8) and its export; returns (checkpoint, export)."""
-    from parscale.exporter.export import export
-    from parscale.modeling.init import init_checkpoint
+class TinyFactory:
+    """The one memoized factory of tiny checkpoints and their exports: each distinct request is made
+    once per test session (tracing costs seconds), and a test that needs a variant asks for it by
+    keyword instead of writing its own fixture. Callers must not modify what they get (copy it)."""
 
-    ckpt = init_checkpoint(root / f"ckpt_p{P}", P=P, preset="tiny", prefix=8, dtype="float32", seed=P)
-    if tokenizer:
-        byte_level_tokenizer(ckpt / "tokenizer.json")
-    out = root / f"export_p{P}"
-    export(ckpt, out, P=P, validate=False)
-    return ckpt, out
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._made: dict[tuple, Path] = {}
+
+    def checkpoint(self, *, P: int = 4, prefix: int = 8, seed: int = 0, tied: bool | None = None,  # noqa: N803
+                   dtype: str = "float32", tokenizer: bool = False, tokenizer_config: bool = False) -> Path:
+        """A random `tiny`-preset checkpoint; `tokenizer`: with a byte-level tokenizer.json (512 ids),
+        `tokenizer_config`: and the tokenizer_config.json a published checkpoint has."""
+        from parscale.modeling.init import init_checkpoint
+
+        key = ("ckpt", P, prefix, seed, tied, dtype, tokenizer, tokenizer_config)
+        if key not in self._made:
+            path = self.root / f"ckpt-{len(self._made)}"
+            init_checkpoint(path, P=P, preset="tiny", prefix=prefix, dtype=dtype, seed=seed, tied=tied)
+            if tokenizer or tokenizer_config:
+                byte_level_tokenizer(path / "tokenizer.json")
+            if tokenizer_config:
+                (path / "tokenizer_config.json").write_text(json.dumps({
+                    "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                    "pad_token": "<|endoftext|>", "model_max_length": 512,
+                }))
+            self._made[key] = path
+        return self._made[key]
+
+    def export(self, ckpt: Path, **options: Any) -> Path:
+        """`parscale.exporter.export.export(ckpt, ...)` of a factory checkpoint, with `options`."""
+        from parscale.exporter.export import export
+
+        key = ("export", ckpt, *sorted((k, repr(v)) for k, v in options.items()))
+        if key not in self._made:
+            self._made[key] = export(ckpt, self.root / f"export-{len(self._made)}", **options).out
+        return self._made[key]
 
 
 def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -66,3 +98,18 @@ def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], n: int) -> li
             logits, cache = model(token, mask, nxt_pos, cache, 1)
             nxt_pos = nxt_pos + 1
     return out
+
+
+def greedy_graph(session: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    """Greedy tokens (prompts included) of a left-padded batch, with nothing but the session and
+    `parscale.graph.step`: the plainest driver of the graph contract, independent of the runtime."""
+    info = GraphInfo.of(session)
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    tokens, step_ids, past = ids, ids, None
+    for _ in range(n):
+        logits, past = step(session, info, step_ids, mask, pos, past, keep=1)
+        step_ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        tokens = np.concatenate([tokens, step_ids], axis=1)
+        mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
+        pos = pos[:, -1:] + 1
+    return tokens

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from parscale.modeling.init import init_checkpoint
+pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
 
 @pytest.fixture(scope="module")
-def good_checkpoint(tmp_path_factory) -> Path:
-    return init_checkpoint(tmp_path_factory.mktemp("good") / "ckpt", P=2, prefix=4, dtype="float32")
+def good_checkpoint(tiny) -> Path:
+    return tiny.checkpoint(P=2, prefix=4)
 
 
 def edit_config(**changes) -> Callable[[Path], None]:
@@ -61,7 +61,7 @@ CASES = [
     ("no-weight-files", lambda c: (c / "model.safetensors").unlink(), [], ["no weight files"]),
     ("pickle-weights-only", lambda c: (c / "model.safetensors").rename(c / "pytorch_model.bin"), [],
      ["pickle", "safetensors"]),
-    ("P-disagrees", lambda c: None, ["--P", "3"], ["--P 3", "parscale_n=2"]),
+    ("P-disagrees", lambda c: None, ["--P", "3"], ["P=3", "parscale_n=2"]),
     ("sliding-window", edit_config(use_sliding_window=True), [], ["use_sliding_window"]),
     ("rope-scaling", edit_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}), [], ["rope_scaling", "yarn"]),
     ("missing-model-folder", lambda c: shutil.rmtree(c), [], ["does not exist"]),

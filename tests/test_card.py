@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from parscale.exporter.card import CARD, NEW_TOKENS, PROMPT_IDS, model_card
-from parscale.manifest import read_manifest
+from parscale.manifest import Manifest
+
+pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
 
@@ -50,7 +52,7 @@ def run_snippet(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_card_describes_the_export(carded_export):
     card = (carded_export / CARD).read_text()
-    manifest = read_manifest(carded_export)
+    manifest = Manifest.read(carded_export).to_dict()
     assert CARD in manifest["files"]
     assert card.startswith("# tiny-p2: ParScale P=2, ONNX")
     assert "| parallel streams P | 2 |" in card and "| prefix tokens per stream | 4 |" in card
@@ -67,7 +69,7 @@ def test_card_describes_the_export(carded_export):
 
 def test_card_reports_quantization_and_fidelity(carded_export):
     """Rendered from a manifest as a quantized, validated export writes it (no second export needed)."""
-    manifest = read_manifest(carded_export)
+    manifest = Manifest.read(carded_export).to_dict()
     manifest["quantization"] = {
         "scheme": {"bits": 4, "block_size": 32, "symmetric": False, "embedding_bits": 4, "method": "gptq"},
         "calibration": "sampled from the float model: 8 x 128 tokens (seed 0)",

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from parscale.modeling.init import init_checkpoint, make_config
+from parscale.modeling.init import make_config
 
 INJECT = """
 import sys
 import parscale.exporter.export as export_module
 from parscale.cli import main
+
+pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
 def boom(*args, **kwargs):
     raise RuntimeError("injected failure\\nsecond line")
@@ -30,8 +32,8 @@ main()
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_checkpoint(tmp_path_factory.mktemp("c") / "ckpt", P=2, prefix=4, dtype="float32")
+def ckpt(tiny) -> Path:
+    return tiny.checkpoint(P=2, prefix=4)
 
 
 def run(target: str, *args: str) -> subprocess.CompletedProcess:

@@ -9,15 +9,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from runtime_helpers import greedy_graph, torch_greedy
 
 from parscale import contract
 from parscale.config import ParScaleConfig
 from parscale.exporter.export import Dtype, export
 from parscale.exporter.validate import compare
-from parscale.fidelity import cpu_session
-from parscale.manifest import MANIFEST, read_manifest
+from parscale.graph import GraphInfo, open_session, step
+from parscale.manifest import MANIFEST, Manifest
 from parscale.modeling.checkpoint import load_model, save_checkpoint
 from parscale.modeling.init import make_config, random_model
+
+pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
 # (P, kv heads, tied, stored dtype, shards): together they cover P in {1,2,3,4,8}, GQA (2 of 4
 # heads) and MHA, tied and untied embeddings, bf16 storage and sharded weights.
@@ -37,44 +40,13 @@ def make_checkpoint(path: Path, *, P: int, kv: int = 2, tied: bool = False, dtyp
     return path
 
 
-def greedy_ort(session, cfg: ParScaleConfig, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
-    """Greedy decoding over the graph contract with the KV cache (the plainest possible driver)."""
-    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    empty = np.zeros((ids.shape[0], cfg.cache_heads, 0, cfg.head_dim), np.float32)
-    past = dict.fromkeys(contract.past_names(cfg.num_hidden_layers), empty)
-    names = contract.output_names(cfg.num_hidden_layers)
-    tokens, step_ids = ids, ids
-    for _ in range(n):
-        feed = {contract.INPUT_IDS: step_ids, contract.ATTENTION_MASK: mask, contract.POSITION_IDS: pos,
-                contract.NUM_LOGITS_TO_KEEP: np.array(1, np.int64), **past}
-        logits, *presents = session.run(names, feed)
-        step_ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-        tokens = np.concatenate([tokens, step_ids], axis=1)
-        mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
-        pos = pos[:, -1:] + 1
-        past = dict(zip(contract.past_names(cfg.num_hidden_layers), presents, strict=True))
-    return tokens
-
-
-def greedy_torch(module, prompt: np.ndarray, n: int) -> np.ndarray:
-    """Greedy tokens of the PyTorch module with its KV cache, batch 1."""
-    ids = torch.from_numpy(prompt)
-    with torch.no_grad():
-        logits, cache = module(ids)
-        tokens = [*prompt[0].tolist()]
-        for _ in range(n):
-            tokens.append(int(logits[0, -1].argmax()))
-            logits, cache = module(torch.tensor([[tokens[-1]]]), None, torch.tensor([[len(tokens) - 1]]), cache)
-    return np.array(tokens)
-
-
 @pytest.mark.parametrize(("P", "kv", "tied", "dtype", "shards"), CASES)
 def test_export_matches_pytorch(tmp_path, P, kv, tied, dtype, shards):  # noqa: N803
     ckpt = make_checkpoint(tmp_path / "ckpt", P=P, kv=kv, tied=tied, dtype=dtype, shards=shards)
     result = export(ckpt, tmp_path / "out", P=P)
     assert result.validation is not None and result.validation.ok
     _, module = load_model(ckpt)
-    report = compare(cpu_session(tmp_path / "out" / "model.onnx"), module, steps=8, seed=7)
+    report = compare(open_session(tmp_path / "out" / "model.onnx"), module, steps=8, seed=7)
     assert report.steps == 8
     assert report.prefill_diff < 1e-4, report
     assert report.decode_diff < 1e-4, report
@@ -85,68 +57,58 @@ def test_golden_reference(tmp_path, golden_dir):
     """The export reproduces the original implementation's logits and greedy tokens."""
     cases = np.load(golden_dir / "cases.npz")
     export(golden_dir / "ckpt", tmp_path / "out")
-    cfg = ParScaleConfig.load(tmp_path / "out")
-    session = cpu_session(tmp_path / "out" / "model.onnx")
+    session = open_session(tmp_path / "out" / "model.onnx")
     ids, mask = cases["input_ids"], cases["attention_mask"]
-    feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask,
-            contract.POSITION_IDS: np.clip(mask.cumsum(-1) - 1, 0, None)}
-    empty = np.zeros((2, cfg.cache_heads, 0, cfg.head_dim), np.float32)
-    feed.update(dict.fromkeys(contract.past_names(cfg.num_hidden_layers), empty))
-    logits = session.run([contract.LOGITS], feed)[0]  # num_logits_to_keep defaults to 0: all
+    logits, _ = step(session, GraphInfo.of(session), ids, mask, np.clip(mask.cumsum(-1) - 1, 0, None))
     real = mask.astype(bool)
     assert np.abs(logits - cases["logits"])[real].max() < 1e-3
     n = cases["greedy_batch"].shape[1] - ids.shape[1]
-    assert (greedy_ort(session, cfg, ids, mask, n) == cases["greedy_batch"]).all()
-    single = greedy_ort(session, cfg, ids[1:], mask[1:], n)
+    assert (greedy_graph(session, ids, mask, n) == cases["greedy_batch"]).all()
+    single = greedy_graph(session, ids[1:], mask[1:], n)
     assert (single == cases["greedy_single"]).all()
 
 
 @pytest.fixture(scope="module")
-def p4_export(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("p4")
-    ckpt = make_checkpoint(tmp / "ckpt", P=4, tied=True, prefix=6)
-    export(ckpt, tmp / "out", P=4)
-    return ckpt, tmp / "out"
+def p4_export(tiny):
+    ckpt = tiny.checkpoint(P=4, tied=True, prefix=6)
+    return ckpt, tiny.export(ckpt, P=4)
 
 
 def test_folder_layout_and_manifest(p4_export):
     _, out = p4_export
     names = {p.name for p in out.iterdir()}
     assert {"model.onnx", "config.json", "generation_config.json", "genai_config.json", MANIFEST} <= names
-    manifest = read_manifest(out)
-    assert manifest["model"]["P"] == 4 and manifest["model"]["prefix_tokens"] == 6
-    assert manifest["model"]["cache_heads"] == 8
-    assert manifest["dtype"] == "fp32" and manifest["quantization"] is None
-    assert manifest["io"]["inputs"] == contract.input_names(2)
-    assert manifest["io"]["outputs"] == contract.output_names(2)
-    assert len(manifest["source"]["sha256"]) == 64
-    assert manifest["files"]["model.onnx"]["bytes"] == (out / "model.onnx").stat().st_size
+    manifest = Manifest.read(out)
+    assert manifest.model.P == 4 and manifest.model.prefix_tokens == 6
+    assert manifest.model.cache_heads == 8
+    assert manifest.dtype == "fp32" and manifest.quantization is None
+    assert manifest.io["inputs"] == contract.input_names(2)
+    assert manifest.io["outputs"] == contract.output_names(2)
+    assert len(manifest.source["sha256"]) == 64
+    assert manifest.files["model.onnx"].bytes == (out / "model.onnx").stat().st_size
     proto = onnx.load(out / "model.onnx", load_external_data=False)
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["parscale"])
-    assert meta["model"] == manifest["model"] and meta["source"] == manifest["source"]
+    assert meta["model"] == manifest.to_dict()["model"] and meta["source"] == manifest.source
 
 
 def test_graph_io_follows_contract(p4_export):
     _, out = p4_export
-    session = cpu_session(out / "model.onnx")
+    session = open_session(out / "model.onnx")
     inputs = {i.name: i for i in session.get_inputs()}
     # num_logits_to_keep is an optional input: an initializer supplies its default (0: all logits).
     assert list(inputs) == [n for n in contract.input_names(2) if n != contract.NUM_LOGITS_TO_KEEP]
     assert contract.NUM_LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
-    assert inputs["past_key_values.0.key"].shape == [contract.BATCH, 8, "past", 16]
+    assert inputs[contract.past_key(0)].shape == [contract.BATCH, 8, "past", 16]
     assert inputs[contract.ATTENTION_MASK].shape == [contract.BATCH, "total"]
     outputs = {o.name: o for o in session.get_outputs()}
-    assert outputs["present.1.value"].shape == [contract.BATCH, 8, "total", 16]
+    assert outputs[contract.present_value(1)].shape == [contract.BATCH, 8, "total", 16]
     assert outputs[contract.LOGITS].type == "tensor(float)"
     # The prefix lives in the graph: a first step with an empty past returns only real tokens.
     cfg = ParScaleConfig.load(out)
     ids = np.array([[3, 4, 5]], np.int64)
-    feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones_like(ids),
-            contract.POSITION_IDS: np.arange(3)[None], contract.NUM_LOGITS_TO_KEEP: np.array(2, np.int64)}
-    feed.update(dict.fromkeys(contract.past_names(2), np.zeros((1, 8, 0, cfg.head_dim), np.float32)))
-    logits, present = session.run([contract.LOGITS, "present.0.key"], feed)
+    logits, present = step(session, GraphInfo.of(session), ids, np.ones_like(ids), np.arange(3)[None], keep=2)
     assert logits.shape == (1, 2, cfg.vocab_size)
-    assert present.shape == (1, 8, 3, cfg.head_dim)
+    assert present[contract.past_key(0)].shape == (1, 8, 3, cfg.head_dim)
 
 
 def test_onnxruntime_genai_runs_export(p4_export):
@@ -164,7 +126,7 @@ def test_onnxruntime_genai_runs_export(p4_export):
     while not gen.is_done():
         gen.generate_next_token()
     genai_tokens = np.array(gen.get_sequence(0))
-    ours = greedy_torch(module, prompt, n)
+    ours = np.concatenate([prompt[0], torch_greedy(module, prompt.tolist(), n)[0]])
     eos = set(cfg.eos_ids())
     stop = next((i + 1 for i, t in enumerate(ours[prompt.shape[1]:], prompt.shape[1]) if t in eos), len(ours))
     assert genai_tokens.tolist() == ours[:stop].tolist()
@@ -174,11 +136,10 @@ def test_fp16_export(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", P=2, tied=False)
     result = export(ckpt, tmp_path / "out", dtype=Dtype.fp16)
     assert result.validation is not None and result.validation.ok
-    session = cpu_session(tmp_path / "out" / "model.onnx")
-    past = next(i for i in session.get_inputs() if i.name == "past_key_values.0.key")
-    assert past.type == "tensor(float16)"
+    session = open_session(tmp_path / "out" / "model.onnx")
+    assert GraphInfo.of(session).cache_dtype is np.float16
     assert next(o for o in session.get_outputs() if o.name == "logits").type == "tensor(float)"
-    assert read_manifest(tmp_path / "out")["dtype"] == "fp16"
+    assert Manifest.read(tmp_path / "out").dtype == "fp16"
 
 
 def test_module_keeps_last_logits():

@@ -15,7 +15,8 @@ import pytest
 
 from parscale.exporter.export import Dtype, export
 from parscale.exporter.quantize import QuantScheme, default_scheme
-from parscale.manifest import EXTERNAL_DATA, MODEL_FILE, check_files, read_manifest
+from parscale.graph import GraphInfo, open_session, step
+from parscale.manifest import EXTERNAL_DATA, MODEL_FILE, Manifest, check_files
 from parscale.modeling.init import init_checkpoint
 from parscale.runtime import Model
 
@@ -61,7 +62,7 @@ def test_external_data_export_equals_single_file_export(
     moved = (small.out / MODEL_FILE).stat().st_size - (big.out / MODEL_FILE).stat().st_size
     assert data > 0 and moved > 0.8 * data  # the weights left the graph file for the data file
     assert not (small.out / EXTERNAL_DATA).exists()
-    check_files(big.out, read_manifest(big.out), checksums=True)
+    check_files(big.out, Manifest.read(big.out), checksums=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["external", "inline"]  # no work folders left
     if validate:
         assert big.validation is not None and big.validation.ok
@@ -78,18 +79,10 @@ def test_external_data_export_equals_single_file_export(
 @pytest.mark.slow
 def test_external_data_logits_equal_single_file(checkpoints: dict[bool, Path], tmp_path: Path) -> None:
     """Bit for bit: the same weights are read, whether from the proto or from model.onnx.data."""
-    import onnxruntime as ort
-
-    from parscale import contract
-
     runs = []
     for name, threshold in (("a", 0), ("b", 1 << 30)):
         out = export(checkpoints[True], tmp_path / name, quantize=default_scheme(8), validate=False,
                      external_data_threshold=threshold).out
-        s = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
-        n = read_manifest(out)["model"]["num_hidden_layers"]
-        past = np.zeros((1, 8, 0, 16), np.float32)
-        feed = {contract.INPUT_IDS: np.array([PROMPT]), contract.ATTENTION_MASK: np.ones((1, 5), np.int64),
-                contract.POSITION_IDS: np.arange(5)[None], **dict.fromkeys(contract.past_names(n), past)}
-        runs.append(s.run([contract.LOGITS], feed)[0])
+        s = open_session(out / MODEL_FILE)
+        runs.append(step(s, GraphInfo.of(s), np.array([PROMPT]), np.ones((1, 5), np.int64), np.arange(5)[None])[0])
     np.testing.assert_array_equal(runs[0], runs[1])

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from parscale.args import available_cpus, check_seed, check_threads, check_window
 from parscale.cli import _parse_ids
 from parscale.errors import ParScaleError
-from parscale.manifest import MANIFEST, MODEL_FILE, describe_files
+from parscale.manifest import MANIFEST, MODEL_FILE, Manifest, describe_files
 from parscale.runtime import Model
 from parscale.runtime.weights import find_nonfinite
 
@@ -37,7 +37,10 @@ def edit_manifest(folder: Path, fn) -> None:  # type: ignore[no-untyped-def]
 
 def rehash(folder: Path) -> None:
     """Make the manifest agree with the files again: what a careless (or malicious) edit would do."""
-    edit_manifest(folder, lambda m: m.update(files=describe_files(folder)))
+    def update(m: dict) -> None:
+        m["files"] = Manifest.from_dict(m).replace(files=describe_files(folder)).to_dict()["files"]
+
+    edit_manifest(folder, update)
 
 
 def poison(folder: Path, name: str, value: float, external: bool = False) -> None:
@@ -171,13 +174,13 @@ def test_prompt_ids_refuse_anything_else(text):
 def test_shared_argument_rules():
     assert check_threads(10**9) == available_cpus()  # clamped: ORT would try to start them all
     assert check_threads(None) is None
-    with pytest.raises(ParScaleError, match="--threads must be >= 1"):
+    with pytest.raises(ParScaleError, match="threads must be >= 1"):
         check_threads(0)
-    with pytest.raises(ParScaleError, match="--seed must be >= 0"):
+    with pytest.raises(ParScaleError, match="seed must be >= 0"):
         check_seed(-1)
-    with pytest.raises(ParScaleError, match="--seed must be <= "):
+    with pytest.raises(ParScaleError, match="seed must be <= "):
         check_seed(2**63)
-    with pytest.raises(ParScaleError, match=r"--window must be <= 512 \(the model's context length\), got 5000"):
+    with pytest.raises(ParScaleError, match=r"window must be <= 512 \(the model's context length\), got 5000"):
         check_window(5000, 512)
 
 
@@ -190,7 +193,7 @@ def test_compare_and_eval_refuse_a_window_beyond_the_context_alike(tiny_exports,
     r = subprocess.run([sys.executable, "-m", "parscale", command, *args, "--window", "5000", "--text", str(text)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
-    assert "--window must be <= 512 (the model's context length), got 5000" in r.stderr, r.stderr
+    assert "window must be <= 512 (the model's context length), got 5000" in r.stderr, r.stderr
 
 
 def test_no_verify_flag_skips_hashing(export):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
+
 pytest.importorskip("optimum.commands.base", reason="optimum is not installed (pip install optimum)")
 
 BIN = Path(sys.executable).parent

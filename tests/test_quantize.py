@@ -20,6 +20,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from runtime_helpers import greedy_graph
 from typer.testing import CliRunner
 
 from parscale.cli import app
@@ -30,26 +31,26 @@ from parscale.exporter.calibrate import LayerwiseHessians, sample_tokens
 from parscale.exporter.export import export
 from parscale.exporter.quantize import QuantScheme, default_scheme, quantize_graph
 from parscale.exporter.validate import compare
-from parscale.fidelity import compare_exports, cpu_session
-from parscale.manifest import MANIFEST, MODEL_FILE, read_manifest
+from parscale.fidelity import compare_exports
+from parscale.graph import open_session
+from parscale.manifest import MANIFEST, MODEL_FILE, Manifest
 from parscale.modeling.checkpoint import load_model
-from parscale.modeling.init import init_checkpoint
+
+pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ckpt")
+def checkpoints(tiny) -> dict[str, Path]:
     return {
-        "tied": init_checkpoint(root / "tied", P=4, preset="tiny", prefix=8, dtype="float32", tied=True),
-        "untied": init_checkpoint(root / "untied", P=4, preset="tiny", prefix=8, dtype="float32", tied=False, seed=1),
-        "p1": init_checkpoint(root / "p1", P=1, preset="tiny", prefix=8, dtype="float32", tied=False, seed=2),
+        "tied": tiny.checkpoint(P=4, tied=True),
+        "untied": tiny.checkpoint(P=4, tied=False, seed=1),
+        "p1": tiny.checkpoint(P=1, tied=False, seed=2),
     }
 
 
 @pytest.fixture(scope="module")
-def float_exports(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("float")
-    return {k: export(v, root / k, validate=False).out for k, v in checkpoints.items()}
+def float_exports(checkpoints: dict[str, Path], tiny) -> dict[str, Path]:
+    return {k: tiny.export(v, validate=False) for k, v in checkpoints.items()}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_quantized_graph_equals_module_with_its_weights(
     assert len(report.tensors) == 7 * 2 + 1 + (0 if shared else 1)
     algorithms = {t["algorithm"] for name, t in report.tensors.items() if name != "model.embed_tokens.weight"}
     assert algorithms == {scheme.method}
-    r = compare(cpu_session(out / MODEL_FILE), graph_module(checkpoints[which], proto), tolerance=1e-3)
+    r = compare(open_session(out / MODEL_FILE), graph_module(checkpoints[which], proto), tolerance=1e-3)
     assert r.ok, r
 
 
@@ -210,8 +211,8 @@ def test_parscale_parameters_stay_float(float_exports: dict[str, Path], tmp_path
 
 
 def test_export_records_scheme_bits_and_fidelity(int4_tied) -> None:
-    m = read_manifest(int4_tied.out)
-    q = m["quantization"]
+    m = Manifest.read(int4_tied.out)
+    q = m.quantization
     assert q["scheme"] == {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 4, "embedding_bits": 4,
                            "method": "gptq"}
     assert q["calibration"].startswith("sampled from the model (float32): 16 x 128 tokens")
@@ -220,7 +221,7 @@ def test_export_records_scheme_bits_and_fidelity(int4_tied) -> None:
     assert q["bits_per_weight"]["model"] > q["bits_per_weight"]["quantized"]  # the float remainder
     meta = json.loads({p.key: p.value for p in onnx.load(str(int4_tied.out / MODEL_FILE)).metadata_props}["parscale"])
     assert meta["quantization"] == q
-    v = m["validation"]
+    v = m.validation
     assert v["greedy_match"] and v["max_abs_logit_diff"] < 1e-3  # the float graph against PyTorch
     f = v["fidelity"]
     assert f["positions"] == 4 * 128 and 0 <= f["mean_kl"] < 0.05 and f["top1_agreement"] > 0.5
@@ -230,28 +231,16 @@ def test_export_records_scheme_bits_and_fidelity(int4_tied) -> None:
 def test_quantized_export_generates_with_the_runtime(int4_tied) -> None:
     """parscale.runtime drives the int4 export (accuracy_level 4: int8 activations inside MatMulNBits)
     to the same greedy tokens as a plain loop over the graph contract."""
-    from parscale import contract
     from parscale.runtime import Model
 
     prompt = [5, 17, 300, 2, 9]
     r = Model.load(int4_tied.out, provider="cpu").generate(prompt_ids=prompt, max_new_tokens=8, greedy=True,
                                                            ignore_eos=True)
-    session = cpu_session(int4_tied.out / MODEL_FILE)
-    m = read_manifest(int4_tied.out)["model"]
-    names = contract.output_names(m["num_hidden_layers"])
-    past = {n: np.zeros((1, m["cache_heads"], 0, m["head_dim"]), np.float32)
-            for n in contract.past_names(m["num_hidden_layers"])}
-    ids, expected = np.array([prompt]), []
-    for _ in range(8):
-        total = len(prompt) + len(expected)
-        feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones((1, total), np.int64),
-                contract.POSITION_IDS: np.arange(total - ids.shape[1], total)[None], **past}
-        logits, *presents = session.run(names, feed)
-        expected.append(int(logits[0, -1].argmax()))
-        ids = np.array([[expected[-1]]])
-        past = dict(zip(contract.past_names(m["num_hidden_layers"]), presents, strict=True))
+    session = open_session(int4_tied.out / MODEL_FILE)
+    prompt_ids = np.array([prompt])
+    expected = greedy_graph(session, prompt_ids, np.ones_like(prompt_ids), 8)[0, len(prompt):].tolist()
     assert list(r.generated_ids) == expected
-    assert all(0 <= t < m["vocab_size"] for t in expected)
+    assert all(0 <= t < Manifest.read(int4_tied.out).model.vocab_size for t in expected)
 
 
 def test_compare_an_export_with_itself(int4_tied) -> None:
@@ -289,7 +278,7 @@ def test_cli_int8_untied_fp16(checkpoints: dict[str, Path], tmp_path: Path) -> N
                                    "--block-size", "64", "--symmetric"])
     assert res.exit_code == 0, res.output
     assert "quantization: int8" in res.output and "bits/weight" in res.output and "top-1 agreement" in res.output
-    q = read_manifest(out)["quantization"]
+    q = Manifest.read(out).quantization
     assert q["scheme"]["block_size"] == 64 and q["scheme"]["symmetric"] is True
     assert q["bits_per_weight"]["quantized"] == pytest.approx(8 + 16 / 64, abs=0.3)  # fp16 scales, K padding
     proto = onnx.load(str(out / MODEL_FILE))

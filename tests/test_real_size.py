@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from parscale.manifest import EXTERNAL_DATA, check_files, read_manifest
+from parscale.manifest import EXTERNAL_DATA, Manifest, check_files
 
 
 def parscale(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -32,14 +32,14 @@ def test_headline_command_at_half_a_billion_parameters(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     assert "greedy match True" in r.stdout
-    m = read_manifest(out)
+    m = Manifest.read(out)
     check_files(out, m, checksums=True)
-    assert m["validation"]["max_abs_logit_diff"] <= 1e-3 and m["validation"]["greedy_match"]
-    assert m["quantization"]["scheme"]["bits"] == 8
-    assert m["validation"]["fidelity"]["positions"] == 4 * 128
+    assert m.validation["max_abs_logit_diff"] <= 1e-3 and m.validation["greedy_match"]
+    assert m.quantization["scheme"]["bits"] == 8
+    assert m.validation["fidelity"]["positions"] == 4 * 128
     assert (out / EXTERNAL_DATA).stat().st_size > 400e6  # int8 codes of 0.5B weights
     peak = float(re.search(r"peak RSS ([\d,]+) MB", r.stdout).group(1).replace(",", ""))
-    print(f"export peak RSS {peak:.0f} MB for {4 * m['quantization']['quantized_weights'] / 1e6:.0f} MB of "
+    print(f"export peak RSS {peak:.0f} MB for {4 * m.quantization['quantized_weights'] / 1e6:.0f} MB of "
           "quantized float32 weights")
 
     r = parscale("generate", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json", timeout=300)

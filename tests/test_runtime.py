@@ -15,7 +15,7 @@ from parscale.errors import ParScaleError
 from parscale.modeling.checkpoint import load_model
 from parscale.runtime import Model
 from parscale.runtime.sampling import Sampler, SamplingConfig, nucleus, softmax, top_k_filter
-from parscale.runtime.tokenizer import IncrementalDecoder, Tokenizer
+from parscale.text import IncrementalDecoder, Tokenizer
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 3], [11, 12, 400]]  # different lengths: the second is left-padded
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from parscale.config import ParScaleConfig
-from parscale.evaluate import eval_checkpoint, eval_export, plan_windows
+from parscale.evaluate import eval_checkpoint, eval_export
 from parscale.modeling.checkpoint import load_model
 from parscale.train.corpus import (
     EOS,
@@ -83,15 +83,6 @@ def test_tokenizer_round_trips_and_saves(tmp_path: Path, sources: list[SourceFil
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["eos_token"] == EOS and config["model_max_length"] == 512
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
-
-
-def test_plan_windows_scores_every_token_once() -> None:
-    for n, window, stride in [(2, 4, 4), (10, 4, 4), (11, 4, 2), (100, 16, 5), (17, 16, 16)]:
-        scored: list[int] = []
-        for w in plan_windows(n, window, stride):
-            assert 1 <= w.length <= window and 0 <= w.skip < w.length
-            scored += range(w.start + 1 + w.skip, w.start + w.length + 1)
-        assert scored == list(range(1, n))
 
 
 def test_tiny_recipe_freezes_the_backbone(tmp_path: Path, sources: list[SourceFile]) -> None:

@@ -16,7 +16,9 @@ import pytest
 
 from parscale.config import ParScaleConfig
 from parscale.exporter.web import TRANSFORMERS_JS_CONFIG, TRANSFORMERS_JS_VERSION
-from parscale.manifest import read_manifest
+from parscale.manifest import Manifest
+
+pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
 WEB = Path(__file__).resolve().parents[1] / "web"
 PACKAGE = WEB / "node_modules" / "@huggingface" / "transformers" / "package.json"
@@ -44,20 +46,9 @@ def node() -> str:
 
 
 @pytest.fixture(scope="module")
-def p2_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def p2_export(tiny) -> Path:
     """A tiny P=2 export with the tokenizer files a published checkpoint has (for the card's snippet)."""
-    from runtime_helpers import byte_level_tokenizer
-
-    from parscale.exporter.export import export
-    from parscale.modeling.init import init_checkpoint
-
-    root = tmp_path_factory.mktemp("web")
-    ckpt = init_checkpoint(root / "ckpt", P=2, preset="tiny", prefix=4, dtype="float32", seed=3)
-    byte_level_tokenizer(ckpt / "tokenizer.json")
-    (ckpt / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "model_max_length": 512,
-    }))
-    return export(ckpt, root / "export", P=2, validate=False).out
+    return tiny.export(tiny.checkpoint(P=2, prefix=4, seed=3, tokenizer_config=True), P=2, validate=False)
 
 
 def run_node(node: str, folder: Path, prompts: list[list[int]], n: int, *extra: str) -> subprocess.CompletedProcess:
@@ -77,7 +68,7 @@ def test_export_has_transformers_js_config(p2_export):
     assert web["num_key_value_heads"] == cfg.cache_heads == 2 * cfg.num_key_value_heads
     assert web["num_attention_heads"] == 2 * cfg.num_attention_heads
     assert web["head_dim"] == cfg.head_dim and web["num_hidden_layers"] == cfg.num_hidden_layers
-    files = read_manifest(p2_export)["files"]
+    files = Manifest.read(p2_export).files
     assert TRANSFORMERS_JS_CONFIG in files and "README.md" in files
     assert "model.ort" not in files  # ORT format only with --ort-format: it doubles the folder's size
     # The source config stays as it was: our runtime and tools read it.

@@ -33,6 +33,7 @@ from parscale.modeling.model import (
     fold_streams,
     rope_cos_sin,
 )
+from parscale.text import document_ids, read_text
 
 SMALL_MODEL = 100_000_000  # parameters; below this, sampling runs on one thread
 
@@ -101,9 +102,7 @@ def sampling_dtype(model_dir: Path) -> torch.dtype:
 def text_windows(model_dir: Path, text_path: str | Path, *, sequences: int = 16, length: int = 128,
                  seed: int = 0) -> np.ndarray:
     """(sequences, length) windows at random offsets of a text file, tokenized by the checkpoint's tokenizer."""
-    from parscale.fidelity import text_tokens
-
-    tokens = text_tokens(model_dir, text_path)
+    tokens = document_ids(model_dir, read_text(text_path))
     if len(tokens) < length:
         raise ParScaleError(f"{text_path} has {len(tokens)} tokens, fewer than one calibration window ({length})")
     starts = np.random.default_rng(seed).integers(0, len(tokens) - length + 1, size=sequences)

@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from parscale import __version__, contract
-from parscale.atomic import AtomicFolder, check_destination, foreign_in_export
+from parscale.atomic import atomic_folder, check_destination, foreign_in_export
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import budget, folder
@@ -33,10 +33,12 @@ from parscale.exporter.graphfile import (
 )
 from parscale.exporter.quantize import QuantReport, QuantScheme, quantize_graph
 from parscale.exporter.trace import trace_to_folder
-from parscale.exporter.validate import ValidationReport, check_graph, reference_run
-from parscale.fidelity import Fidelity, compare_sessions, cpu_session, random_tokens, text_tokens
-from parscale.manifest import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, describe_files
+from parscale.exporter.validate import Reference, ValidationReport, check_graph, reference_run
+from parscale.fidelity import Fidelity, compare_sessions, random_tokens, text_tokens
+from parscale.graph import open_session
+from parscale.manifest import MANIFEST, MODEL_FILE, Manifest, ModelInfo, describe_files
 from parscale.modeling.checkpoint import load_model, release, source_checksum
+from parscale.modeling.model import ParScaleForCausalLM
 from parscale.runtime.memory import limit_malloc_retention
 
 
@@ -61,7 +63,7 @@ class ExportResult:
     """What `export` wrote and measured."""
 
     out: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     validation: ValidationReport | None
     seconds: dict[str, float] = field(default_factory=dict)
     quantization: QuantReport | None = None
@@ -69,7 +71,7 @@ class ExportResult:
 
     @property
     def total_bytes(self) -> int:
-        return sum(f["bytes"] for f in self.manifest["files"].values())
+        return self.manifest.total_bytes
 
 
 def export(
@@ -107,136 +109,227 @@ def export(
     An unexpected error is raised as `StageError`, naming the stage it happened in.
     """
     model_dir, out = Path(model_dir), Path(out)
-    log = log or (lambda _msg: None)
+    job = _Job(model_dir=model_dir, dtype=Dtype(dtype), opset=opset, validate=validate, quantize=quantize,
+               eval_text=eval_text, calibration_text=calibration_text, ort_format=ort_format,
+               external_data_threshold=external_data_threshold, log=log or (lambda _msg: None))
     # Refused early (before loading anything), and again under the lock when the folder is swapped in.
     check_destination(out, force=force, is_replaceable=foreign_in_export, protect=(model_dir,))
-    dtype = Dtype(dtype)
     limit_malloc_retention()  # freed weights go back to the system instead of staying in the heap
-    seconds: dict[str, float] = {}
+    job.stage("reading checkpoint")
+    cfg, eos = _preflight(job, P, check_memory)
+    checksum = source_checksum(model_dir)
+    manifest = _manifest(cfg, job.dtype, opset, checksum, model_dir)
+    steps = _Steps()
+    # tmp: .NAME.partial-<pid>-<random> beside OUT, under a lock on OUT; swapped in on success.
+    with (atomic_folder(out, force=force, is_replaceable=foreign_in_export, protect=(model_dir,), log=job.log) as tmp,
+          _stage_errors(job.seconds)):
+        # A quantized export is made from its float graph, written inside the partial folder and never kept.
+        float_dir = tmp / ".float" if quantize is not None else tmp
+        tokens = _calibration_tokens(job)
+        model = _trace(job, float_dir)
+        reference = None
+        if validate:
+            job.stage("running the PyTorch reference")
+            reference = reference_run(model)
+        proto = None
+        if quantize is not None:
+            proto, steps.quantization = _quantize(job, model, tokens, float_dir, cfg.num_hidden_layers)
+            manifest = manifest.replace(quantization=steps.quantization.to_dict())
+        elif model is not None:
+            release(model)  # the module's memory goes back before ONNX Runtime needs its own
+        del model
+        job.stage("writing model")
+        _write_graph(job, tmp, proto, manifest)
+        del proto
+        folder.copy_source_files(model_dir, tmp)
+        genai = folder.genai_config(cfg, eos, context_length=cfg.max_position_embeddings)
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
+        if reference is not None:
+            steps.validation, steps.fidelity = _validate(job, reference, float_dir, tmp, cfg.vocab_size)
+            manifest = manifest.replace(validation=_validation_record(steps.validation, steps.fidelity))
+        if float_dir != tmp:
+            shutil.rmtree(float_dir)  # before the extras: they and the manifest describe the folder
+        # Files for other runtimes and the model card: last, so the card can describe everything.
+        job.stage("writing files for other runtimes and the model card")
+        write_extras(tmp, cfg, eos, manifest, out.name, ort_format=ort_format, stage=job.stage)
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # some writers create private files; an export is ordinary data
+        manifest = manifest.replace(files=describe_files(tmp))
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    job.stage("done")
+    names = list(job.seconds)
+    durations = {a: job.seconds[b] - job.seconds[a] for a, b in itertools.pairwise(names)}
+    return ExportResult(out=out, manifest=manifest, validation=steps.validation, seconds=durations,
+                        quantization=steps.quantization, fidelity=steps.fidelity)
 
-    def stage(name: str) -> None:
-        seconds[name] = time.perf_counter()
-        log(name)
 
-    stage("reading checkpoint")
-    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
-        raise ParScaleError(f"--opset must be between {MIN_OPSET} and {onnx.defs.onnx_opset_version()}, got {opset}")
-    cfg = ParScaleConfig.load(model_dir) if model_dir.is_dir() else None
-    if cfg is not None and P is not None and P != cfg.P:
-        raise ParScaleError(
-            f"--P {P} does not match the checkpoint, which was trained with parscale_n={cfg.P}; "
-            f"pass --P {cfg.P} (or omit --P)"
-        )
-    if cfg is None:
+@dataclass
+class _Job:
+    """The options of one export, and the clock of its stages."""
+
+    model_dir: Path
+    dtype: Dtype
+    opset: int
+    validate: bool
+    quantize: QuantScheme | None
+    eval_text: str | Path | None
+    calibration_text: str | Path | None
+    ort_format: bool
+    external_data_threshold: int
+    log: Callable[[str], None]
+    seconds: dict[str, float] = field(default_factory=dict)  # stage name -> start time
+
+    @property
+    def gptq(self) -> bool:
+        return self.quantize is not None and self.quantize.method == "gptq"
+
+    def stage(self, name: str) -> None:
+        self.seconds[name] = time.perf_counter()
+        self.log(name)
+
+
+@dataclass
+class _Steps:
+    """What the steps measured, for the result."""
+
+    validation: ValidationReport | None = None
+    quantization: QuantReport | None = None
+    fidelity: Fidelity | None = None
+
+
+def _preflight(job: _Job, P: int | None, check_memory: bool) -> tuple[ParScaleConfig, list[int]]:  # noqa: N803
+    """Everything that can be refused before any work: options, config, EOS, text files, size, memory."""
+    model_dir = job.model_dir
+    if not MIN_OPSET <= job.opset <= onnx.defs.onnx_opset_version():
+        raise ParScaleError(f"opset must be between {MIN_OPSET} and {onnx.defs.onnx_opset_version()}, "
+                            f"got {job.opset}")
+    if not model_dir.is_dir():
         raise ParScaleError(f"model folder {model_dir} does not exist")
+    cfg = ParScaleConfig.load(model_dir)
+    if P is not None and P != cfg.P:
+        raise ParScaleError(
+            f"P={P} does not match the checkpoint, which was trained with parscale_n={cfg.P}; "
+            f"pass P={cfg.P} (--P {cfg.P}) or leave it out"
+        )
     eos = folder.eos_ids(model_dir, cfg)  # a malformed generation_config.json fails now, not after tracing
     # Text files are read and tokenized now too (a few ms): a missing file or tokenizer is not
     # found minutes later, after tracing.
-    if eval_text is not None:
-        text_tokens(model_dir, eval_text)
-    if calibration_text is not None:
-        text_windows(model_dir, calibration_text)
-    plan = budget.plan(cfg, dtype=dtype.value, quantize=quantize, validate=validate)
-    if ort_format and plan.output_bytes > budget.ORT_FORMAT_LIMIT:
+    if job.eval_text is not None:
+        text_tokens(model_dir, job.eval_text)
+    if job.calibration_text is not None:
+        text_windows(model_dir, job.calibration_text)
+    plan = budget.plan(cfg, dtype=job.dtype.value, quantize=job.quantize, validate=job.validate)
+    if job.ort_format and plan.output_bytes > budget.ORT_FORMAT_LIMIT:
         raise ParScaleError(
-            f"--ort-format: this export's graph would hold {plan.output_bytes / 1e9:.2f} GB of weights, and an ORT "
+            f"ort_format: this export's graph would hold {plan.output_bytes / 1e9:.2f} GB of weights, and an ORT "
             f"format file cannot exceed {budget.ORT_FORMAT_LIMIT / 2**30:.0f} GiB (a flatbuffer limit); "
-            "quantize (--int4) or drop --ort-format"
+            "quantize it (int4) or export without ort_format (--ort-format)"
         )
     if check_memory:
         budget.check(plan)
-    checksum = source_checksum(model_dir)
+    return cfg, eos
 
-    destination = AtomicFolder(out, force=force, is_replaceable=foreign_in_export, protect=(model_dir,), log=log)
-    tmp = destination.open()  # .NAME.partial-<pid>-<random> beside OUT, under a lock on OUT
-    # A quantized export is made from its float graph, written inside the partial folder and never kept.
-    float_dir = tmp / ".float" if quantize is not None else tmp
-    qreport, fidelity, report = None, None, None
-    try:
-        with _stage_errors(seconds):
-            manifest = _manifest(cfg, dtype, opset, checksum, model_dir)
-            gptq = quantize is not None and quantize.method == "gptq"
-            if gptq:  # first: sampling loads the checkpoint on its own (in bfloat16 where it is stored so)
-                stage("calibrating (GPTQ calibration tokens)")
-                tokens, qcalibration = calibration_tokens(model_dir, calibration_text)
-            stage("loading weights")
-            _, model = load_model(model_dir, dtype.torch)
-            stage("tracing to ONNX")
-            float_dir.mkdir(exist_ok=True)
-            trace_to_folder(model, float_dir, dtype=dtype.torch, opset=opset,
-                            external_threshold=external_data_threshold)
-            if dtype is not Dtype.fp32:
-                release(model)
-                model = None
-                if validate or gptq:  # the float32 module is the reference and calibrates GPTQ
-                    stage("loading float32 weights")
-                    _, model = load_model(model_dir, torch.float32)
-            reference = None
-            if validate:
-                stage("running the PyTorch reference")
-                reference = reference_run(model)
-            if not gptq and model is not None:
-                release(model)  # round-to-nearest reads the weights from the traced graph
-                model = None
-            if quantize is not None:
-                hessians = None
-                if gptq:
-                    hessians = LayerwiseHessians(model, tokens, consume=True)
-                stage("quantizing")
-                proto = onnx.load(str(float_dir / MODEL_FILE), load_external_data=False)
-                qreport = quantize_graph(proto, quantize, cfg.num_hidden_layers, hessians, base_dir=float_dir,
-                                         progress=lambda msg: log("  " + msg))
-                qreport.calibration = qcalibration if gptq else None
-                manifest["quantization"] = qreport.to_dict()
-                del hessians
-            if model is not None:
-                release(model)  # the module's memory goes back before ONNX Runtime needs its own
-            model = None
-            stage("writing model")
-            meta = {k: v for k, v in manifest.items() if k not in ("files", "validation")}
-            if quantize is not None:
-                load_external(proto, float_dir)  # the float tensors left (norms, biases, prefixes, mixing)
-                set_metadata(proto, meta)
-                save_graph(proto, tmp, external_threshold=external_data_threshold)
-                del proto
-            else:
-                rewrite_structure(tmp, meta)
-            folder.copy_source_files(model_dir, tmp)
-            genai = folder.genai_config(cfg, eos, context_length=cfg.max_position_embeddings)
-            (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
 
-            if reference is not None:
-                stage("validating on CPU against PyTorch")
-                float_session = [cpu_session(float_dir / MODEL_FILE, prepack=False)]
-                report = check_graph(float_session[0], reference, tolerance=TOLERANCE[dtype])
-                manifest["validation"] = {
-                    "max_abs_logit_diff": report.max_abs_diff, "greedy_match": report.greedy_match,
-                    "decode_steps": report.steps, "tolerance": report.tolerance,
-                }
-                if not report.ok:
-                    raise ParScaleError(_validation_failure(report))
-                if quantize is not None:
-                    stage("measuring fidelity against the float graph")
-                    fidelity = _fidelity(float_session.pop, tmp, model_dir, cfg.vocab_size, eval_text)
-                    manifest["validation"]["fidelity"] = fidelity.to_dict()
-                float_session.clear()
-            if float_dir != tmp:
-                shutil.rmtree(float_dir)  # before the extras: they and the manifest describe the folder
-            # Files for other runtimes and the model card: last, so the card can describe everything.
-            stage("writing files for other runtimes and the model card")
-            write_extras(tmp, cfg, eos, manifest, out.name, ort_format=ort_format, stage=stage)
-            for path in tmp.iterdir():
-                path.chmod(0o644)  # some writers create private files; an export is ordinary data
-            manifest["files"] = describe_files(tmp)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        destination.commit()
-    finally:
-        destination.close()
-    stage("done")
-    names = list(seconds)
-    durations = {a: seconds[b] - seconds[a] for a, b in itertools.pairwise(names)}
-    return ExportResult(out=out, manifest=manifest, validation=report, seconds=durations,
-                        quantization=qreport, fidelity=fidelity)
+def _calibration_tokens(job: _Job) -> tuple[np.ndarray, str] | None:
+    """GPTQ's calibration tokens, first: sampling loads the checkpoint on its own (in bfloat16 where
+    it is stored so), before the float32 copy exists."""
+    if not job.gptq:
+        return None
+    job.stage("calibrating (GPTQ calibration tokens)")
+    return calibration_tokens(job.model_dir, job.calibration_text)
+
+
+def _trace(job: _Job, float_dir: Path) -> ParScaleForCausalLM | None:
+    """Trace the module to `float_dir`; returns the float32 module when the reference or GPTQ needs it."""
+    job.stage("loading weights")
+    _, model = load_model(job.model_dir, job.dtype.torch)
+    job.stage("tracing to ONNX")
+    float_dir.mkdir(exist_ok=True)
+    trace_to_folder(model, float_dir, dtype=job.dtype.torch, opset=job.opset,
+                    external_threshold=job.external_data_threshold)
+    needed = job.validate or job.gptq  # the float32 module is the reference and calibrates GPTQ
+    if job.dtype is not Dtype.fp32 or not needed:
+        release(model)
+        model = None
+        if needed:
+            job.stage("loading float32 weights")
+            _, model = load_model(job.model_dir, torch.float32)
+    return model
+
+
+def _quantize(
+    job: _Job, model: ParScaleForCausalLM | None, tokens: tuple[np.ndarray, str] | None, float_dir: Path,
+    num_layers: int,
+) -> tuple[onnx.ModelProto, QuantReport]:
+    """Quantize the float graph's weights tensor by tensor; GPTQ frees the module layer by layer."""
+    assert job.quantize is not None
+    hessians = None
+    if job.gptq:
+        assert model is not None and tokens is not None
+        hessians = LayerwiseHessians(model, tokens[0], consume=True)
+    elif model is not None:
+        release(model)  # round-to-nearest reads the weights from the traced graph
+    job.stage("quantizing")
+    proto = onnx.load(str(float_dir / MODEL_FILE), load_external_data=False)
+    report = quantize_graph(proto, job.quantize, num_layers, hessians, base_dir=float_dir,
+                            progress=lambda msg: job.log("  " + msg))
+    report.calibration = tokens[1] if tokens is not None else None
+    if model is not None:
+        release(model)  # the LM head and embeddings GPTQ did not consume
+    return proto, report
+
+
+def _write_graph(job: _Job, tmp: Path, proto: onnx.ModelProto | None, manifest: Manifest) -> None:
+    """The export's model.onnx (and data): the quantized proto, or the traced float graph in place."""
+    meta = manifest.to_dict()  # no files or validation yet: they describe the finished folder
+    if proto is not None:
+        load_external(proto, tmp / ".float")  # the float tensors left (norms, biases, prefixes, mixing)
+        set_metadata(proto, meta)
+        save_graph(proto, tmp, external_threshold=job.external_data_threshold)
+    else:
+        rewrite_structure(tmp, meta)
+
+
+def _validate(
+    job: _Job, reference: Reference, float_dir: Path, tmp: Path, vocab: int,
+) -> tuple[ValidationReport, Fidelity | None]:
+    """The float graph against the PyTorch reference; then the quantized graph against the float one."""
+    job.stage("validating on CPU against PyTorch")
+    float_session = _Handover(open_session(float_dir / MODEL_FILE, prepack=False))
+    report = check_graph(float_session.peek(), reference, tolerance=TOLERANCE[job.dtype])
+    if not report.ok:
+        raise ParScaleError(_validation_failure(report))
+    fidelity = None
+    if job.quantize is not None:
+        job.stage("measuring fidelity against the float graph")
+        fidelity = _fidelity(float_session.take, tmp, job.model_dir, vocab, job.eval_text)
+    return report, fidelity
+
+
+class _Handover:
+    """Holds a session until `take` hands it over, keeping no reference, so that its memory goes
+    as soon as the taker drops it (the fidelity run frees the float graph before the quantized
+    one is loaded)."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def peek(self) -> Any:
+        return self._session
+
+    def take(self) -> Any:
+        session, self._session = self._session, None
+        return session
+
+
+def _validation_record(report: ValidationReport, fidelity: Fidelity | None) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "max_abs_logit_diff": report.max_abs_diff, "greedy_match": report.greedy_match,
+        "decode_steps": report.steps, "tolerance": report.tolerance,
+    }
+    if fidelity is not None:
+        record["fidelity"] = fidelity.to_dict()
+    return record
 
 
 class StageError(ParScaleError):
@@ -280,32 +373,19 @@ def _fidelity(
     if text is not None:
         tokens, source = text_tokens(model_dir, text), f"text {Path(text).name}"
     else:
-        tokens, source = random_tokens(vocab, 4 * 128, seed=0), "random tokens (seed 0)"
+        tokens, source = random_tokens(vocab, 4 * 128 + 1, seed=0), "random tokens (seed 0)"  # + 1: last target
     return compare_sessions(
-        open_float, lambda: cpu_session(quant_dir / MODEL_FILE), tokens,
+        open_float, lambda: open_session(quant_dir / MODEL_FILE), tokens,
         window=128, max_windows=EVAL_WINDOWS if text is not None else 4, source=source, text=text is not None,
         batch=1,  # one window at a time: a (4, 128, 151936) batch of logits alone is 311 MB
     )
 
 
-def _manifest(cfg: ParScaleConfig, dtype: Dtype, opset: int, checksum: str, model_dir: Path) -> dict:
+def _manifest(cfg: ParScaleConfig, dtype: Dtype, opset: int, checksum: str, model_dir: Path) -> Manifest:
     n = cfg.num_hidden_layers
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tool": {"name": "parscale", "version": __version__},
-        "model": {
-            "model_type": cfg.model_type, "P": cfg.P, "prefix_tokens": cfg.n_prefix,
-            "num_hidden_layers": n, "num_attention_heads": cfg.num_attention_heads,
-            "num_key_value_heads": cfg.num_key_value_heads, "cache_heads": cfg.cache_heads,
-            "head_dim": cfg.head_dim, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.max_position_embeddings,
-            "tie_word_embeddings": cfg.tie_word_embeddings,
-        },
-        "dtype": dtype.value,
-        "opset": opset,
-        "quantization": None,
-        "io": {"inputs": contract.input_names(n), "outputs": contract.output_names(n),
-               "axes": contract.axes(n)},
-        "source": {"name": model_dir.resolve().name, "sha256": checksum},
-    }
+    return Manifest(
+        model=ModelInfo.from_config(cfg), dtype=dtype.value, opset=opset,
+        io={"inputs": contract.input_names(n), "outputs": contract.output_names(n), "axes": contract.axes(n)},
+        source={"name": model_dir.resolve().name, "sha256": checksum},
+        tool={"name": "parscale", "version": __version__},
+    )

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from parscale.config import ParScaleConfig
 from parscale.exporter.card import write_card
 from parscale.exporter.mobile import write_ort_format
 from parscale.exporter.web import write_web_files
+from parscale.manifest import Manifest
 
 
 def write_extras(
-    folder: Path, cfg: ParScaleConfig, eos: list[int], manifest: dict[str, Any], name: str, *,
+    folder: Path, cfg: ParScaleConfig, eos: list[int], manifest: Manifest, name: str, *,
     ort_format: bool = False, stage: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Write the extra files into `folder` (the export being built, to be named `name`)."""
@@ -30,5 +30,5 @@ def write_extras(
         if stage is not None:
             stage("converting to ORT format")
         written += write_ort_format(folder)
-    written.append(write_card(folder, manifest, name))
+    written.append(write_card(folder, manifest.to_dict(), name))
     return written

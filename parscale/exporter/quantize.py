@@ -58,9 +58,9 @@ class QuantScheme:
         if self.embedding_bits not in (None, 4, 8):
             raise ParScaleError(f"embedding bits must be 4 or 8, got {self.embedding_bits}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ParScaleError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+            raise ParScaleError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ParScaleError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
+            raise ParScaleError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
 
     @property
     def embed_bits(self) -> int:

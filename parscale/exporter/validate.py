@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from parscale import contract
+from parscale.graph import GraphInfo, step
 from parscale.modeling.model import ParScaleForCausalLM
 
 
@@ -50,9 +50,6 @@ class Reference:
     mask: np.ndarray  # (2, s)
     logits: list[np.ndarray]  # [prefill (2, s, vocab), then one (2, 1, vocab) per decode step]
     tokens: list[np.ndarray]  # the module's greedy token fed at each decode step, (2, 1)
-    num_layers: int
-    cache_heads: int
-    head_dim: int
 
 
 def reference_run(model: ParScaleForCausalLM, *, steps: int = 8, seed: int = 0) -> Reference:
@@ -71,8 +68,7 @@ def reference_run(model: ParScaleForCausalLM, *, steps: int = 8, seed: int = 0) 
             pos = pos[:, -1:] + 1
             ref, cache = model(nxt, torch.from_numpy(mask), torch.from_numpy(pos), cache, 1)
             logits.append(ref.numpy())
-    return Reference(ids=ids, mask=mask[:, :ids.shape[1]], logits=logits, tokens=tokens,
-                     num_layers=cfg.num_hidden_layers, cache_heads=cfg.cache_heads, head_dim=cfg.head_dim)
+    return Reference(ids=ids, mask=mask[:, :ids.shape[1]], logits=logits, tokens=tokens)
 
 
 def check_graph(session: ort.InferenceSession, ref: Reference, *, tolerance: float = 1e-3) -> ValidationReport:
@@ -82,29 +78,19 @@ def check_graph(session: ort.InferenceSession, ref: Reference, *, tolerance: flo
     """
     ids, mask = ref.ids, ref.mask
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    cache_dtype = np.float16 if _cache_is_fp16(session) else np.float32
-    empty = np.zeros((2, ref.cache_heads, 0, ref.head_dim), dtype=cache_dtype)
-    feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask, contract.POSITION_IDS: pos,
-            contract.NUM_LOGITS_TO_KEEP: np.array(0, dtype=np.int64)}
-    feed.update(dict.fromkeys(contract.past_names(ref.num_layers), empty))
-    names = contract.output_names(ref.num_layers)
-
-    out = session.run(names, feed)
+    info = GraphInfo.of(session)
+    logits, past = step(session, info, ids, mask, pos)
     real = mask.astype(bool)
-    prefill_diff = _max_diff(out[0], ref.logits[0], real)
-    greedy = bool((out[0].argmax(-1) == ref.logits[0].argmax(-1))[real].all())
+    prefill_diff = _max_diff(logits, ref.logits[0], real)
+    greedy = bool((logits.argmax(-1) == ref.logits[0].argmax(-1))[real].all())
 
     decode_diff = 0.0
     for nxt, expected in zip(ref.tokens, ref.logits[1:], strict=True):
         mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
         pos = pos[:, -1:] + 1
-        past = dict(zip(contract.past_names(ref.num_layers), out[1:], strict=True))
-        feed = {contract.INPUT_IDS: nxt, contract.ATTENTION_MASK: mask,
-                contract.POSITION_IDS: pos, contract.NUM_LOGITS_TO_KEEP: np.array(1, dtype=np.int64),
-                **past}
-        out = session.run(names, feed)
-        decode_diff = max(decode_diff, _max_diff(out[0], expected, None))
-        greedy &= bool((out[0].argmax(-1) == expected.argmax(-1)).all())
+        logits, past = step(session, info, nxt, mask, pos, past, keep=1)
+        decode_diff = max(decode_diff, _max_diff(logits, expected, None))
+        greedy &= bool((logits.argmax(-1) == expected.argmax(-1)).all())
     return ValidationReport(
         max_abs_diff=max(prefill_diff, decode_diff), prefill_diff=prefill_diff,
         decode_diff=decode_diff, greedy_match=greedy, steps=len(ref.tokens), tolerance=tolerance,
@@ -126,7 +112,3 @@ def _max_diff(got: np.ndarray, expected: np.ndarray, where: np.ndarray | None) -
         diff = diff[where]
     return float(np.nan_to_num(diff, nan=np.inf).max())
 
-
-def _cache_is_fp16(session: ort.InferenceSession) -> bool:
-    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    return bool(past) and past[0].type == "tensor(float16)"

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from parscale.atomic import AtomicFolder, foreign_in_checkpoint
+from parscale.atomic import AtomicFolder, atomic_folder, foreign_in_checkpoint
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.modeling.model import ParScaleForCausalLM
@@ -254,4 +254,4 @@ def save_checkpoint(
 
 def checkpoint_folder(out: Path, force: bool) -> AtomicFolder:
     """The atomic writer for checkpoint folders: `--force` replaces only an earlier checkpoint."""
-    return AtomicFolder(out, force=force, is_replaceable=foreign_in_checkpoint, what="a parscale checkpoint")
+    return atomic_folder(out, force=force, is_replaceable=foreign_in_checkpoint, what="a parscale checkpoint")

@@ -49,7 +49,7 @@ def make_config(
     if preset not in PRESETS:
         raise ParScaleError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if P < 1:
-        raise ParScaleError(f"--P must be >= 1, got {P}")
+        raise ParScaleError(f"P must be >= 1, got {P}")
     if dtype not in DTYPES:
         raise ParScaleError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     d: dict[str, Any] = {
@@ -91,10 +91,10 @@ def init_checkpoint(
 ) -> Path:
     """Create a random checkpoint folder at `out` (atomically; an existing folder needs `force`)."""
     out = Path(out)
-    check_int(shards, "--shards", minimum=1, maximum=MAX_SHARDS)
+    check_int(shards, "shards", minimum=1, maximum=MAX_SHARDS)
     # Random weights for demos and tests: bounds keep a typo from allocating gigabytes.
-    check_int(P, "--P", minimum=1, maximum=MAX_P)
-    check_int(prefix, "--prefix", minimum=1, maximum=MAX_PREFIX)
+    check_int(P, "P", minimum=1, maximum=MAX_P)
+    check_int(prefix, "prefix", minimum=1, maximum=MAX_PREFIX)
     check_seed(seed)
     config = make_config(preset, P=P, prefix=prefix, tied=tied, dtype=dtype)
     cfg = ParScaleConfig.from_dict(config)

@@ -93,10 +93,10 @@ def bench(model: str | Path, *, prompt_len: int = 128, gen: int = 64, threads: i
     info = m.info
     kv_bytes = (2 * info.num_layers * info.cache_heads * info.head_dim
                 * (prompt_len + gen) * np.dtype(info.cache_dtype).itemsize)
-    files = sum(f["bytes"] for f in m.manifest.get("files", {}).values())
+    files = m.manifest.total_bytes
     return BenchResult(
-        model=str(model), P=m.P, dtype=m.manifest.get("dtype", "?"),
-        quantization=_quant_name(m.manifest.get("quantization")), provider=m.provider,
+        model=str(model), P=m.P, dtype=m.manifest.dtype,
+        quantization=_quant_name(m.manifest.quantization), provider=m.provider,
         threads=threads, prompt_len=prompt_len, gen=gen, load_s=load_s,
         time_to_first_token_s=t.time_to_first_token_s, prefill_tokens_per_s=t.prefill_tokens_per_s,
         decode_ms_per_token=t.decode_ms_per_token, peak_rss_mb=max_rss_mb(),

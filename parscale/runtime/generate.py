@@ -10,7 +10,7 @@ import numpy as np
 
 from parscale.runtime.sampling import Sampler
 from parscale.runtime.session import Engine
-from parscale.runtime.tokenizer import IncrementalDecoder, Tokenizer
+from parscale.text import IncrementalDecoder, Tokenizer
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
 PAD_ID = 0  # any in-vocabulary id: padded positions are masked out and never attended to

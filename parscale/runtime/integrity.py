@@ -12,26 +12,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from parscale import contract
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
-from parscale.manifest import MANIFEST, MODEL_FILE, check_files, listed_files, model_fields
+from parscale.graph import GraphInfo
+from parscale.manifest import MANIFEST, MODEL_FILE, Manifest, check_files
 from parscale.runtime.weights import check_finite
 
 
-def verify_folder(path: Path, manifest: dict[str, Any], *, verify: bool) -> dict[str, int]:
-    """Check the folder against its manifest; returns the runtime fields. `verify`: hashes and weights too.
+def verify_folder(path: Path, manifest: Manifest, *, verify: bool) -> None:
+    """Check the folder against its manifest. `verify`: hashes and weights too.
 
     Sizes and field types are always checked (free). With `verify`, every file's sha256 is compared
     (about 1.4 GB/s per core) and every floating-point weight is scanned for NaN/Inf.
     """
-    fields = model_fields(path, manifest)
-    if MODEL_FILE not in listed_files(path, manifest):
+    if MODEL_FILE not in manifest.files:
         raise ParScaleError(f"{path}: {MANIFEST} does not list {MODEL_FILE}; re-export the model")
     check_files(path, manifest, checksums=verify)
     if verify:
         check_finite(path / MODEL_FILE)
-    return fields
 
 
 def _mismatch(path: Path, key: str, ours: Any, source: str, theirs: Any) -> ParScaleError:
@@ -41,8 +39,11 @@ def _mismatch(path: Path, key: str, ours: Any, source: str, theirs: Any) -> ParS
     )
 
 
-def check_against_graph(path: Path, fields: dict[str, int], session: Any) -> None:
-    """Compare the runtime fields with the graph's metadata copy and its input/output shapes."""
+def check_against_graph(path: Path, fields: dict[str, int], session: Any) -> GraphInfo:
+    """Compare the runtime fields with the graph's metadata copy and its input/output shapes.
+
+    Returns what the graph says about itself, for driving it.
+    """
     meta = session.get_modelmeta().custom_metadata_map.get("parscale")
     if meta:
         try:
@@ -52,23 +53,17 @@ def check_against_graph(path: Path, fields: dict[str, int], session: Any) -> Non
         for key, value in fields.items():
             if key in graph_model and graph_model[key] != value:
                 raise _mismatch(path, key, value, f"{MODEL_FILE}'s metadata", graph_model[key])
-    layers = fields["num_hidden_layers"]
-    inputs = {i.name: i for i in session.get_inputs()}
-    outputs = {o.name: o for o in session.get_outputs()}
-    past = [n for n in inputs if n.startswith("past_key_values.")]
-    if len(past) != 2 * layers:
-        raise _mismatch(path, "num_hidden_layers", layers, "the graph", len(past) // 2)
-    if contract.past_key(0) not in inputs:
-        raise ParScaleError(f"{path}: the graph has no input {contract.past_key(0)}; it is not a parscale export")
-    shape = inputs[contract.past_key(0)].shape  # [batch, P * Hkv, past, head_dim]; symbolic axes are strings
-    for axis, key in ((1, "cache_heads"), (3, "head_dim")):
-        dim = shape[axis] if len(shape) > axis else None
-        if isinstance(dim, int) and dim != fields[key]:
-            raise _mismatch(path, key, fields[key], "the graph's cache shape", dim)
-    logits = outputs.get(contract.LOGITS)
-    dim = logits.shape[-1] if logits is not None and logits.shape else None
-    if isinstance(dim, int) and dim != fields["vocab_size"]:
-        raise _mismatch(path, "vocab_size", fields["vocab_size"], "the graph's logits shape", dim)
+    try:
+        info = GraphInfo.of(session)
+    except ParScaleError as e:
+        raise ParScaleError(f"{path}: {e}") from None
+    for key, got, where in (("num_hidden_layers", info.num_layers, "the graph"),
+                            ("cache_heads", info.cache_heads, "the graph's cache shape"),
+                            ("head_dim", info.head_dim, "the graph's cache shape"),
+                            ("vocab_size", info.vocab_size, "the graph's logits shape")):
+        if got != fields[key]:
+            raise _mismatch(path, key, fields[key], where, got)
+    return info
 
 
 def check_against_config(path: Path, fields: dict[str, int]) -> None:

@@ -15,18 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from parscale.args import check_generation, check_seed, check_threads
+from parscale.args import check_generation, check_seed
 from parscale.errors import ParScaleError
-from parscale.manifest import MODEL_FILE, model_fields, read_manifest
+from parscale.graph import CPU
+from parscale.runtime.folder import ExportFolder
 from parscale.runtime.generate import Generation, GenerationResult
-from parscale.runtime.integrity import check_against_config, check_against_graph, verify_folder
-from parscale.runtime.memory import advise_random_access, limit_malloc_retention
 from parscale.runtime.sampling import Sampler, SamplingConfig
-from parscale.runtime.session import CPU, CUDA, Engine, GraphInfo, create_session, default_threads, resolve_provider
-from parscale.runtime.tokenizer import TOKENIZER_FILE, Tokenizer, load_eos_ids
+from parscale.runtime.session import Engine
+from parscale.text import TOKENIZER_FILE
 
 Prompt = str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
-CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class Model:
@@ -35,53 +33,28 @@ class Model:
     `generate` and `stream` may be called from several threads: each call has its own cache.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], session: Any, provider: str,
-                 tokenizer: Tokenizer | None) -> None:
-        self.path, self.manifest, self.session, self.provider = path, manifest, session, provider
-        self.tokenizer = tokenizer
-        m = model_fields(path, manifest)  # type-checked: a damaged manifest cannot crash below
-        self.P: int = m["P"]
-        self.vocab_size: int = m["vocab_size"]
-        self.context_length: int = m["max_position_embeddings"]
-        self.eos_ids = load_eos_ids(path, self.vocab_size)
-        past = next(i for i in session.get_inputs() if i.name.startswith("past_key_values."))
-        if past.type not in CACHE_DTYPES:
-            raise ParScaleError(f"{path}: unsupported cache type {past.type}")
-        self.info = GraphInfo(num_layers=m["num_hidden_layers"], cache_heads=m["cache_heads"],
-                              head_dim=m["head_dim"], vocab_size=self.vocab_size,
-                              cache_dtype=CACHE_DTYPES[past.type])
+    def __init__(self, folder: ExportFolder) -> None:
+        self.folder = folder
+        self.path, self.manifest = folder.path, folder.manifest
+        self.session, self.provider = folder.session, folder.provider
+        self.tokenizer, self.eos_ids, self.info = folder.tokenizer, folder.eos_ids, folder.info
+        self.P: int = folder.manifest.model.P
+        self.vocab_size: int = folder.info.vocab_size
+        self.context_length: int = folder.manifest.model.max_position_embeddings
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None,
              verify: bool = True, verify_checksums: bool | None = None) -> Model:
         """Open an export folder (made by `parscale export`) on 'auto', 'cpu' or 'cuda'.
 
-        Before ONNX Runtime reads anything: the manifest's fields are type-checked and every file it
-        lists must have its size; with `verify` (the default) also its sha256, and no floating-point
-        weight may hold NaN/Inf (`verify=False` skips both, for folders too large to read twice).
-        After the session is created, P, cache heads, head_dim, vocabulary, layers and context are
-        compared with the graph and config.json. `threads` is clamped to the CPUs available.
-        `verify_checksums` is the old name of `verify`.
+        The checks are `ExportFolder.open`'s: manifest types and file sizes always; with `verify`
+        (the default) sha256 and NaN/Inf weights too; then the manifest against the graph and
+        config.json. `threads` is clamped to the CPUs available. `verify_checksums` is the old name
+        of `verify`.
         """
-        path = Path(path)
         if verify_checksums is not None:
             verify = verify_checksums
-        manifest = read_manifest(path)
-        fields = verify_folder(path, manifest, verify=verify)
-        check_against_config(path, fields)
-        name = resolve_provider(provider)
-        threads = check_threads(threads if threads is not None else default_threads(), "threads")
-        limit_malloc_retention()
-        session = create_session(path / MODEL_FILE, name, threads)
-        check_against_graph(path, fields, session)
-        if name == CUDA and CUDA not in session.get_providers():  # onnxruntime-gpu without a usable GPU
-            if provider == "cuda":
-                raise ParScaleError("onnxruntime could not initialise CUDA (no GPU or missing CUDA/cuDNN libraries)")
-            name = CPU
-        for data in sorted(path.glob(MODEL_FILE + "*.data")):
-            advise_random_access(data)  # tables read in place (embeddings): fault in rows, not folios
-        tok = Tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
-        return cls(path, manifest, session, name, tok)
+        return cls(ExportFolder.open(path, provider=provider, threads=threads, verify=verify))
 
     @property
     def device(self) -> str:

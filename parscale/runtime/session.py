@@ -1,4 +1,4 @@
-"""ONNX Runtime session for an export, and the forward step that keeps the KV cache in OrtValues.
+"""The runtime's forward step: the KV cache kept in OrtValues between steps (sessions: `parscale.graph`).
 
 The cache never passes through numpy: each step binds the previous step's `present.*` OrtValues
 as the next step's `past_key_values.*` (I/O binding), and ONNX Runtime allocates the new presents
@@ -9,83 +9,12 @@ position only (`num_logits_to_keep` = 1).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import onnxruntime as ort
 
 from parscale import contract
 from parscale.errors import ParScaleError
-
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-
-
-def resolve_provider(provider: str) -> str:
-    """'auto' | 'cpu' | 'cuda' -> an ONNX Runtime provider name that this installation has."""
-    available = ort.get_available_providers()
-    if provider == "auto":
-        return CUDA if CUDA in available else CPU
-    if provider == "cpu":
-        return CPU
-    if provider == "cuda":
-        if CUDA not in available:
-            raise ParScaleError(
-                "provider 'cuda' is not available in this onnxruntime installation "
-                f"(it has {', '.join(available)}); install onnxruntime-gpu instead of onnxruntime"
-            )
-        return CUDA
-    raise ParScaleError(f"provider must be auto, cpu or cuda, got {provider!r}")
-
-
-def session_options(threads: int | None, provider: str) -> ort.SessionOptions:
-    """Options chosen by measurement (benchmarks/README.md has the figures).
-
-    - Graph optimizations ALL: ORT fuses RMSNorm (SimplifiedLayerNormalization) and the
-      residual adds, and prepacks MatMul weights for MLAS.
-    - The CPU arena is off: decode allocates small, varying-size cache tensors every step, and the
-      BFC arena rounded them up and kept the peak; plain malloc returns memory and costs no speed.
-    - One intra-op pool of `threads` threads (default: ORT's choice, the physical cores); no
-      inter-op parallelism, because the graph is one chain of layers.
-    - Worker threads do not spin while waiting (PARSCALE_SPIN=1 restores ORT's default).
-    """
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.enable_cpu_mem_arena = False
-    opts.enable_mem_pattern = False  # shapes change every step: patterns would never be reused
-    if threads is not None:
-        if threads < 1:
-            raise ParScaleError(f"threads must be >= 1, got {threads}")
-        opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    if os.environ.get("PARSCALE_SPIN") != "1":
-        # Idle workers sleep instead of spinning: on a loaded machine spinning workers took the cores
-        # the busy ones needed (int8 P=1 decode 186 -> 121 ms/token at load 7 on 2 cores).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
-
-
-def create_session(model_path: Path, provider: str, threads: int | None) -> ort.InferenceSession:
-    opts = session_options(threads, provider)
-    providers = [provider] if provider == CPU else [provider, CPU]
-    try:
-        return ort.InferenceSession(str(model_path), opts, providers=providers)
-    except Exception as e:  # ORT raises its own exception types for corrupt or unreadable files
-        raise ParScaleError(f"onnxruntime cannot load {model_path}: {str(e).splitlines()[0]}") from None
-
-
-@dataclass(frozen=True)
-class GraphInfo:
-    """What the runtime needs to know about the graph's cache."""
-
-    num_layers: int
-    cache_heads: int
-    head_dim: int
-    vocab_size: int
-    cache_dtype: type
+from parscale.graph import CUDA, GraphInfo
 
 
 class Engine:
@@ -96,14 +25,7 @@ class Engine:
         self.device = "cuda" if provider == CUDA else "cpu"
         self.past_names = contract.past_names(info.num_layers)
         self.present_names = contract.present_names(info.num_layers)
-        inputs = {i.name for i in session.get_inputs()}
-        outputs = {o.name for o in session.get_outputs()}
-        missing = [n for n in (contract.INPUT_IDS, contract.ATTENTION_MASK, contract.POSITION_IDS,
-                               *self.past_names) if n not in inputs]
-        missing += [n for n in (contract.LOGITS, *self.present_names) if n not in outputs]
-        if missing:
-            raise ParScaleError(f"the graph does not follow the parscale contract: it lacks {', '.join(missing[:4])}")
-        self.has_keep = contract.NUM_LOGITS_TO_KEEP in inputs
+        self.has_keep = info.has_keep
         self.keep_one = np.array(1, dtype=np.int64)
         self.cache: list[ort.OrtValue] = []
         self.logits = np.empty((0, 1, info.vocab_size), dtype=np.float32)
@@ -135,7 +57,10 @@ class Engine:
             b.bind_output(contract.LOGITS, "cpu")
         for name in self.present_names:
             b.bind_output(name, self.device, 0)
-        self.session.run_with_iobinding(b)
+        try:
+            self.session.run_with_iobinding(b)
+        except Exception as e:  # ORT's own exception types: a damaged graph or weights fail here
+            raise ParScaleError(f"onnxruntime failed running the graph: {str(e).splitlines()[0]}") from None
         outputs = b.get_outputs()
         # Order of get_outputs() is the binding order: logits, then the presents.
         self.cache = [outputs[i + 1] for i in range(len(self.present_names))]
@@ -151,8 +76,3 @@ class Engine:
         self.binding.clear_binding_inputs()
         self.binding.clear_binding_outputs()
 
-
-def default_threads() -> int | None:
-    """PARSCALE_THREADS overrides ORT's default thread count (handy for containers)."""
-    value = os.environ.get("PARSCALE_THREADS")
-    return int(value) if value and value.isdigit() and int(value) > 0 else None

@@ -12,7 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-EOS = "<|endoftext|>"  # end of text, and the separator between documents
+from parscale.text import EOS_TEXT
+
+EOS = EOS_TEXT  # end of text, and the separator between documents
 
 # Folders excluded anywhere in the path: third-party code, the test suites (huge, repetitive
 # fixtures), and two packages that are mostly frozen tooling or data.

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from parscale.errors import ParScaleError
 from parscale.train.corpus import SourceFile
 from parscale.train.tokenizer import eos_id
 
@@ -36,7 +37,7 @@ class WindowSampler:
 
     def __init__(self, stream: np.ndarray, length: int, batch: int, seed: int) -> None:
         if len(stream) < length + 2:
-            raise ValueError(f"stream of {len(stream)} tokens is shorter than one window ({length} + 1)")
+            raise ParScaleError(f"stream of {len(stream)} tokens is shorter than one window ({length} + 1)")
         self.stream = torch.from_numpy(stream.astype(np.int64))
         self.length, self.batch = length, batch
         self.gen = torch.Generator().manual_seed(seed)

@@ -18,9 +18,10 @@ import torch
 
 from parscale.args import available_cpus, check_int, check_seed
 from parscale.config import ParScaleConfig
-from parscale.evaluate import Window, plan_windows
+from parscale.errors import ParScaleError
 from parscale.modeling.checkpoint import checkpoint_folder, save_checkpoint
 from parscale.modeling.init import make_config
+from parscale.scoring import plan_windows, spread
 from parscale.train.corpus import SourceFile, collect_sources, join_documents, split_sources, stdlib_root
 from parscale.train.data import WindowSampler, encode_stream
 from parscale.train.stages import (
@@ -113,14 +114,6 @@ class TrainReport:
         return dataclasses.asdict(self)
 
 
-def _spread(windows: list[Window], n: int) -> list[Window]:
-    """n windows evenly spaced over the list (all when n is 0 or too large)."""
-    if n <= 0 or n >= len(windows):
-        return windows
-    picks = np.linspace(0, len(windows) - 1, n).round().astype(int)
-    return [windows[i] for i in picks]
-
-
 def _stage_dict(r: StageResult) -> dict[str, Any]:
     return dataclasses.asdict(r) | {"tokens_per_second": r.tokens / max(r.seconds, 1e-9)}
 
@@ -138,10 +131,10 @@ def train(
     """
     say = log or (lambda _msg: None)
     out = Path(out)
-    check_int(threads, "--threads", minimum=1)
+    check_int(threads, "threads", minimum=1)
     check_seed(recipe.seed)
-    check_int(recipe.steps1, "--steps1", minimum=1)
-    check_int(recipe.steps2, "--steps2", minimum=1)
+    check_int(recipe.steps1, "steps1", minimum=1)
+    check_int(recipe.steps2, "steps2", minimum=1)
     threads = min(threads, available_cpus())
     # Refused now rather than after the run: the same rules are applied again under the lock at the end.
     for folder in (out, *([Path(backbone_out)] if backbone_out is not None else [])):
@@ -154,7 +147,7 @@ def train(
         files = list(sources) if sources is not None else collect_sources()
         train_files, held_files = split_sources(files)
         if not train_files or not held_files:
-            raise ValueError(f"corpus split left an empty side ({len(train_files)}/{len(held_files)} files)")
+            raise ParScaleError(f"corpus split left an empty side ({len(train_files)}/{len(held_files)} files)")
         t0 = time.perf_counter()
         tok = train_tokenizer([f.text for f in train_files], recipe.vocab_size)
         tok_seconds = time.perf_counter() - t0
@@ -169,7 +162,7 @@ def train(
             "vocab_size": tok.get_vocab_size(),
         }
         say(f"corpus: {corpus}")
-        windows = _spread(plan_windows(len(held_ids), recipe.seq_len, recipe.seq_len), recipe.eval_windows)
+        windows = spread(plan_windows(len(held_ids), recipe.seq_len, recipe.seq_len), recipe.eval_windows)
 
         cfg_dict1 = recipe.config(1) | _special_ids(tok)
         cfg_dict1["vocab_size"] = tok.get_vocab_size()

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from parscale.config import ParScaleConfig
-from parscale.evaluate import Window, score_windows, torch_nll_fn
+from parscale.errors import ParScaleError
+from parscale.evaluate import torch_nll_fn
 from parscale.modeling.model import ParScaleForCausalLM
+from parscale.scoring import Window, score_windows
 from parscale.train.data import WindowSampler
 
 Log = Callable[[str], None]
@@ -64,11 +66,11 @@ def expand_to_parscale(
     uniform, and the first layer (scaled 1/sqrt(fan-in)) gets gradients from the second step.
     """
     if backbone.cfg.P != 1:
-        raise ValueError("stage 2 starts from a P=1 backbone")
+        raise ParScaleError("stage 2 starts from a P=1 backbone")
     model = ParScaleForCausalLM(cfg)
     missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
     if unexpected or any(not is_parscale_param(n) for n in missing):
-        raise ValueError(f"backbone does not fit the P={cfg.P} model: {missing=} {unexpected=}")
+        raise ParScaleError(f"backbone does not fit the P={cfg.P} model: {missing=} {unexpected=}")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

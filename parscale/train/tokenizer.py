@@ -8,9 +8,10 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from parscale.errors import ParScaleError
+from parscale.text import TOKENIZER_FILE
 from parscale.train.corpus import EOS
 
-TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # Pre-tokens: a word or a punctuation run, each with at most one trailing space, or a whitespace run
 # (a newline with the next line's indentation becomes one pre-token). The space goes *after* the word,
@@ -47,7 +48,7 @@ def eos_id(tok: Tokenizer) -> int:
     """The id of the EOS / document-separator token."""
     i = tok.token_to_id(EOS)
     if i is None:
-        raise ValueError(f"tokenizer has no {EOS} token")
+        raise ParScaleError(f"tokenizer has no {EOS} token")
     return i
 
 

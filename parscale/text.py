@@ -1,4 +1,8 @@
-"""Text <-> token ids through `tokenizers` (tokenizer.json), EOS ids, and incremental detokenization."""
+"""Text: the tokenizer (tokenizer.json), EOS ids, a document's token ids, incremental detokenization.
+
+The one home of these for the runtime, evaluation, fidelity, GPTQ calibration and training, so that
+every scorer tokenizes a text the same way. Torch-free.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from parscale.errors import ParScaleError
 
 TOKENIZER_FILE = "tokenizer.json"
+EOS_TEXT = "<|endoftext|>"  # end of a document in the Qwen2 vocabulary and in the embedded model's
 REPLACEMENT = "\ufffd"  # what a decoder emits for an incomplete UTF-8 sequence
 
 
@@ -27,11 +34,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -90,3 +97,33 @@ def load_eos_ids(folder: Path, vocab_size: int) -> list[int]:
         return []
     ids = [ids] if isinstance(ids, int) else list(ids)
     return [int(i) for i in ids if isinstance(i, int) and 0 <= i < vocab_size]
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents, or a ParScaleError naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParScaleError(f"cannot read {path} as UTF-8 text: {e}") from None
+
+
+def folder_tokenizer(folder: str | Path) -> Tokenizer:
+    """The tokenizer.json of a checkpoint or export folder."""
+    path = Path(folder) / TOKENIZER_FILE
+    if not path.is_file():
+        raise ParScaleError(f"{path} not found: scoring text needs the folder's tokenizer.json")
+    return Tokenizer(path)
+
+
+def document_ids(folder: str | Path, text: str) -> np.ndarray:
+    """The ids every scorer uses for a text: one document-boundary EOS as context, then the text.
+
+    The EOS is the boundary the model saw between documents in training, so the first real token is
+    predicted from a familiar context: the tokenizer's `<|endoftext|>` when it has one, else the
+    first EOS id of the folder's generation_config.json / config.json, else none. No other special
+    tokens are added (a BOS template, say): the context is chosen here, the same for all.
+    """
+    tok = folder_tokenizer(folder)
+    eos = tok.token_id(EOS_TEXT)
+    context = [eos] if eos is not None else load_eos_ids(Path(folder), tok.vocab_size)[:1]
+    return np.asarray(context + tok.encode(text, add_special_tokens=False), dtype=np.int64)

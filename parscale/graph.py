@@ -1,0 +1,160 @@
+"""Drive an export's graph by the contract: the one session factory and the one forward step.
+
+Everything that runs an export goes through here: the runtime's Engine (which adds I/O binding on
+top), the exporter's validation, fidelity, evaluation, benchmarks and tests. So session options,
+provider choice, ORT error wrapping, the cache dtype and the empty first-step cache are decided in
+one place. Torch-free: numpy and onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from parscale import contract
+from parscale.errors import ParScaleError
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# ONNX type string of the cache inputs -> the numpy dtype of an empty cache fed to them.
+CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def resolve_provider(provider: str) -> str:
+    """'auto' | 'cpu' | 'cuda' -> an ONNX Runtime provider name that this installation has."""
+    available = ort.get_available_providers()
+    if provider == "auto":
+        return CUDA if CUDA in available else CPU
+    if provider == "cpu":
+        return CPU
+    if provider == "cuda":
+        if CUDA not in available:
+            raise ParScaleError(
+                "provider 'cuda' is not available in this onnxruntime installation "
+                f"(it has {', '.join(available)}); install onnxruntime-gpu instead of onnxruntime"
+            )
+        return CUDA
+    raise ParScaleError(f"provider must be auto, cpu or cuda, got {provider!r}")
+
+
+def session_options(threads: int | None, *, prepack: bool = True) -> ort.SessionOptions:
+    """Options chosen by measurement (benchmarks/README.md has the figures).
+
+    - Graph optimizations ALL: ORT fuses RMSNorm (SimplifiedLayerNormalization) and the
+      residual adds, and prepacks MatMul weights for MLAS.
+    - The CPU arena is off: decode allocates small, varying-size cache tensors every step, and the
+      BFC arena rounded them up and kept the peak; plain malloc returns memory and costs no speed.
+    - One intra-op pool of `threads` threads (default: ORT's choice, the physical cores); no
+      inter-op parallelism, because the graph is one chain of layers.
+    - Worker threads do not spin while waiting (PARSCALE_SPIN=1 restores ORT's default).
+    - `prepack=False` leaves the weights where ONNX Runtime mapped them instead of also keeping a
+      copy packed for its matrix kernels: a float reference graph then needs memory for its
+      weights once, not twice, and computes the same products a little more slowly.
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_cpu_mem_arena = False
+    opts.enable_mem_pattern = False  # shapes change every step: patterns would never be reused
+    if threads is not None:
+        if threads < 1:
+            raise ParScaleError(f"threads must be >= 1, got {threads}")
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    if os.environ.get("PARSCALE_SPIN") != "1":
+        # Idle workers sleep instead of spinning: on a loaded machine spinning workers took the cores
+        # the busy ones needed (int8 P=1 decode 186 -> 121 ms/token at load 7 on 2 cores).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    return opts
+
+
+def open_session(
+    model_path: str | Path, *, provider: str = CPU, threads: int | None = None, prepack: bool = True,
+) -> ort.InferenceSession:
+    """An ONNX Runtime session of `model_path` with `session_options`; a load failure is a ParScaleError.
+
+    `provider` is an ONNX Runtime provider name (`resolve_provider` maps the user's choice); CUDA
+    falls back to CPU for the nodes it lacks.
+    """
+    opts = session_options(threads, prepack=prepack)
+    providers = [provider] if provider == CPU else [provider, CPU]
+    try:
+        return ort.InferenceSession(str(model_path), opts, providers=providers)
+    except Exception as e:  # ORT raises its own exception types for corrupt or unreadable files
+        raise ParScaleError(f"onnxruntime cannot load {model_path}: {str(e).splitlines()[0]}") from None
+
+
+def default_threads() -> int | None:
+    """PARSCALE_THREADS overrides ORT's default thread count (handy for containers)."""
+    value = os.environ.get("PARSCALE_THREADS")
+    return int(value) if value and value.isdigit() and int(value) > 0 else None
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What driving a graph needs to know, read from the graph itself (the one source)."""
+
+    num_layers: int
+    cache_heads: int  # P * num_key_value_heads
+    head_dim: int
+    vocab_size: int
+    cache_dtype: type  # numpy dtype of the cache (float16 for an fp16 export)
+    has_keep: bool  # the graph takes `num_logits_to_keep`
+
+    @classmethod
+    def of(cls, session: ort.InferenceSession) -> GraphInfo:
+        """Read and check the contract's inputs and outputs of a session's graph."""
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        num_layers = sum(1 for n in inputs if n.startswith(contract.PAST_PREFIX)) // 2
+        missing = [n for n in (contract.INPUT_IDS, contract.ATTENTION_MASK, contract.POSITION_IDS,
+                               *contract.past_names(num_layers)) if n not in inputs]
+        missing += [n for n in contract.output_names(num_layers) if n not in outputs]
+        if num_layers == 0 or missing:
+            lacking = ", ".join(missing[:4]) or "cache inputs"
+            raise ParScaleError(f"the graph does not follow the parscale contract (not a parscale export?): "
+                                f"it lacks {lacking}")
+        past = inputs[contract.past_key(0)]
+        heads, head_dim, vocab = past.shape[1], past.shape[3], outputs[contract.LOGITS].shape[-1]
+        if not all(isinstance(d, int) for d in (heads, head_dim, vocab)):
+            raise ParScaleError("the graph's cache heads, head_dim and vocabulary must be static dimensions")
+        if past.type not in CACHE_DTYPES:
+            raise ParScaleError(f"the graph's cache has type {past.type}; expected float or float16")
+        return cls(num_layers=num_layers, cache_heads=heads, head_dim=head_dim, vocab_size=vocab,
+                   cache_dtype=CACHE_DTYPES[past.type], has_keep=contract.NUM_LOGITS_TO_KEEP in inputs)
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """The cache of a first step: every past input with length 0."""
+        empty = np.zeros((batch, self.cache_heads, 0, self.head_dim), dtype=self.cache_dtype)
+        return dict.fromkeys(contract.past_names(self.num_layers), empty)
+
+
+def step(
+    session: ort.InferenceSession, info: GraphInfo, input_ids: np.ndarray, attention_mask: np.ndarray,
+    position_ids: np.ndarray, past: dict[str, np.ndarray] | None = None, *, keep: int = 0,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One forward call: logits (batch, seq, vocab; the last `keep` positions if keep > 0) and the
+    presents, keyed by the past names so that they feed the next step as they are.
+
+    `past` None is the empty cache. Numpy in, numpy out (the Engine binds OrtValues instead).
+    """
+    feed = {
+        contract.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
+        contract.ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
+        contract.POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
+        **(past if past is not None else info.empty_past(len(input_ids))),
+    }
+    if info.has_keep:
+        feed[contract.NUM_LOGITS_TO_KEEP] = np.array(keep, dtype=np.int64)
+    try:
+        out = session.run(contract.output_names(info.num_layers), feed)
+    except Exception as e:  # ORT's own exception types: a damaged graph or weights fail here
+        raise ParScaleError(f"onnxruntime failed running the graph: {str(e).splitlines()[0]}") from None
+    logits = out[0] if keep == 0 or info.has_keep else out[0][:, -keep:]
+    return logits, dict(zip(contract.past_names(info.num_layers), out[1:], strict=True))

@@ -1,0 +1,74 @@
+"""Open an export folder: manifest, config, tokenizer, EOS ids and the ONNX Runtime session, checked together.
+
+The one way an export is opened (the runtime's `Model`, `parscale inspect`, benchmarks). The cache
+heads, head_dim and vocabulary come from the graph itself (`GraphInfo`), after the manifest and
+config.json are compared with it, so nothing downstream has a second source for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from parscale.args import check_threads
+from parscale.config import ParScaleConfig
+from parscale.errors import ParScaleError
+from parscale.graph import CPU, CUDA, GraphInfo, default_threads, open_session, resolve_provider
+from parscale.manifest import MODEL_FILE, Manifest
+from parscale.runtime.integrity import check_against_config, check_against_graph, verify_folder
+from parscale.runtime.memory import advise_random_access, limit_malloc_retention
+from parscale.text import TOKENIZER_FILE, Tokenizer, load_eos_ids
+
+
+@dataclass(frozen=True)
+class ExportFolder:
+    """Everything `parscale export` wrote that a runtime needs, read and cross-checked."""
+
+    path: Path
+    manifest: Manifest
+    config: ParScaleConfig | None  # the config.json copied into the export (None if it was removed)
+    tokenizer: Tokenizer | None  # None when the folder has no tokenizer.json (prompts as ids only)
+    eos_ids: list[int]
+    session: Any  # onnxruntime.InferenceSession
+    info: GraphInfo  # read from the graph: the one source of cache heads, head_dim and vocabulary
+    provider: str  # the ONNX Runtime provider the session runs on
+
+    @classmethod
+    def check(cls, path: str | Path, *, verify: bool = True) -> Manifest:
+        """The checks that need no session: manifest types, file sizes (hashes and NaN/Inf with
+        `verify`), and the manifest against config.json. Returns the manifest."""
+        path = Path(path)
+        manifest = Manifest.read(path)
+        verify_folder(path, manifest, verify=verify)
+        check_against_config(path, manifest.model.runtime_fields())
+        return manifest
+
+    @classmethod
+    def open(cls, path: str | Path, *, provider: str = "auto", threads: int | None = None,
+             verify: bool = True) -> ExportFolder:
+        """Open an export folder on 'auto', 'cpu' or 'cuda'.
+
+        Before ONNX Runtime reads anything: the manifest's fields are type-checked and every file it
+        lists must have its size; with `verify` (the default) also its sha256, and no floating-point
+        weight may hold NaN/Inf (`verify=False` skips both, for folders too large to read twice).
+        After the session is created, P, cache heads, head_dim, vocabulary, layers and context are
+        compared with the graph and config.json. `threads` is clamped to the CPUs available.
+        """
+        path = Path(path)
+        manifest = cls.check(path, verify=verify)
+        name = resolve_provider(provider)
+        threads = check_threads(threads if threads is not None else default_threads(), "threads")
+        limit_malloc_retention()
+        session = open_session(path / MODEL_FILE, provider=name, threads=threads)
+        info = check_against_graph(path, manifest.model.runtime_fields(), session)
+        if name == CUDA and CUDA not in session.get_providers():  # onnxruntime-gpu without a usable GPU
+            if provider == "cuda":
+                raise ParScaleError("onnxruntime could not initialise CUDA (no GPU or missing CUDA/cuDNN libraries)")
+            name = CPU
+        for data in sorted(path.glob(MODEL_FILE + "*.data")):
+            advise_random_access(data)  # tables read in place (embeddings): fault in rows, not folios
+        tokenizer = Tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
+        config = ParScaleConfig.load(path) if (path / "config.json").is_file() else None
+        return cls(path=path, manifest=manifest, config=config, tokenizer=tokenizer,
+                   eos_ids=load_eos_ids(path, info.vocab_size), session=session, info=info, provider=name)
