@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= exports/default-p4-int8
 
-.PHONY: install demo test lint bench web
+.PHONY: install demo test test-fast lint bench web
 
 $(BIN)/parscale: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: install
 
 test: install lint web
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything not marked slow (under a minute); CI runs the whole suite (`make test`).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python -m benchmarks.run
