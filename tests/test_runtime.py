@@ -1,9 +1,13 @@
-"""The runtime (parscale.runtime): exactness against PyTorch, sampling, streaming, stopping, input checks."""
+"""The runtime (parscale.runtime): exactness against PyTorch, sampling, streaming, stopping, threads,
+input checks."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +136,59 @@ def test_text_prompt_and_streaming_equal_generate(models):
     pieces = list(m.stream("def f(x):", max_new_tokens=24, ignore_eos=True))
     assert "".join(pieces) == r.text
     assert r.text == m.decode(r.generated_ids)
-    assert m.last_result.generated_ids == r.generated_ids
     assert r.prompt_tokens == len(m.encode("def f(x):"))
+    events = list(m.stream_tokens("def f(x):", max_new_tokens=24, ignore_eos=True))
+    assert [e.token_id for e in events] == r.generated_ids
+    assert "".join(e.text for e in events) == r.text
+    assert [e.result is not None for e in events] == [False] * 23 + [True]  # only the last one
+    last = events[-1].result
+    assert (last.generated_ids, last.text, last.finish_reason, last.prompt_tokens) == (
+        r.generated_ids, r.text, "length", r.prompt_tokens)
+    assert last.timings.decode_steps == 23 and last.timings.time_to_first_token_s > 0
+
+
+def test_generate_and_the_streams_take_the_same_explicit_options():
+    params = {name: list(inspect.signature(getattr(Model, name)).parameters.values())
+              for name in ("generate", "stream", "stream_tokens")}
+    assert params["generate"] == params["stream"] == params["stream_tokens"]
+    assert not [p for p in params["generate"] if p.kind is inspect.Parameter.VAR_KEYWORD]
+    assert [p.name for p in params["generate"]][1:] == [
+        "prompt", "prompt_ids", "max_new_tokens", "greedy", "temperature", "top_k", "top_p",
+        "repetition_penalty", "seed", "stop", "ignore_eos"]
+
+
+def test_one_model_serves_four_threads_at_once(models):
+    """Calls share nothing mutable: each of 4 concurrent threads gets what its prompt gives alone.
+
+    The streaming threads step in lockstep (a barrier after every token), so all four caches are
+    alive at once and every decode step of one call falls between two steps of the others.
+    """
+    m = models[4]
+    prompts: list = ["def f(x):", "hello world", [5, 17, 300, 42, 7, 99, 3], [11, 12, 400]]
+    n = 16
+
+    def alone(prompt):
+        return m.generate(prompt, max_new_tokens=n, greedy=True, ignore_eos=True)
+
+    expected = [alone(p) for p in prompts]
+    assert len({tuple(r.generated_ids) for r in expected}) == len(prompts)  # else a mix-up could go unseen
+    barrier = threading.Barrier(len(prompts))
+
+    def lockstep(prompt):
+        events = []
+        for event in m.stream_tokens(prompt, max_new_tokens=n, greedy=True, ignore_eos=True):
+            events.append(event)
+            barrier.wait(timeout=60)
+        return events
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        streamed = list(pool.map(lockstep, prompts))
+        repeated = list(pool.map(lambda p: [alone(p) for _ in range(3)], prompts))
+    for want, events, again in zip(expected, streamed, repeated, strict=True):
+        assert [e.token_id for e in events] == want.generated_ids
+        assert "".join(e.text for e in events) == want.text
+        assert events[-1].result is not None and events[-1].result.generated_ids == want.generated_ids
+        assert [r.generated_ids for r in again] == [want.generated_ids] * 3
 
 
 def test_stop_string_cuts_text_and_stream(models):
@@ -223,11 +278,20 @@ def test_text_needs_tokenizer(tmp_path, tiny_exports):
         m.generate("hello")
     r = m.generate(prompt_ids=[1, 2, 3], max_new_tokens=3, ignore_eos=True)
     assert r.text is None and len(r.generated_ids) == 3
+    with pytest.raises(ParScaleError, match="streaming text needs one"):
+        m.stream(prompt_ids=[1, 2, 3])
+    events = list(m.stream_tokens(prompt_ids=[1, 2, 3], max_new_tokens=3, ignore_eos=True))
+    assert [e.token_id for e in events] == r.generated_ids and {e.text for e in events} == {""}
+    assert events[-1].result is not None and events[-1].result.text is None
 
 
-def test_stream_takes_one_prompt(models):
-    with pytest.raises(ParScaleError, match="one prompt"):
-        list(models[4].stream(PROMPTS, max_new_tokens=2))
+def test_streams_take_one_prompt_and_check_input_at_the_call(models):
+    m = models[4]
+    for entry in (m.stream, m.stream_tokens):  # refused when called, before any iteration
+        with pytest.raises(ParScaleError, match="one prompt"):
+            entry(PROMPTS, max_new_tokens=2)
+        with pytest.raises(ParScaleError, match="max_new_tokens"):
+            entry(prompt_ids=[1], max_new_tokens=0)
 
 
 def test_exports_have_fusable_rmsnorm(tiny_exports):

@@ -69,6 +69,7 @@ def session_options(threads: int | None, provider: str) -> ort.SessionOptions:
 
 
 def create_session(model_path: Path, provider: str, threads: int | None) -> ort.InferenceSession:
+    """An InferenceSession for the graph with `session_options`; ParScaleError if ONNX Runtime cannot load it."""
     opts = session_options(threads, provider)
     providers = [provider] if provider == CPU else [provider, CPU]
     try:
@@ -89,7 +90,12 @@ class GraphInfo:
 
 
 class Engine:
-    """Runs prefill and decode steps with I/O binding; holds the cache between steps."""
+    """Runs prefill and decode steps with I/O binding; holds the cache between steps.
+
+    An Engine is one generation's state (its I/O binding, KV cache and logits buffer) and serves
+    one call at a time: `Model` makes a new one for every call, so concurrent calls share only the
+    session, whose runs are thread-safe with separate bindings.
+    """
 
     def __init__(self, session: ort.InferenceSession, info: GraphInfo, provider: str) -> None:
         self.session, self.info = session, info
