@@ -45,6 +45,24 @@ def make_export(root: Path, P: int, *, tokenizer: bool = True) -> tuple[Path, Pa
     return ckpt, out
 
 
+def without_tokenizer(export: Path, dest: Path) -> Path:
+    """A copy of an export without its tokenizer files, with the card and manifest rewritten as export would."""
+    import json
+    import shutil
+
+    from parscale.exporter.card import CARD, write_card
+    from parscale.manifest import MANIFEST, describe_files, read_manifest
+
+    shutil.copytree(export, dest)
+    for name in ("tokenizer.json", "tokenizer_config.json", CARD):
+        (dest / name).unlink(missing_ok=True)
+    manifest = read_manifest(dest)
+    write_card(dest, manifest, dest.name)
+    manifest["files"] = describe_files(dest)
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return dest
+
+
 def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], n: int) -> list[list[int]]:
     """Greedy tokens from the PyTorch module with its KV cache, batch left-padded like the runtime."""
     b, longest = len(prompts), max(len(p) for p in prompts)
