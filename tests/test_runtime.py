@@ -1,5 +1,5 @@
 """The runtime (parscale.runtime): exactness against PyTorch, sampling, streaming, stopping, threads,
-input checks."""
+providers, input checks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from runtime_helpers import TEXTS, byte_level_tokenizer, torch_greedy
@@ -19,6 +20,7 @@ from parscale.errors import ParScaleError
 from parscale.modeling.checkpoint import load_model
 from parscale.runtime import Model
 from parscale.runtime.sampling import Sampler, SamplingConfig, nucleus, softmax, top_k_filter
+from parscale.runtime.session import CPU, CUDA, Engine
 from parscale.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 3], [11, 12, 400]]  # different lengths: the second is left-padded
@@ -256,14 +258,62 @@ def test_corrupt_model_with_matching_size(tmp_path, tiny_exports):
         Model.load(broken, verify_checksums=True)
 
 
-def test_provider_choice(tiny_exports):
+def test_provider_names(tiny_exports):
     with pytest.raises(ParScaleError, match="auto, cpu or cuda"):
         Model.load(tiny_exports[4][1], provider="tpu")
-    import onnxruntime as ort
+    m = Model.load(tiny_exports[4][1], provider="cpu")
+    assert (m.provider, m.device, m.session.get_providers()) == (CPU, "cpu", [CPU])
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        with pytest.raises(ParScaleError, match="onnxruntime-gpu"):
-            Model.load(tiny_exports[4][1], provider="cuda")
+
+HAS_CUDA = CUDA in ort.get_available_providers()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA: test_cuda_runs_the_graph_like_cpu runs instead")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_cuda_is_refused_or_falls_back_without_a_usable_gpu(tiny_exports, monkeypatch):
+    export = tiny_exports[4][1]
+    with pytest.raises(ParScaleError, match="install onnxruntime-gpu"):
+        Model.load(export, provider="cuda")
+    assert Model.load(export, provider="auto").provider == CPU
+    # onnxruntime-gpu whose CUDA cannot start (no GPU, missing libraries): it lists the provider, but
+    # the session comes up without it. 'auto' must fall back to CPU and 'cuda' must say why not.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    m = Model.load(export, provider="auto")
+    assert (m.provider, m.device) == (CPU, "cpu")
+    assert len(m.generate(prompt_ids=PROMPTS[0], max_new_tokens=3, ignore_eos=True).generated_ids) == 3
+    with pytest.raises(ParScaleError, match="could not initialise CUDA"):
+        Model.load(export, provider="cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu")
+def test_cuda_runs_the_graph_like_cpu(tiny_exports):
+    """On CUDA the cache stays on the GPU, and prefill and a cached decode step give CPU's logits."""
+    export = tiny_exports[4][1]
+    try:
+        gpu = Model.load(export, provider="cuda")
+    except ParScaleError as e:
+        if "could not initialise CUDA" in str(e):
+            pytest.skip(f"onnxruntime-gpu is installed but CUDA is not usable here: {e}")
+        raise
+    assert (gpu.provider, gpu.device) == (CUDA, "cuda") and CUDA in gpu.session.get_providers()
+    cpu = Model.load(export, provider="cpu")
+    ids = np.array([PROMPTS[0]], np.int64)
+    mask = np.ones((1, ids.shape[1] + 1), np.int64)
+    logits = {}
+    for m in (cpu, gpu):
+        engine = Engine(m.session, m.info, m.provider)
+        engine.reset(1)
+        first = engine.step(ids, mask[:, :-1], np.arange(ids.shape[1])[None]).copy()
+        token = first.argmax(-1)[:, None]
+        second = engine.step(token, mask, np.array([[ids.shape[1]]])).copy()
+        assert {v.device_name().lower() for v in engine.cache} == {m.device}
+        logits[m.device] = (first, second, int(token[0, 0]))
+        engine.release()
+    for want, got in zip(logits["cpu"][:2], logits["cuda"][:2], strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max()))
+    assert logits["cpu"][2] == logits["cuda"][2]
+    r = gpu.generate(prompt_ids=PROMPTS[0], max_new_tokens=8, ignore_eos=True)
+    assert len(r.generated_ids) == 8 and r.finish_reason == "length"
 
 
 def test_text_needs_tokenizer(tmp_path, tiny_exports):
