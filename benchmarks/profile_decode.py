@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from parscale.graph import CPU, session_options
 from parscale.manifest import MODEL_FILE
-from parscale.runtime.generate import Generation
+from parscale.runtime.generate import run_generation
 from parscale.runtime.model import Model
 from parscale.runtime.sampling import Sampler, SamplingConfig
 from parscale.runtime.session import Engine
@@ -33,11 +33,12 @@ def main() -> None:
     opts.profile_file_prefix = "/tmp/parscale-profile"
     session = ort.InferenceSession(f"{args.export}/{MODEL_FILE}", opts, providers=[CPU])
     ids = [np.random.default_rng(0).integers(0, m.vocab_size, args.prompt_len).tolist()]
-    gen = Generation(Engine(session, m.info, CPU), ids, max_new_tokens=args.steps + 1,
-                     sampler=Sampler(SamplingConfig(), m.vocab_size, 1), eos_ids=[], stop=[], tokenizer=None,
-                     ignore_eos=True)
-    for _ in gen:
-        pass
+    steps = run_generation(Engine(session, m.info, CPU), ids, max_new_tokens=args.steps + 1,
+                           sampler=Sampler(SamplingConfig(), m.vocab_size, 1), eos_ids=[], stop=[],
+                           tokenizer=None, ignore_eos=True)
+    *_, last = steps
+    assert last.results is not None
+    timings = last.results[0].timings
     with open(session.end_profiling()) as f:
         events = json.load(f)
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
@@ -50,7 +51,7 @@ def main() -> None:
     steps = len(runs) - 1
     total = sum(per_op.values()) / steps / 1000
     run = sum(e["dur"] for e in runs[1:]) / steps / 1000
-    print(f"{args.export}: decode {gen.timings.decode_ms_per_token:.1f} ms/token; per step: run {run:.1f} ms, "
+    print(f"{args.export}: decode {timings.decode_ms_per_token:.1f} ms/token; per step: run {run:.1f} ms, "
           f"kernels {total:.1f} ms, {nodes // steps} nodes")
     for op, us in per_op.most_common(15):
         print(f"  {op:32s} {us / steps / 1000:8.2f} ms")

@@ -345,21 +345,22 @@ def generate(
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     check_seed(seed)
     m = Model.load(model, provider=provider, threads=check_threads(threads), verify=not no_verify)
-    kwargs = dict(prompt=prompt, prompt_ids=ids,
-                  max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
-                  top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or None)
+    options = dict(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
+                   top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or None)
     if as_json or m.tokenizer is None:
-        r = m.generate(**kwargs)
+        r = m.generate(prompt, prompt_ids=ids, **options)
         if as_json:
             print(json.dumps({**r.as_dict(), "model": str(model), "P": m.P, "provider": m.provider}))
         else:
             print(",".join(map(str, r.generated_ids)))
     else:
-        for piece in m.stream(**kwargs):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        for event in m.stream_tokens(prompt, prompt_ids=ids, **options):
+            if event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            if event.result is not None:
+                r = event.result
         sys.stdout.write("\n")
-        r = m.last_result
     if not as_json:
         t = r.timings
         err.print(f"[dim]{len(r.generated_ids)} tokens, finish: {r.finish_reason}; first token "

@@ -77,6 +77,24 @@ class TinyFactory:
         return self._made[key]
 
 
+def without_tokenizer(export: Path, dest: Path) -> Path:
+    """A copy of an export without its tokenizer files, with the card and manifest rewritten as export would."""
+    import json
+    import shutil
+
+    from parscale.exporter.card import CARD, write_card
+    from parscale.manifest import MANIFEST, Manifest, describe_files
+
+    shutil.copytree(export, dest)
+    for name in ("tokenizer.json", "tokenizer_config.json", CARD):
+        (dest / name).unlink(missing_ok=True)
+    manifest = Manifest.read(dest)
+    write_card(dest, manifest, dest.name)
+    manifest = manifest.replace(files=describe_files(dest))
+    (dest / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+    return dest
+
+
 def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], n: int) -> list[list[int]]:
     """Greedy tokens from the PyTorch module with its KV cache, batch left-padded like the runtime."""
     b, longest = len(prompts), max(len(p) for p in prompts)

@@ -1,7 +1,8 @@
 """The model card (README.md in every export): its facts, and its Python snippets run as written.
 
 The snippets are taken from the generated README.md and executed in a fresh interpreter from the
-folder that holds the export, the way a reader would paste them.
+folder that holds the export, the way a reader would paste them. The card shows Python and
+JavaScript only; the JavaScript runs in tests/test_web.py.
 """
 
 from __future__ import annotations
@@ -9,13 +10,17 @@ from __future__ import annotations
 import ast
 import json
 import re
+import shlex
 import subprocess
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+from runtime_helpers import without_tokenizer
 
-from parscale.exporter.card import CARD, NEW_TOKENS, PROMPT_IDS, model_card
+from parscale.exporter.card import CARD, NEW_TOKENS, PROMPT, PROMPT_IDS, model_card
+from parscale.exporter.templates import TEMPLATE_DIR
 from parscale.manifest import Manifest
 
 pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
@@ -52,34 +57,46 @@ def run_snippet(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_card_describes_the_export(carded_export):
     card = (carded_export / CARD).read_text()
-    manifest = Manifest.read(carded_export).to_dict()
-    assert CARD in manifest["files"]
+    manifest = Manifest.read(carded_export)
+    assert CARD in manifest.files
     assert card.startswith("# tiny-p2: ParScale P=2, ONNX")
     assert "| parallel streams P | 2 |" in card and "| prefix tokens per stream | 4 |" in card
-    assert f"| KV-cache heads (P × KV heads) | {manifest['model']['cache_heads']} |" in card
+    assert f"| KV-cache heads (P × KV heads) | {manifest.model.cache_heads} |" in card
     assert "| quantization | none (float weights) |" in card
-    for name in manifest["files"]:
+    for name in manifest.files:
         assert f"`{name}`" in card, f"{name} is not in the card's file table"
     for section in ("parscale.runtime", "onnxruntime-genai", "transformers.js", "ONNX Runtime Mobile",
                     "plain ONNX Runtime", "--include_ops_by_config tiny-p2/required_operators.config"):
         assert section in card
-    for language in ("c", "csharp", "java", "js"):
-        assert code_blocks(card, language), f"no {language} snippet"
+    # Only languages whose snippets a test runs; other genai languages get a link to its documentation.
+    assert {lang for lang, _ in FENCE.findall(card)} == {"python", "js"}
+    assert "onnxruntime.ai/docs/genai/api" in card
+    assert not re.search(r"\$\{?[A-Za-z_]", card), "a template placeholder was left unfilled"
+
+
+def test_card_templates_ship_with_the_package():
+    """Every template file is matched by the package-data globs: a wheel without them could not write a card."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the package itself does not need it
+    root = Path(__file__).resolve().parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = setuptools["package-data"]["parscale"]
+    templates = [p.relative_to(root / "parscale").as_posix()
+                 for p in (root / "parscale" / "exporter" / TEMPLATE_DIR).iterdir() if p.is_file()]
+    assert len(templates) >= 8
+    assert [t for t in templates if not any(fnmatch(t, g) for g in globs)] == []
 
 
 def test_card_reports_quantization_and_fidelity(carded_export):
     """Rendered from a manifest as a quantized, validated export writes it (no second export needed)."""
-    manifest = Manifest.read(carded_export).to_dict()
-    manifest["quantization"] = {
+    manifest = Manifest.read(carded_export).replace(quantization={
         "scheme": {"bits": 4, "block_size": 32, "symmetric": False, "embedding_bits": 4, "method": "gptq"},
         "calibration": "sampled from the float model: 8 x 128 tokens (seed 0)",
         "bits_per_weight": {"quantized": 9.0, "model": 9.5}, "kept_float": "prefix keys/values, norms",
-    }
-    manifest["validation"] = {
+    }, validation={
         "max_abs_logit_diff": 2e-6, "greedy_match": True, "decode_steps": 8, "tolerance": 1e-3,
         "fidelity": {"top1_agreement": 0.998, "mean_kl": 2e-5, "positions": 512, "perplexity_a": 3.21,
                      "perplexity_b": 3.22, "source": "text held_out.py"},
-    }
+    })
     card = model_card(manifest, "q", {"model.onnx": 123})
     assert ("int4 weight-only (GPTQ; calibration: sampled from the float model: 8 x 128 tokens (seed 0)), block 32, "
             "asymmetric (embeddings int4); 9.50 bits per weight") in card
@@ -87,25 +104,63 @@ def test_card_reports_quantization_and_fidelity(carded_export):
     assert "max logit difference 2.00e-06" in card
 
 
+def run_python_snippets(folder: Path) -> list[str]:
+    """Run every Python block of the folder's card from its parent folder; their outputs, in order."""
+    outputs = []
+    for code in code_blocks((folder / CARD).read_text(), "python"):
+        done = run_snippet(code, folder.parent)
+        assert done.returncode == 0, f"snippet failed:\n{code}\n{done.stderr[-3000:]}"
+        assert done.stdout.strip(), f"snippet printed nothing:\n{code}"
+        outputs.append(done.stdout)
+    return outputs
+
+
+def run_shell_command(folder: Path) -> str:
+    """Run the card's `parscale generate ...` line (as `python -m parscale`) from the folder's parent."""
+    (line,) = re.findall(r"`(parscale generate [^`]+)`", (folder / CARD).read_text())
+    argv = shlex.split(line)
+    done = subprocess.run([sys.executable, "-m", *argv], cwd=folder.parent, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"{line} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
 def test_python_snippets_run_as_written(carded_export):
-    """parscale.runtime, onnxruntime-genai (Python API) and the plain ONNX Runtime loop."""
+    """parscale.runtime, onnxruntime-genai (Python API), and the plain ONNX Runtime loop over model.ort
+    (the ONNX Runtime Mobile section) and over model.onnx."""
     from parscale.runtime import Model
 
     card = (carded_export / CARD).read_text()
     snippets = code_blocks(card, "python")
-    assert len(snippets) == 3
-    runtime, genai, plain = snippets
+    assert len(snippets) == 4
+    runtime, genai, mobile, plain = snippets
     assert "from parscale.runtime import Model" in runtime and "import onnxruntime_genai" in genai
-    assert "import onnxruntime as ort" in plain
-    outputs = []
-    for code in snippets:
-        done = run_snippet(code, carded_export.parent)
-        assert done.returncode == 0, f"snippet failed:\n{code}\n{done.stderr[-3000:]}"
-        assert done.stdout.strip(), f"snippet printed nothing:\n{code}"
-        outputs.append(done.stdout)
-    # The plain loop really is greedy decoding over the contract: it picks our runtime's tokens.
-    tokens = ast.literal_eval(outputs[2].strip().splitlines()[-1])
+    assert 'InferenceSession("tiny-p2/model.ort")' in mobile and 'InferenceSession("tiny-p2/model.onnx")' in plain
+    outputs = run_python_snippets(carded_export)
     model = Model.load(carded_export, provider="cpu")
+    text = model.generate(PROMPT, max_new_tokens=NEW_TOKENS).text
+    assert outputs[0] == f"{text}\n"
+    assert run_shell_command(carded_export) == f"{text}\n"
+    # The plain loops really are greedy decoding over the contract: they pick our runtime's tokens.
     ours = model.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS, greedy=True).generated_ids
-    assert tokens[: len(PROMPT_IDS)] == PROMPT_IDS
-    assert tokens[len(PROMPT_IDS):][: len(ours)] == ours
+    for out in outputs[2:]:
+        tokens = ast.literal_eval(out.strip().splitlines()[-1])
+        assert tokens[: len(PROMPT_IDS)] == PROMPT_IDS
+        assert tokens[len(PROMPT_IDS):][: len(ours)] == ours
+
+
+def test_python_snippets_without_a_tokenizer_run_as_written(carded_export, tmp_path):
+    """A folder without tokenizer files gets the token-id variants of the snippets, which run too."""
+    from parscale.runtime import Model
+
+    bare = without_tokenizer(carded_export, tmp_path / "bare-p2")
+    card = (bare / CARD).read_text()
+    assert "lacks the tokenizer files" in card and PROMPT not in card.split("## Files")[1]
+    runtime, genai, *loops = run_python_snippets(bare)
+    assert len(loops) == 2
+    model = Model.load(bare, provider="cpu")
+    ours = model.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS).generated_ids
+    assert ast.literal_eval(runtime.strip()) == ours
+    assert run_shell_command(bare) == ",".join(map(str, ours)) + "\n"
+    theirs = ast.literal_eval(genai.strip())
+    assert theirs[: len(ours)] == ours  # genai stops at an EOS id as ours does, or runs to the length

@@ -1,20 +1,27 @@
-"""The runtime (parscale.runtime): exactness against PyTorch, sampling, streaming, stopping, input checks."""
+"""The runtime (parscale.runtime): exactness against PyTorch, sampling, streaming, stopping, threads,
+providers, input checks."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from runtime_helpers import TEXTS, byte_level_tokenizer, torch_greedy
 
 from parscale.errors import ParScaleError
+from parscale.graph import CPU, CUDA
 from parscale.modeling.checkpoint import load_model
 from parscale.runtime import Model
 from parscale.runtime.sampling import Sampler, SamplingConfig, nucleus, softmax, top_k_filter
+from parscale.runtime.session import Engine
 from parscale.text import IncrementalDecoder, Tokenizer
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 3], [11, 12, 400]]  # different lengths: the second is left-padded
@@ -132,8 +139,59 @@ def test_text_prompt_and_streaming_equal_generate(models):
     pieces = list(m.stream("def f(x):", max_new_tokens=24, ignore_eos=True))
     assert "".join(pieces) == r.text
     assert r.text == m.decode(r.generated_ids)
-    assert m.last_result.generated_ids == r.generated_ids
     assert r.prompt_tokens == len(m.encode("def f(x):"))
+    events = list(m.stream_tokens("def f(x):", max_new_tokens=24, ignore_eos=True))
+    assert [e.token_id for e in events] == r.generated_ids
+    assert "".join(e.text for e in events) == r.text
+    assert [e.result is not None for e in events] == [False] * 23 + [True]  # only the last one
+    last = events[-1].result
+    assert (last.generated_ids, last.text, last.finish_reason, last.prompt_tokens) == (
+        r.generated_ids, r.text, "length", r.prompt_tokens)
+    assert last.timings.decode_steps == 23 and last.timings.time_to_first_token_s > 0
+
+
+def test_generate_and_the_streams_take_the_same_explicit_options():
+    params = {name: list(inspect.signature(getattr(Model, name)).parameters.values())
+              for name in ("generate", "stream", "stream_tokens")}
+    assert params["generate"] == params["stream"] == params["stream_tokens"]
+    assert not [p for p in params["generate"] if p.kind is inspect.Parameter.VAR_KEYWORD]
+    assert [p.name for p in params["generate"]][1:] == [
+        "prompt", "prompt_ids", "max_new_tokens", "greedy", "temperature", "top_k", "top_p",
+        "repetition_penalty", "seed", "stop", "ignore_eos"]
+
+
+def test_one_model_serves_four_threads_at_once(models):
+    """Calls share nothing mutable: each of 4 concurrent threads gets what its prompt gives alone.
+
+    The streaming threads step in lockstep (a barrier after every token), so all four caches are
+    alive at once and every decode step of one call falls between two steps of the others.
+    """
+    m = models[4]
+    prompts: list = ["def f(x):", "hello world", [5, 17, 300, 42, 7, 99, 3], [11, 12, 400]]
+    n = 16
+
+    def alone(prompt):
+        return m.generate(prompt, max_new_tokens=n, greedy=True, ignore_eos=True)
+
+    expected = [alone(p) for p in prompts]
+    assert len({tuple(r.generated_ids) for r in expected}) == len(prompts)  # else a mix-up could go unseen
+    barrier = threading.Barrier(len(prompts))
+
+    def lockstep(prompt):
+        events = []
+        for event in m.stream_tokens(prompt, max_new_tokens=n, greedy=True, ignore_eos=True):
+            events.append(event)
+            barrier.wait(timeout=60)
+        return events
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        streamed = list(pool.map(lockstep, prompts))
+        repeated = list(pool.map(lambda p: [alone(p) for _ in range(3)], prompts))
+    for want, events, again in zip(expected, streamed, repeated, strict=True):
+        assert [e.token_id for e in events] == want.generated_ids
+        assert "".join(e.text for e in events) == want.text
+        assert events[-1].result is not None and events[-1].result.generated_ids == want.generated_ids
+        assert [r.generated_ids for r in again] == [want.generated_ids] * 3
 
 
 def test_stop_string_cuts_text_and_stream(models):
@@ -201,14 +259,62 @@ def test_corrupt_model_with_matching_size(tmp_path, tiny_exports):
         Model.load(broken, verify_checksums=True)
 
 
-def test_provider_choice(tiny_exports):
+def test_provider_names(tiny_exports):
     with pytest.raises(ParScaleError, match="auto, cpu or cuda"):
         Model.load(tiny_exports[4][1], provider="tpu")
-    import onnxruntime as ort
+    m = Model.load(tiny_exports[4][1], provider="cpu")
+    assert (m.provider, m.device, m.session.get_providers()) == (CPU, "cpu", [CPU])
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        with pytest.raises(ParScaleError, match="onnxruntime-gpu"):
-            Model.load(tiny_exports[4][1], provider="cuda")
+
+HAS_CUDA = CUDA in ort.get_available_providers()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA: test_cuda_runs_the_graph_like_cpu runs instead")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_cuda_is_refused_or_falls_back_without_a_usable_gpu(tiny_exports, monkeypatch):
+    export = tiny_exports[4][1]
+    with pytest.raises(ParScaleError, match="install onnxruntime-gpu"):
+        Model.load(export, provider="cuda")
+    assert Model.load(export, provider="auto").provider == CPU
+    # onnxruntime-gpu whose CUDA cannot start (no GPU, missing libraries): it lists the provider, but
+    # the session comes up without it. 'auto' must fall back to CPU and 'cuda' must say why not.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    m = Model.load(export, provider="auto")
+    assert (m.provider, m.device) == (CPU, "cpu")
+    assert len(m.generate(prompt_ids=PROMPTS[0], max_new_tokens=3, ignore_eos=True).generated_ids) == 3
+    with pytest.raises(ParScaleError, match="could not initialise CUDA"):
+        Model.load(export, provider="cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu")
+def test_cuda_runs_the_graph_like_cpu(tiny_exports):
+    """On CUDA the cache stays on the GPU, and prefill and a cached decode step give CPU's logits."""
+    export = tiny_exports[4][1]
+    try:
+        gpu = Model.load(export, provider="cuda")
+    except ParScaleError as e:
+        if "could not initialise CUDA" in str(e):
+            pytest.skip(f"onnxruntime-gpu is installed but CUDA is not usable here: {e}")
+        raise
+    assert (gpu.provider, gpu.device) == (CUDA, "cuda") and CUDA in gpu.session.get_providers()
+    cpu = Model.load(export, provider="cpu")
+    ids = np.array([PROMPTS[0]], np.int64)
+    mask = np.ones((1, ids.shape[1] + 1), np.int64)
+    logits = {}
+    for m in (cpu, gpu):
+        engine = Engine(m.session, m.info, m.provider)
+        engine.reset(1)
+        first = engine.step(ids, mask[:, :-1], np.arange(ids.shape[1])[None]).copy()
+        token = first.argmax(-1)[:, None]
+        second = engine.step(token, mask, np.array([[ids.shape[1]]])).copy()
+        assert {v.device_name().lower() for v in engine.cache} == {m.device}
+        logits[m.device] = (first, second, int(token[0, 0]))
+        engine.release()
+    for want, got in zip(logits["cpu"][:2], logits["cuda"][:2], strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max()))
+    assert logits["cpu"][2] == logits["cuda"][2]
+    r = gpu.generate(prompt_ids=PROMPTS[0], max_new_tokens=8, ignore_eos=True)
+    assert len(r.generated_ids) == 8 and r.finish_reason == "length"
 
 
 def test_text_needs_tokenizer(tmp_path, tiny_exports):
@@ -223,11 +329,20 @@ def test_text_needs_tokenizer(tmp_path, tiny_exports):
         m.generate("hello")
     r = m.generate(prompt_ids=[1, 2, 3], max_new_tokens=3, ignore_eos=True)
     assert r.text is None and len(r.generated_ids) == 3
+    with pytest.raises(ParScaleError, match="streaming text needs one"):
+        m.stream(prompt_ids=[1, 2, 3])
+    events = list(m.stream_tokens(prompt_ids=[1, 2, 3], max_new_tokens=3, ignore_eos=True))
+    assert [e.token_id for e in events] == r.generated_ids and {e.text for e in events} == {""}
+    assert events[-1].result is not None and events[-1].result.text is None
 
 
-def test_stream_takes_one_prompt(models):
-    with pytest.raises(ParScaleError, match="one prompt"):
-        list(models[4].stream(PROMPTS, max_new_tokens=2))
+def test_streams_take_one_prompt_and_check_input_at_the_call(models):
+    m = models[4]
+    for entry in (m.stream, m.stream_tokens):  # refused when called, before any iteration
+        with pytest.raises(ParScaleError, match="one prompt"):
+            entry(PROMPTS, max_new_tokens=2)
+        with pytest.raises(ParScaleError, match="max_new_tokens"):
+            entry(prompt_ids=[1], max_new_tokens=0)
 
 
 def test_exports_have_fusable_rmsnorm(tiny_exports):

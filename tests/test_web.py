@@ -118,15 +118,36 @@ def test_transformers_js_reads_external_data(node, p2_export, tmp_path):
     assert json.loads(done.stdout.splitlines()[-1])["tokens"] == json.loads(reference.stdout.splitlines()[-1])["tokens"]
 
 
-def test_card_js_snippet_runs_as_written(node, p2_export, tmp_path):
-    """The model card's transformers.js program (tokenizer included), pasted into a file and run."""
+def run_card_js(node: str, folder: Path, scratch: Path) -> str:
+    """The card's transformers.js program, pasted into a file beside `node_modules` and run; its stdout."""
     import re
 
-    card = (p2_export / "README.md").read_text()
+    card = (folder / "README.md").read_text()
     (snippet,) = re.findall(r"^```js\n(.*?)^```$", card, re.S | re.M)
-    script = tmp_path / "snippet.mjs"
+    script = scratch / "snippet.mjs"
     script.write_text(snippet)
-    (tmp_path / "node_modules").symlink_to(WEB / "node_modules")  # what `npm install` beside it gives
-    done = subprocess.run([node, str(script)], cwd=p2_export.parent, capture_output=True, text=True, timeout=300)
+    (scratch / "node_modules").symlink_to(WEB / "node_modules")  # what `npm install` beside it gives
+    done = subprocess.run([node, str(script)], cwd=folder.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("def fibonacci(n):")  # the prompt, then the (random) continuation
+    return done.stdout
+
+
+def test_card_js_snippet_runs_as_written(node, p2_export, tmp_path):
+    """The model card's transformers.js program (tokenizer included), pasted into a file and run."""
+    out = run_card_js(node, p2_export, tmp_path)
+    assert out.startswith("def fibonacci(n):")  # the prompt, then the (random) continuation
+
+
+def test_card_js_snippet_without_a_tokenizer_runs_as_written(node, p2_export, tmp_path):
+    """Without tokenizer files the card's program feeds token ids, and gets our greedy tokens."""
+    from runtime_helpers import without_tokenizer
+
+    from parscale.exporter.card import NEW_TOKENS, PROMPT_IDS
+    from parscale.runtime import Model
+
+    bare = without_tokenizer(p2_export, tmp_path / "bare")
+    theirs = json.loads(run_card_js(node, bare, tmp_path).strip().splitlines()[-1])
+    model = Model.load(bare, provider="cpu")
+    ours = model.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS, greedy=True).generated_ids
+    eos = set(model.eos_ids)
+    assert until_eos(theirs, eos) == until_eos(ours, eos)

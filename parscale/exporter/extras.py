@@ -30,5 +30,5 @@ def write_extras(
         if stage is not None:
             stage("converting to ORT format")
         written += write_ort_format(folder)
-    written.append(write_card(folder, manifest.to_dict(), name))
+    written.append(write_card(folder, manifest, name))
     return written

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from parscale.config import ParScaleConfig
+from parscale.exporter.templates import fill
 
 TRANSFORMERS_JS_CONFIG = "transformers_js_config.json"
 # The npm package and version the tests and the model card were checked with (web/package.json).
@@ -61,22 +62,15 @@ def write_web_files(cfg: ParScaleConfig, eos: list[int], out: Path) -> list[str]
     return [TRANSFORMERS_JS_CONFIG]
 
 
-def node_snippet(folder: str = "./my-export") -> str:
-    """A Node (ES module) program that generates from an export folder with transformers.js."""
-    return f"""\
-import {{ readFileSync }} from 'node:fs';
-import path from 'node:path';
-import {{ env, AutoModelForCausalLM, AutoTokenizer }} from '@huggingface/transformers';
+def node_snippet(folder: str = "./my-export", prompt: str | list[int] = "def fibonacci(n):",
+                 new_tokens: int = 32) -> str:
+    """A Node (ES module) program that generates greedily from an export folder with transformers.js.
 
-const dir = path.resolve('{folder}');
-env.allowRemoteModels = false;
-env.localModelPath = path.dirname(dir);
-const id = path.basename(dir);
-// The export seen as a plain Qwen2 decoder with P times the KV heads; model.onnx sits at the root.
-const config = JSON.parse(readFileSync(path.join(dir, '{TRANSFORMERS_JS_CONFIG}'), 'utf8'));
-const model = await AutoModelForCausalLM.from_pretrained(id, {{ config, subfolder: '' }});
-const tokenizer = await AutoTokenizer.from_pretrained(id);
-const inputs = tokenizer('def fibonacci(n):');
-const output = await model.generate({{ ...inputs, max_new_tokens: 32, do_sample: false }});
-console.log(tokenizer.decode(output[0], {{ skip_special_tokens: true }}));
-"""
+    A text `prompt` goes through the folder's tokenizer (tokenizer.json and tokenizer_config.json,
+    which transformers.js reads); token ids need neither, and the program prints the new ids.
+    """
+    if isinstance(prompt, str):
+        return fill("transformers_js_text.mjs.txt", folder=folder, config=TRANSFORMERS_JS_CONFIG, prompt=prompt,
+                    new_tokens=new_tokens)
+    return fill("transformers_js_ids.mjs.txt", folder=folder, config=TRANSFORMERS_JS_CONFIG,
+                prompt_ids=json.dumps(prompt), new_tokens=new_tokens)

@@ -4,6 +4,9 @@
     r = m.generate("def f", max_new_tokens=20)
     for piece in m.stream("def f", max_new_tokens=20):
         print(piece, end="")
+    for event in m.stream_tokens("def f", max_new_tokens=20):
+        print(event.token_id, repr(event.text))
+    r = event.result  # the last event carries the call's GenerationResult
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from parscale.args import check_generation, check_seed
 from parscale.errors import ParScaleError
 from parscale.graph import CPU
 from parscale.runtime.folder import ExportFolder
-from parscale.runtime.generate import Generation, GenerationResult
+from parscale.runtime.generate import GenerationResult, Step, TokenEvent, run_generation
 from parscale.runtime.sampling import Sampler, SamplingConfig
 from parscale.runtime.session import Engine
 from parscale.text import TOKENIZER_FILE
@@ -30,7 +33,11 @@ Prompt = str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
 class Model:
     """An export loaded into ONNX Runtime, with its tokenizer (if the folder has one) and EOS ids.
 
-    `generate` and `stream` may be called from several threads: each call has its own cache.
+    `generate`, `stream` and `stream_tokens` may be called from several threads at once. After
+    `load` the Model is only read: each call builds its own `Engine` (its own I/O binding, KV cache
+    and logits buffer), sampler and text decoders, and returns its result to its caller. The
+    calls share the ONNX Runtime session, whose `run_with_iobinding` may run concurrently as long
+    as every call binds through its own I/O binding, which the per-call Engine guarantees.
     """
 
     def __init__(self, folder: ExportFolder) -> None:
@@ -58,9 +65,11 @@ class Model:
 
     @property
     def device(self) -> str:
+        """'cpu' or 'cuda': where the session runs."""
         return "cpu" if self.provider == CPU else "cuda"
 
     def encode(self, text: str) -> list[int]:
+        """Text -> token ids with the export's tokenizer (special tokens added as the tokenizer says)."""
         if self.tokenizer is None:
             raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: pass the prompt as token ids")
         try:
@@ -70,49 +79,83 @@ class Model:
         return self.tokenizer.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
+        """Token ids -> text, special tokens left out."""
         if self.tokenizer is None:
             raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: cannot turn ids into text")
         return self.tokenizer.decode(list(ids))
 
-    def generate(self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None,
-                 **kwargs: Any) -> GenerationResult | list[GenerationResult]:
-        """Generate for one prompt (-> a result) or a batch (list of prompts -> list of results).
+    def generate(
+        self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None, max_new_tokens: int = 64,
+        greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (-> a result) or a batch (a list of prompts -> a list of results).
 
-        A prompt is text or a list of token ids. Keyword arguments: max_new_tokens (64), greedy,
-        temperature (0 = greedy), top_k, top_p, repetition_penalty, seed, stop (a string or
-        strings), ignore_eos. Batches are left-padded and run together.
+        A prompt is text or a list of token ids (`prompt_ids` takes ids only). A batch is
+        left-padded and runs together.
+
+        - max_new_tokens: new tokens at most; prompt plus this must fit the context length.
+        - greedy / temperature: greedy=True or temperature 0 (the default) take the most likely
+          token; temperature > 0 samples, after top_k (0 = off) and top_p (1.0 = off) filtering.
+        - repetition_penalty: > 1 discourages tokens already in the prompt or output (1.0 = off).
+        - seed: makes sampling reproducible (None: a fresh random state).
+        - stop: a string or strings that end generation; they are cut from the text (needs a tokenizer).
+        - ignore_eos: keep going past the EOS ids of generation_config.json.
+
+        Bad input raises ParScaleError before ONNX Runtime runs.
         """
         started = time.perf_counter()
         prompts, single = self._prompts(prompt, prompt_ids)
-        gen = self._generation(prompts, started, **kwargs)
-        for _ in gen:
-            pass
-        return gen.results[0] if single else gen.results
+        steps = self._start(prompts, started, max_new_tokens=max_new_tokens, greedy=greedy,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
+        results: list[GenerationResult] | None = None
+        for step in steps:  # run to the end, so that the engine is released here
+            results = step.results
+        if results is None:  # run_generation's last step always carries them
+            raise RuntimeError("generation ended without results")
+        return results[0] if single else results
 
-    def stream(self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None,
-               **kwargs: Any) -> Iterator[str]:
+    def stream_tokens(
+        self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None, max_new_tokens: int = 64,
+        greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[TokenEvent]:
+        """One `TokenEvent` per new token of one prompt; the last event's `result` is the `GenerationResult`.
+
+        Options as for `generate`. Works without a tokenizer (every event's text is then '').
+        The input is checked here, before the first event is asked for; the KV cache lives until the
+        iteration ends (or the iterator is closed or dropped).
+        """
+        started = time.perf_counter()
+        prompts = self._one_prompt(prompt, prompt_ids, "stream_tokens")
+        steps = self._start(prompts, started, max_new_tokens=max_new_tokens, greedy=greedy,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
+        return _token_events(steps)
+
+    def stream(
+        self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None, max_new_tokens: int = 64,
+        greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[str]:
         """Yield the text of one prompt as it is generated (never splitting a character).
 
-        After the loop, `self.last_result` holds the `GenerationResult` (ids, finish reason, timings).
+        Options as for `generate`; the pieces join to the result's `text`. For the token ids,
+        finish reason or timings as well, iterate `stream_tokens` instead.
         """
         started = time.perf_counter()
-        prompts, single = self._prompts(prompt, prompt_ids)
-        if not single:
-            raise ParScaleError("stream takes one prompt; use generate for a batch")
+        prompts = self._one_prompt(prompt, prompt_ids, "stream")
         if self.tokenizer is None:
-            raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: streaming text needs one")
-        gen = self._generation(prompts, started, **kwargs)
-        for pieces in gen:
-            if pieces[0]:
-                yield pieces[0]
-        self.last_result = gen.results[0]
-
-    def stream_results(self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None,
-                       **kwargs: Any) -> Generation:
-        """The underlying `Generation`: iterate for per-row text pieces; `.results` when done."""
-        started = time.perf_counter()
-        prompts, _ = self._prompts(prompt, prompt_ids)
-        return self._generation(prompts, started, **kwargs)
+            raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: streaming text needs one; "
+                                "use stream_tokens for token ids")
+        steps = self._start(prompts, started, max_new_tokens=max_new_tokens, greedy=greedy,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
+        return (event.text for event in _token_events(steps) if event.text)
 
     # ------------------------------------------------------------------ input checks
 
@@ -154,10 +197,16 @@ class Model:
                 )
         return [[int(t) for t in ids] for ids in batch], single
 
-    def _generation(self, prompts: list[list[int]], started: float, *, max_new_tokens: int = 64,
-                    greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    repetition_penalty: float = 1.0, seed: int | None = None,
-                    stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Generation:
+    def _one_prompt(self, prompt: Prompt | None, prompt_ids: Sequence[int] | None, what: str) -> list[list[int]]:
+        prompts, single = self._prompts(prompt, prompt_ids)
+        if not single:
+            raise ParScaleError(f"{what} takes one prompt; use generate for a batch")
+        return prompts
+
+    def _start(self, prompts: list[list[int]], started: float, *, max_new_tokens: int, greedy: bool,
+               temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
+               stop: str | Sequence[str] | None, ignore_eos: bool) -> Iterator[Step]:
+        """Check the options and set up one call: a fresh Engine (never shared between calls) and sampler."""
         check_generation(max(len(p) for p in prompts), max_new_tokens, self.context_length)
         check_seed(seed, "seed")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -167,8 +216,17 @@ class Model:
             raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: stop strings need one")
         config = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
-        return Generation(
+        return run_generation(
             Engine(self.session, self.info, self.provider), prompts, max_new_tokens=max_new_tokens,
             sampler=Sampler(config, self.vocab_size, len(prompts)), eos_ids=self.eos_ids, stop=stops,
             tokenizer=self.tokenizer, ignore_eos=ignore_eos, started=started,
         )
+
+
+def _token_events(steps: Iterator[Step]) -> Iterator[TokenEvent]:
+    """The steps of a one-prompt generation as token events (a single row never skips a step)."""
+    for step in steps:
+        token = step.tokens[0]
+        if token is None:  # the loop stops once the only row has finished
+            raise RuntimeError("a one-prompt generation yielded a step without a token")
+        yield TokenEvent(token, step.pieces[0], step.results[0] if step.results is not None else None)

@@ -18,7 +18,12 @@ from parscale.graph import CUDA, GraphInfo
 
 
 class Engine:
-    """Runs prefill and decode steps with I/O binding; holds the cache between steps."""
+    """Runs prefill and decode steps with I/O binding; holds the cache between steps.
+
+    An Engine is one generation's state (its I/O binding, KV cache and logits buffer) and serves
+    one call at a time: `Model` makes a new one for every call, so concurrent calls share only the
+    session, whose runs are thread-safe with separate bindings.
+    """
 
     def __init__(self, session: ort.InferenceSession, info: GraphInfo, provider: str) -> None:
         self.session, self.info = session, info
