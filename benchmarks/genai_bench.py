@@ -1,8 +1,8 @@
 """onnxruntime-genai baseline: its own model builder on a plain Qwen2 folder, then its runtime.
 
-    python benchmarks/genai_bench.py hf CKPT_P1 HF_DIR          # P=1 checkpoint -> plain HF Qwen2 folder
-    python benchmarks/genai_bench.py build HF_DIR OUT --precision int8|fp32
-    python benchmarks/genai_bench.py run OUT --prompt-len 128 --gen 64 --threads 2
+    python -m benchmarks.genai_bench hf CKPT_P1 HF_DIR          # P=1 checkpoint -> plain HF Qwen2 folder
+    python -m benchmarks.genai_bench build HF_DIR OUT --precision int8|fp32
+    python -m benchmarks.genai_bench run OUT --prompt-len 128 --gen 64 --threads 2
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, max_rss_mb, peak_rss_mb, prompt_ids, reset_peak_rss
+from benchmarks.common import emit, max_rss_mb, peak_rss_mb, prompt_ids, reset_peak_rss
 
 
 def make_hf_qwen2(ckpt: Path, out: Path) -> Path:

@@ -1,6 +1,6 @@
 """Where a decode step spends its time: ORT profiling of one export, kernel time per op type.
 
-    python benchmarks/profile_decode.py EXPORT [--threads 2] [--prompt-len 128] [--steps 16]
+    python -m benchmarks.profile_decode EXPORT [--threads 2] [--prompt-len 128] [--steps 16]
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.report import machine, write_report
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from report import machine, write_report  # noqa: E402
 
 PY = sys.executable
 PARSCALE = [PY, "-m", "parscale"]
@@ -31,7 +31,8 @@ PARSCALE = [PY, "-m", "parscale"]
 def sh(cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> str:
     """Run a command; return its stdout; on failure show its output and stop."""
     print("$", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    # cwd: the repository root, where `python -m benchmarks.<name>` finds this package.
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=HERE.parent)
     if log is not None:
         log.write_text(r.stdout + r.stderr)
     if r.returncode:
@@ -71,11 +72,11 @@ def prepare(work: Path, threads: int, precisions: list[str], preset: str) -> dic
             systems[f"parscale P={P} {prec}"] = {"kind": "ours", "path": out, "P": P, "precision": prec}
     hf = work / "hf_qwen2_p1"
     if not (hf / "config.json").is_file():
-        sh([PY, str(HERE / "genai_bench.py"), "hf", str(work / "ckpt_p1"), str(hf)])
+        sh([PY, "-m", "benchmarks.genai_bench", "hf", str(work / "ckpt_p1"), str(hf)])
     for prec in ("int8", "fp32"):
         out = work / f"genai_{prec}"
         if not (out / "genai_config.json").is_file():
-            sh([PY, str(HERE / "genai_bench.py"), "build", str(hf), str(out), "--precision", prec,
+            sh([PY, "-m", "benchmarks.genai_bench", "build", str(hf), str(out), "--precision", prec,
                 "--threads", str(threads)], log=work / f"genai_{prec}.log")
         systems[f"onnxruntime-genai P=1 {prec}"] = {"kind": "genai", "path": out, "P": 1, "precision": prec}
         systems[f"onnxruntime-genai P=1 {prec} no-spin"] = {"kind": "genai", "path": out, "P": 1, "precision": prec,
@@ -89,9 +90,9 @@ def measure(system: dict, threads: int, prompt_len: int, gen: int) -> dict:
     if system["kind"] == "ours":
         cmd = [*PARSCALE, "bench", path, *common, "--provider", "cpu", "--json"]
     elif system["kind"] == "torch":
-        cmd = [PY, str(HERE / "torch_eager.py"), path, *common]
+        cmd = [PY, "-m", "benchmarks.torch_eager", path, *common]
     else:
-        cmd = [PY, str(HERE / "genai_bench.py"), "run", path, *common, *system.get("extra", [])]
+        cmd = [PY, "-m", "benchmarks.genai_bench", "run", path, *common, *system.get("extra", [])]
     load_before = os.getloadavg()[0]
     env = system.get("env", {})
     record = json.loads(sh(cmd, env=env).strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """Interleaved A/B of ONNX Runtime session options on one export, in one process.
 
-    python benchmarks/session_ab.py EXPORT default session.intra_op.allow_spinning=1 arena=1 opt=basic
+    python -m benchmarks.session_ab EXPORT default session.intra_op.allow_spinning=1 arena=1 opt=basic
 
 Each variant is a comma-separated list: `arena=0|1`, `opt=basic|ext|all`, or a session config entry
 `key=value`, applied on top of parscale's own options. Runs are interleaved so that a drifting

@@ -2,21 +2,18 @@
 
 This is what a user would run without our runtime. Batch 1, greedy, exactly `gen` new tokens.
 
-    python benchmarks/torch_eager.py CKPT --prompt-len 128 --gen 64 --threads 2
+    python -m benchmarks.torch_eager CKPT --prompt-len 128 --gen 64 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, max_rss_mb, peak_rss_mb, prompt_ids, reset_peak_rss
-
+from benchmarks.common import emit, max_rss_mb, peak_rss_mb, prompt_ids, reset_peak_rss
 from parscale.modeling.checkpoint import load_model
 
 

@@ -179,6 +179,12 @@ ids_text = st.one_of(
 )
 
 
+def runtime_options(bad_providers: list[str]) -> dict:
+    """Options every command that loads an export takes (`generate`, `bench`), with some bad providers."""
+    return {"--threads": num(ints), "--provider": st.sampled_from(["auto", "cpu", *bad_providers]), "--json": None,
+            "--no-verify": None}
+
+
 @settings(PROPS, max_examples=25)
 @given(data=st.data())
 def test_generate(world, data):
@@ -186,9 +192,7 @@ def test_generate(world, data):
     prompt = data.draw(st.one_of(st.tuples(st.just("--prompt-ids"), ids_text), st.tuples(st.just("--prompt"), junk)))
     args = ["generate", model, *prompt, *options(data, {
         "--max-new-tokens": num(ints), "--temperature": num(floats), "--top-k": num(ints), "--top-p": num(floats),
-        "--repetition-penalty": num(floats), "--seed": num(ints), "--threads": num(ints),
-        "--provider": st.sampled_from(["auto", "cpu", "cuda", "tpu"]), "--stop": junk, "--json": None,
-        "--no-verify": None,
+        "--repetition-penalty": num(floats), "--seed": num(ints), "--stop": junk, **runtime_options(["cuda", "tpu"]),
     })]
     check_read_only(world, args)
 
@@ -199,8 +203,7 @@ def test_bench(world, data):
     model = resolve(world, data.draw(st.sampled_from(MODEL_PATHS)))
     args = ["bench", model, *options(data, {
         "--prompt-len": num(st.integers(-2, 600).map(str)), "--gen": num(st.integers(-2, 600).map(str)),
-        "--threads": num(ints), "--provider": st.sampled_from(["auto", "cpu", "gpu"]), "--json": None,
-        "--no-verify": None,
+        **runtime_options(["gpu"]),
     })]
     check_read_only(world, args)
 
