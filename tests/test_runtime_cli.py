@@ -6,10 +6,11 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from runtime_helpers import torch_greedy
 
+from parscale.modeling.checkpoint import load_model
 from parscale.runtime import Model
 
 # Installed before anything else in a child interpreter: importing these fails as if not installed.
@@ -112,8 +113,9 @@ def test_runtime_works_without_torch(tiny_exports):
 
 @pytest.mark.parametrize("P", [1, 4])
 def test_onnxruntime_genai_gives_the_same_greedy_tokens(tiny_exports, P):  # noqa: N803
+    """A third-party runtime drives the export unchanged and picks our runtime's and PyTorch's greedy tokens."""
     og = pytest.importorskip("onnxruntime_genai")
-    export: Path = tiny_exports[P][1]
+    ckpt, export = tiny_exports[P]
     prompt, n = [5, 17, 300, 42, 7], 10
     ours = Model.load(export).generate(prompt_ids=prompt, max_new_tokens=n)
     model = og.Model(str(export))
@@ -125,3 +127,5 @@ def test_onnxruntime_genai_gives_the_same_greedy_tokens(tiny_exports, P):  # noq
         gen.generate_next_token()
     theirs = list(gen.get_sequence(0))[len(prompt):]
     assert theirs == ours.generated_ids
+    reference = torch_greedy(load_model(ckpt)[1], [prompt], n)[0]
+    assert ours.generated_ids == reference[:len(ours.generated_ids)]  # both stop at an EOS; torch does not
