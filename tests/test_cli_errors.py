@@ -15,12 +15,12 @@ import pytest
 
 from parscale.modeling.init import make_config
 
+pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
+
 INJECT = """
 import sys
 import parscale.exporter.export as export_module
 from parscale.cli import main
-
-pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
 def boom(*args, **kwargs):
     raise RuntimeError("injected failure\\nsecond line")
