@@ -46,12 +46,12 @@ def _prepare(
 ) -> tuple[ParScaleConfig, np.ndarray, int]:
     """Config, ids to score, and the UTF-8 bytes the scored ids[1:] spell (exact for byte-level BPE)."""
     cfg = ParScaleConfig.load(model_dir)
-    ids = document_ids(model_dir, read_text(text_path))
+    tok = folder_tokenizer(model_dir)
+    ids = document_ids(model_dir, read_text(text_path), tok)
     if max_tokens is not None:
         ids = ids[:max_tokens + 1]
     if len(ids) < 2:
         raise ParScaleError(f"{text_path} holds too little text to score (need two tokens)")
-    tok = folder_tokenizer(model_dir)
     n_bytes = len(tok.decode(ids[1:].tolist(), skip_special_tokens=False).encode("utf-8"))
     return cfg, ids, n_bytes
 

@@ -115,15 +115,16 @@ def folder_tokenizer(folder: str | Path) -> Tokenizer:
     return Tokenizer(path)
 
 
-def document_ids(folder: str | Path, text: str) -> np.ndarray:
+def document_ids(folder: str | Path, text: str, tokenizer: Tokenizer | None = None) -> np.ndarray:
     """The ids every scorer uses for a text: one document-boundary EOS as context, then the text.
 
     The EOS is the boundary the model saw between documents in training, so the first real token is
     predicted from a familiar context: the tokenizer's `<|endoftext|>` when it has one, else the
     first EOS id of the folder's generation_config.json / config.json, else none. No other special
     tokens are added (a BOS template, say): the context is chosen here, the same for all.
+    `tokenizer`: the folder's, when the caller has it loaded already.
     """
-    tok = folder_tokenizer(folder)
+    tok = tokenizer if tokenizer is not None else folder_tokenizer(folder)
     eos = tok.token_id(EOS_TEXT)
     context = [eos] if eos is not None else load_eos_ids(Path(folder), tok.vocab_size)[:1]
     return np.asarray(context + tok.encode(text, add_special_tokens=False), dtype=np.int64)

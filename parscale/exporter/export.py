@@ -139,7 +139,7 @@ def export(
             release(model)  # the module's memory goes back before ONNX Runtime needs its own
         del model
         job.stage("writing model")
-        _write_graph(job, tmp, proto, manifest)
+        _write_graph(job, tmp, float_dir, proto, manifest)
         del proto
         folder.copy_source_files(model_dir, tmp)
         genai = folder.genai_config(cfg, eos, context_length=cfg.max_position_embeddings)
@@ -279,11 +279,11 @@ def _quantize(
     return proto, report
 
 
-def _write_graph(job: _Job, tmp: Path, proto: onnx.ModelProto | None, manifest: Manifest) -> None:
+def _write_graph(job: _Job, tmp: Path, float_dir: Path, proto: onnx.ModelProto | None, manifest: Manifest) -> None:
     """The export's model.onnx (and data): the quantized proto, or the traced float graph in place."""
     meta = manifest.to_dict()  # no files or validation yet: they describe the finished folder
     if proto is not None:
-        load_external(proto, tmp / ".float")  # the float tensors left (norms, biases, prefixes, mixing)
+        load_external(proto, float_dir)  # the float tensors left (norms, biases, prefixes, mixing)
         set_metadata(proto, meta)
         save_graph(proto, tmp, external_threshold=job.external_data_threshold)
     else:

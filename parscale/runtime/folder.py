@@ -38,11 +38,7 @@ class ExportFolder:
     def check(cls, path: str | Path, *, verify: bool = True) -> Manifest:
         """The checks that need no session: manifest types, file sizes (hashes and NaN/Inf with
         `verify`), and the manifest against config.json. Returns the manifest."""
-        path = Path(path)
-        manifest = Manifest.read(path)
-        verify_folder(path, manifest, verify=verify)
-        check_against_config(path, manifest.model.runtime_fields())
-        return manifest
+        return _checked(Path(path), verify)[0]
 
     @classmethod
     def open(cls, path: str | Path, *, provider: str = "auto", threads: int | None = None,
@@ -56,7 +52,7 @@ class ExportFolder:
         compared with the graph and config.json. `threads` is clamped to the CPUs available.
         """
         path = Path(path)
-        manifest = cls.check(path, verify=verify)
+        manifest, config = _checked(path, verify)
         name = resolve_provider(provider)
         threads = check_threads(threads if threads is not None else default_threads(), "threads")
         limit_malloc_retention()
@@ -69,6 +65,11 @@ class ExportFolder:
         for data in sorted(path.glob(MODEL_FILE + "*.data")):
             advise_random_access(data)  # tables read in place (embeddings): fault in rows, not folios
         tokenizer = Tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
-        config = ParScaleConfig.load(path) if (path / "config.json").is_file() else None
         return cls(path=path, manifest=manifest, config=config, tokenizer=tokenizer,
                    eos_ids=load_eos_ids(path, info.vocab_size), session=session, info=info, provider=name)
+
+
+def _checked(path: Path, verify: bool) -> tuple[Manifest, ParScaleConfig | None]:
+    manifest = Manifest.read(path)
+    verify_folder(path, manifest, verify=verify)
+    return manifest, check_against_config(path, manifest.model.runtime_fields())

@@ -66,10 +66,10 @@ def check_against_graph(path: Path, fields: dict[str, int], session: Any) -> Gra
     return info
 
 
-def check_against_config(path: Path, fields: dict[str, int]) -> None:
-    """Compare the runtime fields with the config.json copied into the export (when present)."""
+def check_against_config(path: Path, fields: dict[str, int]) -> ParScaleConfig | None:
+    """Compare the runtime fields with the config.json copied into the export; returns it (None when absent)."""
     if not (path / "config.json").is_file():
-        return
+        return None
     cfg = ParScaleConfig.load(path)
     theirs = {
         "P": cfg.P, "num_hidden_layers": cfg.num_hidden_layers, "cache_heads": cfg.cache_heads,
@@ -78,3 +78,4 @@ def check_against_config(path: Path, fields: dict[str, int]) -> None:
     for key, value in fields.items():
         if theirs.get(key, value) != value:
             raise _mismatch(path, key, value, "config.json", theirs[key])
+    return cfg

@@ -30,7 +30,6 @@ class Engine:
         self.device = "cuda" if provider == CUDA else "cpu"
         self.past_names = contract.past_names(info.num_layers)
         self.present_names = contract.present_names(info.num_layers)
-        self.has_keep = info.has_keep
         self.keep_one = np.array(1, dtype=np.int64)
         self.cache: list[ort.OrtValue] = []
         self.logits = np.empty((0, 1, info.vocab_size), dtype=np.float32)
@@ -51,12 +50,12 @@ class Engine:
         b.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         b.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         b.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
-        if self.has_keep:
+        if self.info.has_keep:
             b.bind_cpu_input(contract.NUM_LOGITS_TO_KEEP, self.keep_one)
         for name, value in zip(self.past_names, self.cache, strict=True):
             b.bind_ortvalue_input(name, value)
         b.clear_binding_outputs()
-        if self.has_keep:
+        if self.info.has_keep:
             b.bind_ortvalue_output(contract.LOGITS, self._logits_value)
         else:  # an older graph without the input returns every position: let ORT size the output
             b.bind_output(contract.LOGITS, "cpu")
@@ -69,7 +68,7 @@ class Engine:
         outputs = b.get_outputs()
         # Order of get_outputs() is the binding order: logits, then the presents.
         self.cache = [outputs[i + 1] for i in range(len(self.present_names))]
-        logits = self.logits[:, -1] if self.has_keep else outputs[0].numpy()[:, -1]
+        logits = self.logits[:, -1] if self.info.has_keep else outputs[0].numpy()[:, -1]
         if not np.isfinite(logits).all():  # cheap (one row per sequence); NaN would decode as token 0 forever
             raise ParScaleError("the model produced NaN/Inf logits: its weights or inputs are damaged; "
                                 "load it with verification on (the default) to find the tensor, or re-export")
