@@ -300,10 +300,10 @@ def test_failed_quantization_leaves_nothing(checkpoints: dict[str, Path], float_
     def boom(*_args, **_kwargs):
         raise ParScaleError("quantization exploded")
 
-    def traced(_model, folder: Path, **_kwargs) -> None:  # skip re-tracing: the failure comes later
+    def built(_model, folder: Path, **_kwargs) -> None:  # skip rebuilding: the failure comes later
         shutil.copyfile(float_exports["p1"] / MODEL_FILE, folder / MODEL_FILE)
 
-    monkeypatch.setattr(export_module, "trace_to_folder", traced)
+    monkeypatch.setattr(export_module, "build_decoder", built)
     monkeypatch.setattr(export_module, "quantize_graph", boom)
     with pytest.raises(ParScaleError, match="exploded"):
         export(checkpoints["p1"], tmp_path / "out", quantize=QuantScheme(bits=4))
