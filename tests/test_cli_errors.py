@@ -71,6 +71,18 @@ def config_only(path: Path, preset: str, P: int) -> Path:  # noqa: N803
     return path
 
 
+def test_head_size_fused_attention_cannot_rotate_is_refused_before_any_work(tmp_path: Path) -> None:
+    tmp_path.joinpath("ck").mkdir()
+    config = make_config("tiny", P=2, hidden_size=32)  # 4 heads of 8: GroupQueryAttention rotates multiples of 16
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(config))
+    r = subprocess.run([sys.executable, "-m", "parscale", "export", str(tmp_path / "ck"), "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("error: head_dim 8 is not a multiple of 16, which ONNX Runtime's GroupQueryAttention "
+                                "needs; every published Qwen2 / ParScale shape has 64 or 128")
+    assert not (tmp_path / "out").exists()
+
+
 def test_memory_estimate_refuses_before_any_work(tmp_path: Path) -> None:
     ck = config_only(tmp_path / "ck3", "qwen2.5-3b", 4)
     script = ("import sys; import parscale.exporter.budget as b; b.available_bytes = lambda: 8 << 30;"

@@ -23,7 +23,7 @@ from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import budget, folder
 from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens, text_windows
-from parscale.exporter.decoder import build_decoder
+from parscale.exporter.decoder import build_decoder, check_supported
 from parscale.exporter.extras import write_extras
 from parscale.exporter.graphfile import (
     EXTERNAL_DATA_THRESHOLD,
@@ -208,6 +208,7 @@ def _preflight(job: _Job, P: int | None, check_memory: bool) -> tuple[ParScaleCo
     if not model_dir.is_dir():
         raise ParScaleError(f"model folder {model_dir} does not exist")
     cfg = ParScaleConfig.load(model_dir)
+    check_supported(cfg.head_dim)
     if P is not None and P != cfg.P:
         raise ParScaleError(
             f"P={P} does not match the checkpoint, which was trained with parscale_n={cfg.P}; "
