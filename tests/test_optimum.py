@@ -38,12 +38,14 @@ def run(*argv: str, cwd: Path) -> Done:
 
 
 def digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file; of model.ort, of its graph (see `ort_graph`), and the manifest without it."""
+    """sha256 of every file; of model.ort, of its graph (see `ort_graph`), and the manifest without its
+    sha256 and size (ONNX Runtime's flatbuffer writer does not lay the same graph out byte for byte)."""
     d = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
     if (folder / "model.ort").exists():
         d["model.ort"] = ort_graph(folder / "model.ort")
         manifest = json.loads((folder / "parscale.json").read_text())
         manifest["files"]["model.ort"].pop("sha256")
+        manifest["files"]["model.ort"].pop("bytes")
         d["parscale.json"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     return d
 
