@@ -1,8 +1,12 @@
 """onnxruntime-genai baseline: its own model builder on a plain Qwen2 folder, then its runtime.
 
     python -m benchmarks.genai_bench hf CKPT_P1 HF_DIR          # P=1 checkpoint -> plain HF Qwen2 folder
-    python -m benchmarks.genai_bench build HF_DIR OUT --precision int8|fp32
-    python -m benchmarks.genai_bench run OUT --prompt-len 128 --gen 64 --threads 2
+    python -m benchmarks.genai_bench build HF_DIR OUT --precision int8|int4|fp32
+    python -m benchmarks.genai_bench run OUT --prompt-len 128 --gen 64 --threads 2 [--batch 4] [--no-spin]
+
+With --batch B, B random prompts (the first is batch 1's) go in as one 2-D append_tokens with the
+search option batch_size=B; decode_ms_per_token is then one step (each sequence gets a token) and
+prefill tokens/s counts all B prompts, as in `parscale bench --batch`.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ def set_threads(out: Path, threads: int, spin: bool = True) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def run(model_dir: Path, prompt_len: int, gen: int, threads: int, spin: bool = True) -> dict:
+def run(model_dir: Path, prompt_len: int, gen: int, threads: int, spin: bool = True, batch: int = 1) -> dict:
+    import numpy as np
     import onnxruntime_genai as og
 
     set_threads(model_dir, threads, spin)
@@ -70,15 +75,18 @@ def run(model_dir: Path, prompt_len: int, gen: int, threads: int, spin: bool = T
     model = og.Model(str(model_dir))
     load_s = time.perf_counter() - t0
     vocab = json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"]
-    ids = prompt_ids(vocab, prompt_len)
+    rng = np.random.default_rng(0)  # prompt_ids' generator: row 0 is batch 1's prompt
+    ids = np.array([rng.integers(0, vocab, size=prompt_len) for _ in range(batch)], dtype=np.int32)
+    assert ids[0].tolist() == prompt_ids(vocab, prompt_len)
 
     def once(n: int) -> tuple[float, list[float]]:
         params = og.GeneratorParams(model)
         # min_length: random weights may emit EOS; every system must make exactly `n` tokens.
-        params.set_search_options(do_sample=False, max_length=prompt_len + n, min_length=prompt_len + n)
+        params.set_search_options(do_sample=False, max_length=prompt_len + n, min_length=prompt_len + n,
+                                  batch_size=batch)
         g = og.Generator(model, params)
         t = time.perf_counter()
-        g.append_tokens(ids)  # prefill: runs the model on the prompt
+        g.append_tokens(ids if batch > 1 else ids[0])  # prefill: runs the model on the prompt(s)
         prefill = time.perf_counter() - t
         steps = []
         for _ in range(n):
@@ -92,9 +100,9 @@ def run(model_dir: Path, prompt_len: int, gen: int, threads: int, spin: bool = T
     prefill, steps = once(gen)
     # The first call only picks the token from the prefill logits; each later call runs one decode step.
     return {
-        "system": "onnxruntime-genai", "model": str(model_dir), "threads": threads, "spin": spin,
+        "system": "onnxruntime-genai", "model": str(model_dir), "threads": threads, "spin": spin, "batch": batch,
         "prompt_len": prompt_len, "gen": gen, "load_s": load_s, "time_to_first_token_s": prefill + steps[0],
-        "prefill_tokens_per_s": prompt_len / prefill,
+        "prefill_tokens_per_s": batch * prompt_len / prefill,
         "decode_ms_per_token": 1000 * sum(steps[1:]) / (len(steps) - 1),
         "generate_peak_rss_mb": peak_rss_mb(), "peak_rss_mb": max_rss_mb(),
         "files_mb": sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file()) / 1e6,
@@ -119,13 +127,15 @@ def main() -> None:
     a.add_argument("--threads", type=int, default=2)
     a.add_argument("--out", type=Path)
     a.add_argument("--no-spin", action="store_true", help="Idle ORT workers sleep (as parscale's default).")
+    a.add_argument("--batch", type=int, default=1, help="Prompts generated together.")
     args = ap.parse_args()
     if args.cmd == "hf":
         make_hf_qwen2(args.ckpt, args.out)
     elif args.cmd == "build":
         build(args.hf_dir, args.out, args.precision, args.threads)
     else:
-        emit(run(args.model_dir, args.prompt_len, args.gen, args.threads, spin=not args.no_spin), args.out)
+        emit(run(args.model_dir, args.prompt_len, args.gen, args.threads, spin=not args.no_spin,
+                 batch=args.batch), args.out)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+LLAMA_TYPE = {"int8": "Q8_0", "int4": "Q4_0"}
+
 
 def machine() -> dict:
     cpu = "unknown"
@@ -30,55 +32,71 @@ def machine() -> dict:
             "versions": versions}
 
 
-def _get(results: dict, name: str) -> dict | None:
-    return results.get(name)
-
-
 def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
-    if not a or not b or not b.get(key):
+    if not a or not b or not b.get(key) or a.get(key) is None:
         return None
     return a[key] / b[key]
 
 
-def best_genai(results: dict, precision: str, key: str = "decode_ms_per_token") -> dict | None:
-    """The stronger of genai's two configurations (spinning workers or not) on `key`."""
-    runs = [r for r in results.values() if r["kind"] == "genai" and r["precision"] == precision]
-    if not runs:
-        return None
-    return min(runs, key=lambda r: r[key]) if key == "decode_ms_per_token" else max(runs, key=lambda r: r[key])
-
-
-def best_torch(results: dict, P: int) -> dict | None:  # noqa: N803
-    """The faster PyTorch eager configuration (OpenMP threads spinning or passive) at this P."""
-    runs = [r for r in results.values() if r["kind"] == "torch" and r["P"] == P]
-    return min(runs, key=lambda r: r["decode_ms_per_token"]) if runs else None
+def find(results: dict, kind: str, precision: str, batch: int, P: int | None = None) -> dict | None:  # noqa: N803
+    """The result of `kind` ('ours', 'genai', 'llama', 'torch') at this precision, batch (and P)."""
+    for r in results.values():
+        if r["kind"] == kind and r["precision"] == precision and r["batch"] == batch and (P is None or r["P"] == P):
+            return r
+    return None
 
 
 def targets(results: dict) -> list[tuple[str, float | None, float, str, bool | None]]:
-    """(target, measured ratio, bound, direction, met), always against genai's better configuration."""
-    genai8 = best_genai(results, "int8")
+    """(target, measured, bound, direction, met): the issue's targets, at every batch size measured."""
     out: list[tuple[str, float | None, float, str, bool | None]] = []
 
     def add(label: str, value: float | None, bound: float, le: bool) -> None:
         met = None if value is None else (value <= bound if le else value >= bound)
         out.append((label, value, bound, "<=" if le else ">=", met))
 
-    add("P=4 int8 decode / genai P=1 int8 decode", _ratio(_get(results, "parscale P=4 int8"), genai8,
-                                                          "decode_ms_per_token"), 1.25, True)
-    add("P=1 int8 decode / genai P=1 int8 decode", _ratio(_get(results, "parscale P=1 int8"), genai8,
-                                                          "decode_ms_per_token"), 1.10, True)
-    for prec in ("int8", "fp32"):
-        torch4, ours4 = best_torch(results, 4), _get(results, f"parscale P=4 {prec}")
-        add(f"PyTorch eager P=4 fp32 decode / our P=4 {prec} decode",
-            _ratio(torch4, ours4, "decode_ms_per_token"), 3.0, False)
-    for prec in ("int8", "fp32"):
-        add(f"P=1 {prec} prefill tok/s / genai P=1 {prec} prefill",
-            _ratio(_get(results, f"parscale P=1 {prec}"), best_genai(results, prec, "prefill_tokens_per_s"),
-                   "prefill_tokens_per_s"), 1.0, False)
-    for name, r in results.items():
-        if r["kind"] == "ours":
-            add(f"{name}: peak RSS generating / (files + KV cache)", r.get("rss_ratio"), 1.15, True)
+    batches = sorted({r["batch"] for r in results.values()})
+    precisions = [p for p in ("int8", "int4") if any(r["precision"] == p for r in results.values())]
+    for b in batches:
+        for prec in precisions:
+            genai = find(results, "genai", prec, b)
+            for P, bound in ((1, 0.95), (4, 1.20), (8, 1.5)):
+                add(f"batch {b}: our P={P} {prec} decode / genai P=1 {prec} decode",
+                    _ratio(find(results, "ours", prec, b, P), genai, "decode_ms_per_token"), bound, True)
+            add(f"batch {b}: our P=1 {prec} prefill tok/s / genai P=1 {prec} prefill tok/s",
+                _ratio(find(results, "ours", prec, b, 1), genai, "prefill_tokens_per_s"), 1.0, False)
+            for r in sorted((r for r in results.values() if r["kind"] == "ours" and r["precision"] == prec
+                             and r["batch"] == b), key=lambda r: r["P"]):
+                add(f"batch {b}: our P={r['P']} {prec} peak RSS generating / (files + KV cache)",
+                    r.get("rss_ratio"), 1.15, True)
     return out
+
+
+def _table(results: dict, batch: int) -> list[str]:
+    lines = [
+        f"### Batch {batch}",
+        "",
+        "| system | decode ms/token | x genai P=1 decode | x llama.cpp decode | prefill tok/s | x genai prefill "
+        "| x llama.cpp prefill | first token ms | peak RSS gen. MB | files MB | KV MB | RSS / (files+KV) "
+        "| load avg (median, min-max) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    rows = [r for r in results.values() if r["batch"] == batch]
+    order = {"ours": 0, "genai": 1, "llama": 2, "torch": 3}
+    rows.sort(key=lambda r: (order.get(r["kind"], 9), r["precision"], r["P"]))
+    for r in rows:
+        genai = find(results, "genai", r["precision"], batch) if r["kind"] != "genai" else None
+        llama = find(results, "llama", r["precision"], batch) if r["kind"] == "ours" else None
+        loads = r.get("load_avg_1min_before_all", [r["load_avg_1min_before"]])
+        files = r.get("files_mb") or r.get("weights_mb")
+        lines.append(
+            f"| {r['name']} | {r['decode_ms_per_token']:.2f} | {_fmt(_ratio(r, genai, 'decode_ms_per_token'))} "
+            f"| {_fmt(_ratio(r, llama, 'decode_ms_per_token'))} | {r['prefill_tokens_per_s']:.1f} "
+            f"| {_fmt(_ratio(r, genai, 'prefill_tokens_per_s'))} | {_fmt(_ratio(r, llama, 'prefill_tokens_per_s'))} "
+            f"| {1000 * r['time_to_first_token_s']:.0f} | {r['generate_peak_rss_mb']:.0f} "
+            f"| {_fmt(files, 1)} | {_fmt(r.get('kv_cache_mb'), 1)} | {_fmt(r.get('rss_ratio'))} "
+            f"| {r['load_avg_1min_before']:.2f} ({min(loads):.2f}-{max(loads):.2f}) |"
+        )
+    return [*lines, ""]
 
 
 def write_report(results: dict, meta: dict, folder: Path) -> None:
@@ -88,40 +106,37 @@ def write_report(results: dict, meta: dict, folder: Path) -> None:
         {"meta": meta, "results": results,
          "targets": [{"target": t, "value": v, "bound": b, "op": op, "met": m} for t, v, b, op, m in goals]},
         indent=2) + "\n")
-    genai8 = best_genai(results, "int8")
     lines = [
-        "# Benchmark: parscale runtime vs PyTorch eager vs onnxruntime-genai",
+        "# Benchmark: parscale runtime vs onnxruntime-genai vs llama.cpp",
         "",
         f"Command: `{meta['command']}` ({meta['started']} to {meta['finished']}).",
-        f"Batch 1, prompt {meta['prompt_len']} random token ids, {meta['gen']} new tokens (greedy, EOS ignored), "
-        f"{meta['threads']} threads, random `{meta['preset']}` weights (`parscale init --preset {meta['preset']}`); "
-        f"each system in its own process, median of {meta['repeat']} interleaved run(s).",
+        f"Prompt {meta['prompt_len']} random token ids per sequence, {meta['gen']} new tokens (greedy, EOS ignored), "
+        f"{meta['threads']} threads for every system, random `{meta['preset']}` weights "
+        f"(`parscale init --preset {meta['preset']}`); each system in its own process; {meta['rounds']} "
+        "interleaved round(s), each running every system once in an order rotated each round; every figure "
+        "is the median across rounds, with the 1-minute load average before each run.",
+        "Ours: `parscale bench` (int4 by round-to-nearest). genai: its own builder's P=1 build of the same "
+        "P=1 weights, idle workers sleeping (as ours). llama.cpp "
+        f"{meta['llama_cpp']['commit']} (llama-cpp-python {meta['llama_cpp']['llama_cpp_python']} sdist): "
+        "Q8_0 is int8's yardstick, Q4_0 int4's; its RSS includes loading. At batch B, decode ms/token is one "
+        "step (each of the B sequences gets a token) and prefill tok/s counts all B prompts.",
         f"Machine: {meta['cpu']}, {meta['logical_cpus']} logical CPUs, {meta['memory_gb']} GiB RAM, {meta['os']}, "
         f"Python {meta['python']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + ".",
         "",
-        "| system | decode ms/token | x best genai P=1 int8 | x best PyTorch same P | prefill tok/s | first token ms "
-        "| peak RSS gen. MB | files MB | RSS / (files+KV) | load avg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in results.items():
-        torch_same = best_torch(results, r["P"])
-        vs_genai = _ratio(r, genai8, "decode_ms_per_token")
-        vs_torch = _ratio(r, torch_same, "decode_ms_per_token")
-        files = r.get("files_mb") or r.get("weights_mb")
-        rss_ratio = r.get("rss_ratio")
-        lines.append(
-            f"| {name} | {r['decode_ms_per_token']:.1f} | {_fmt(vs_genai)} | {_fmt(vs_torch)} "
-            f"| {r['prefill_tokens_per_s']:.1f} | {1000 * r['time_to_first_token_s']:.0f} "
-            f"| {r['generate_peak_rss_mb']:.0f} | {files:.0f} | {_fmt(rss_ratio)} | {r['load_avg_1min_before']:.1f} |"
-        )
-    lines += ["", "Targets (issue 5):", "", "| target | measured | bound | met |", "|---|---:|---:|---|"]
+    for b in sorted({r["batch"] for r in results.values()}):
+        lines += _table(results, b)
+    lines += ["Targets (issue 12):", "", "| target | measured | bound | met |", "|---|---:|---:|---|"]
     for label, value, bound, op, met in goals:
         lines.append(f"| {label} | {_fmt(value)} | {op} {bound:g} | "
                      f"{'n/a' if met is None else 'yes' if met else 'NO'} |")
+    for title, items in (("Notes", meta.get("notes")), ("Failed runs", meta.get("failures"))):
+        if items:
+            lines += ["", f"{title}:", ""] + [f"- {x}" for x in items]
     lines += ["", "Commands per system:", ""] + [f"- {n}: `{r['command']}`" for n, r in results.items()]
     (folder / "bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"

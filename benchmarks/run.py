@@ -1,12 +1,14 @@
-"""Benchmark harness: our runtime against PyTorch eager and onnxruntime-genai, in one go, on one machine.
+"""Benchmark harness: our runtime against onnxruntime-genai and llama.cpp, in one run, on one machine.
 
-    python benchmarks/run.py [--work /tmp/parscale-bench] [--threads 2] [--prompt-len 128] [--gen 64]
+    python -m benchmarks.run [--work /tmp/parscale-bench] [--rounds 5] [--threads 2] [--prompt-len 128] [--gen 64]
 
-Prepares (once, cached in --work) random `qwen2.5-0.5b` checkpoints at P=1 and P=4, their exports
-(fp32, and int8 when `parscale export --int8` exists), a plain HF Qwen2 folder of the P=1 weights
-and genai's own int8/fp32 builds of it. Then runs every system in its own fresh process, one after
-the other, and writes benchmarks/results/bench.{json,md} with ratios against the baselines of the
-same run. Every figure is batch 1, greedy, exactly --gen new tokens.
+Prepares (once, cached in --work) random checkpoints (`parscale init --preset`) at P=1,2,4,8, their
+int8 and int4 exports (int4 by round-to-nearest: latency and memory do not depend on how the codes
+were chosen), onnxruntime-genai's own int8/int4 builds of the P=1 weights and llama.cpp's Q8_0/Q4_0
+GGUFs of them. Then runs every system at every batch size in its own fresh process, in --rounds
+interleaved rounds (each round runs every system once, in an order rotated by one each round), and
+writes results/bench.{json,md}: the median of each figure across rounds, with ratios against genai
+and llama.cpp of the same run, and the load average before every run.
 """
 
 from __future__ import annotations
@@ -20,16 +22,24 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import llamacpp
 from benchmarks.report import machine, write_report
 
 HERE = Path(__file__).resolve().parent
 
 PY = sys.executable
 PARSCALE = [PY, "-m", "parscale"]
+GGUF_TYPE = {"int8": "q8_0", "int4": "q4_0"}  # llama.cpp's yardstick for each of our precisions
+MEDIAN_KEYS = ("decode_ms_per_token", "prefill_tokens_per_s", "time_to_first_token_s", "generate_peak_rss_mb",
+               "peak_rss_mb", "rss_ratio", "load_avg_1min_before", "load_s")
+
+
+class FailedError(Exception):
+    pass
 
 
 def sh(cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> str:
-    """Run a command; return its stdout; on failure show its output and stop."""
+    """Run a command; return its stdout; on failure show its output and raise FailedError."""
     print("$", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(cmd), flush=True)
     # cwd: the repository root, where `python -m benchmarks.<name>` finds this package.
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=HERE.parent)
@@ -37,7 +47,7 @@ def sh(cmd: list[str], log: Path | None = None, env: dict[str, str] | None = Non
         log.write_text(r.stdout + r.stderr)
     if r.returncode:
         sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}")
+        raise FailedError(f"failed ({r.returncode}): {' '.join(cmd)}")
     return r.stdout
 
 
@@ -45,103 +55,159 @@ def has_flag(flag: str) -> bool:
     return flag in subprocess.run([*PARSCALE, "export", "--help"], capture_output=True, text=True).stdout
 
 
-def prepare(work: Path, threads: int, precisions: list[str], preset: str) -> dict[str, dict]:
-    """Build whatever is missing; return {name: {kind, path, ...}} of the systems to run."""
+def prepare(args: argparse.Namespace) -> tuple[dict[str, dict], list[str]]:
+    """Build whatever is missing; return ({name: {kind, path, P, precision, label}}, skip notes)."""
+    work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     systems: dict[str, dict] = {}
-    for P in (1, 4):
+    notes: list[str] = []
+    precisions = [p for p in args.precisions.split(",") if p]
+    rtn = has_flag("--method")
+    for P in sorted({1, *args.P}):
         ckpt = work / f"ckpt_p{P}"
         if not (ckpt / "config.json").is_file():
-            sh([*PARSCALE, "init", str(ckpt), "--P", str(P), "--preset", preset, "--force"])
-        systems[f"pytorch-eager P={P} fp32"] = {"kind": "torch", "path": ckpt, "P": P, "precision": "fp32"}
-        # OpenMP's idle threads spin by default; passive waiting is the fair match of our no-spin choice.
-        systems[f"pytorch-eager P={P} fp32 passive"] = {"kind": "torch", "path": ckpt, "P": P, "precision": "fp32",
-                                                       "env": {"OMP_WAIT_POLICY": "PASSIVE"}}
+            sh([*PARSCALE, "init", str(ckpt), "--P", str(P), "--preset", args.preset, "--force"])
+        if P not in args.P:
+            continue  # P=1 weights are always made: genai and llama.cpp run them
+        if args.torch:
+            systems[f"pytorch-eager P={P} fp32"] = {"kind": "torch", "path": ckpt, "P": P, "precision": "fp32",
+                                                   "batches": [1]}
         for prec in precisions:
             flag = {"fp32": None, "int8": "--int8", "int4": "--int4"}[prec]
             # accuracy_level 4 (int8 activations): what genai's builder uses; level 0 measured 23x slower.
             quant = [flag, "--accuracy-level", "4"] if flag else []
+            label = prec
+            if prec == "int4" and rtn:
+                quant += ["--method", "rtn"]
+                label = "int4 (rtn)"
             if flag and not has_flag(flag):
-                print(f"parscale export has no {flag}: skipping our {prec} runs", flush=True)
+                notes.append(f"parscale export has no {flag}: our {prec} runs skipped")
+                print(notes[-1], flush=True)
                 continue
             out = work / f"export_p{P}_{prec}"
             if not (out / "parscale.json").is_file():
-                # --no-validate: exactness is the tests' job; here only speed is measured.
-                sh([*PARSCALE, "export", str(ckpt), "-o", str(out), "--P", str(P), "--force", "--no-validate",
-                    *quant])
-            systems[f"parscale P={P} {prec}"] = {"kind": "ours", "path": out, "P": P, "precision": prec}
+                # Validation stays on: the exports timed are ones that passed the exporter's checks.
+                sh([*PARSCALE, "export", str(ckpt), "-o", str(out), "--P", str(P), "--force", *quant],
+                   log=work / f"export_p{P}_{prec}.log")
+            systems[f"parscale P={P} {label}"] = {"kind": "ours", "path": out, "P": P, "precision": prec}
     hf = work / "hf_qwen2_p1"
     if not (hf / "config.json").is_file():
         sh([PY, "-m", "benchmarks.genai_bench", "hf", str(work / "ckpt_p1"), str(hf)])
-    for prec in ("int8", "fp32"):
+    for prec in precisions:
         out = work / f"genai_{prec}"
         if not (out / "genai_config.json").is_file():
             sh([PY, "-m", "benchmarks.genai_bench", "build", str(hf), str(out), "--precision", prec,
-                "--threads", str(threads)], log=work / f"genai_{prec}.log")
+                "--threads", str(args.threads)], log=work / f"genai_{prec}.log")
+        # One configuration: idle workers sleep (--no-spin), as our runtime's default does.
         systems[f"onnxruntime-genai P=1 {prec}"] = {"kind": "genai", "path": out, "P": 1, "precision": prec}
-        systems[f"onnxruntime-genai P=1 {prec} no-spin"] = {"kind": "genai", "path": out, "P": 1, "precision": prec,
-                                                            "extra": ["--no-spin"]}
-    return systems
+    llama_precs = [p for p in precisions if p in GGUF_TYPE]
+    if llama_precs and not args.no_llama:
+        tools = llamacpp.build(args.llama_work)  # prints "llama.cpp skipped: <why>" and returns None
+        if tools is None:
+            notes.append("llama.cpp skipped (see the line above in the log)")
+        for prec in llama_precs if tools else []:
+            qtype = GGUF_TYPE[prec]
+            gguf = work / f"llama_p1_{qtype}.gguf"
+            if not gguf.is_file():
+                try:
+                    llamacpp.write_gguf(work / "ckpt_p1", gguf, qtype, tools, args.threads)
+                except (subprocess.CalledProcessError, OSError) as e:
+                    notes.append(f"llama.cpp {qtype.upper()} skipped: no GGUF of the {args.preset} weights ({e})")
+                    print(notes[-1], flush=True)
+                    continue
+            systems[f"llama.cpp {qtype.upper()}"] = {"kind": "llama", "path": gguf, "P": 1, "precision": prec}
+    return systems, notes
 
 
-def measure(system: dict, threads: int, prompt_len: int, gen: int) -> dict:
-    common = ["--prompt-len", str(prompt_len), "--gen", str(gen), "--threads", str(threads)]
+def measure(system: dict, args: argparse.Namespace, batch: int) -> dict:
+    common = ["--prompt-len", str(args.prompt_len), "--gen", str(args.gen), "--threads", str(args.threads)]
     path = str(system["path"])
     if system["kind"] == "ours":
-        cmd = [*PARSCALE, "bench", path, *common, "--provider", "cpu", "--json"]
+        cmd = [*PARSCALE, "bench", path, *common, "--batch", str(batch), "--provider", "cpu", "--json"]
     elif system["kind"] == "torch":
         cmd = [PY, "-m", "benchmarks.torch_eager", path, *common]
+    elif system["kind"] == "genai":
+        cmd = [PY, "-m", "benchmarks.genai_bench", "run", path, *common, "--batch", str(batch), "--no-spin"]
     else:
-        cmd = [PY, "-m", "benchmarks.genai_bench", "run", path, *common, *system.get("extra", [])]
+        # --reps 1: one timed run after llama.cpp's own warm-up, as for the others.
+        cmd = [PY, "-m", "benchmarks.llamacpp", "run", path, *common, "--batch", str(batch), "--reps", "1",
+               "--work", str(args.llama_work)]
     load_before = os.getloadavg()[0]
-    env = system.get("env", {})
-    record = json.loads(sh(cmd, env=env).strip().splitlines()[-1])
-    shown = " ".join([*(f"{k}={v}" for k, v in env.items()), *(Path(c).name if c == PY else c for c in cmd)])
+    record = json.loads(sh(cmd).strip().splitlines()[-1])
+    shown = " ".join(Path(c).name if c == PY else c for c in cmd)
     record.update(command=shown, load_avg_1min_before=load_before)
     return record
 
 
 def median_record(records: list[dict]) -> dict:
-    """The run with the median decode time (its other figures come from the same run)."""
-    ordered = sorted(records, key=lambda r: r["decode_ms_per_token"])
-    best = dict(ordered[len(ordered) // 2])
-    best["decode_ms_per_token_all"] = [r["decode_ms_per_token"] for r in records]
-    best["prefill_tokens_per_s_all"] = [r["prefill_tokens_per_s"] for r in records]
-    return best
+    """Each figure's median across rounds (other fields from the first round); every value kept in *_all."""
+    out = dict(records[0])
+    for key in MEDIAN_KEYS:
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+        if values:
+            out[key] = statistics.median(values)
+            out[f"{key}_all"] = values
+    out["rounds"] = len(records)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/parscale-bench"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-work", type=Path, default=None,
+                    help="llama.cpp source and binaries (cached; default WORK/llamacpp).")
+    ap.add_argument("--threads", type=int, default=2, help="Threads of every system.")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=1, help="Runs per system (interleaved); the median is kept.")
-    ap.add_argument("--precisions", default="fp32,int8", help="Our export precisions to run.")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="Interleaved rounds (each runs every system once, order rotated); medians are kept.")
+    ap.add_argument("--P", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8],
+                    help="Our P values (comma-separated).")
+    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
+                    help="Batch sizes (comma-separated).")
+    ap.add_argument("--precisions", default="int8,int4", help="Precisions (int8, int4, fp32; comma-separated).")
+    ap.add_argument("--torch", action="store_true", help="Add PyTorch eager fp32 (batch 1).")
+    ap.add_argument("--no-llama", action="store_true", help="Leave llama.cpp out.")
     ap.add_argument("--only", default="", help="Comma-separated substrings: run only matching systems.")
     ap.add_argument("--preset", default="qwen2.5-0.5b", help="Backbone of the random checkpoints.")
     ap.add_argument("--results", type=Path, default=HERE / "results")
     args = ap.parse_args()
+    if args.llama_work is None:
+        args.llama_work = args.work / "llamacpp"
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    systems = prepare(args.work, args.threads, args.precisions.split(","), args.preset)
+    systems, notes = prepare(args)
+    runs_of = [(name, b) for name, s in systems.items() for b in args.batches if b in s.get("batches", args.batches)]
     if args.only:
         keep = args.only.split(",")
-        systems = {k: v for k, v in systems.items() if any(s in k for s in keep)}
-    runs: dict[str, list[dict]] = {name: [] for name in systems}
-    for _ in range(args.repeat):  # interleaved, so that drifting machine load hits every system alike
-        for name, system in systems.items():
-            record = measure(system, args.threads, args.prompt_len, args.gen)
-            record.update(name=name, P=system["P"], precision=system["precision"], kind=system["kind"])
-            runs[name].append(record)
-            print(f"  {name}: decode {record['decode_ms_per_token']:.1f} ms/token, "
-                  f"prefill {record['prefill_tokens_per_s']:.1f} tok/s", flush=True)
-    results = {name: median_record(rs) for name, rs in runs.items()}
+        runs_of = [(n, b) for n, b in runs_of if any(s in f"{n} batch {b}" for s in keep)]
+    runs: dict[tuple[str, int], list[dict]] = {key: [] for key in runs_of}
+    failures: list[str] = []
+    for rnd in range(args.rounds):  # interleaved, so that drifting machine load hits every system alike
+        shift = rnd % max(1, len(runs_of))
+        order = runs_of[shift:] + runs_of[:shift]
+        print(f"round {rnd + 1}/{args.rounds}", flush=True)
+        for name, batch in order:
+            system = systems[name]
+            try:
+                record = measure(system, args, batch)
+            except (FailedError, json.JSONDecodeError, IndexError) as e:
+                failures.append(f"round {rnd + 1}, {name} batch {batch}: {e}")
+                print(f"  FAILED {failures[-1]}", flush=True)
+                continue
+            record.update(name=name, batch=batch, P=system["P"], precision=system["precision"],
+                          kind=system["kind"], round=rnd + 1)
+            runs[(name, batch)].append(record)
+            print(f"  {name} batch {batch}: decode {record['decode_ms_per_token']:.2f} ms/token, "
+                  f"prefill {record['prefill_tokens_per_s']:.1f} tok/s, "
+                  f"peak RSS {record['generate_peak_rss_mb']:.0f} MB, "
+                  f"load avg before {record['load_avg_1min_before']:.2f}", flush=True)
+    results = {f"{n} | batch {b}": median_record(rs) for (n, b), rs in runs.items() if rs}
     meta = {**machine(), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]), "threads": args.threads,
-            "prompt_len": args.prompt_len, "gen": args.gen, "repeat": args.repeat, "preset": args.preset,
-            "decode_ms_median_spread": {k: statistics.pstdev(r["decode_ms_per_token"] for r in v)
-                                        for k, v in runs.items()}}
+            "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]), "threads": args.threads,
+            "prompt_len": args.prompt_len, "gen": args.gen, "rounds": args.rounds, "preset": args.preset,
+            "batches": args.batches, "notes": notes, "failures": failures,
+            "llama_cpp": {"llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON, "commit": llamacpp.LLAMA_CPP_COMMIT}}
     write_report(results, meta, args.results)
 
 

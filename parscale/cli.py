@@ -375,20 +375,22 @@ def bench(
     gen: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,  # noqa: UP045
     provider: ProviderOpt = "auto",
+    batch: Annotated[int, typer.Option(help="Prompts generated together (decode ms/token is then one step).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
-    """Measure prefill tok/s, decode ms/token, time to first token and peak RSS (batch 1, greedy)."""
+    """Measure prefill tok/s, decode ms/token, time to first token and peak RSS (greedy; batch 1 by default)."""
     import json
 
     from parscale.runtime.bench import bench as run_bench
 
-    r = run_bench(model, prompt_len=prompt_len, gen=gen, threads=threads, provider=provider, verify=not no_verify)
+    r = run_bench(model, prompt_len=prompt_len, gen=gen, threads=threads, provider=provider, verify=not no_verify,
+                  batch=batch)
     if as_json:
         print(json.dumps(r.as_dict()))
         return
     out.print(f"{r.model}: P={r.P}, {r.dtype}, quantization {r.quantization}, {r.provider}, "
-              f"threads {r.threads or 'default'}, prompt {r.prompt_len}, {r.gen} new tokens")
+              f"threads {r.threads or 'default'}, batch {r.batch}, prompt {r.prompt_len}, {r.gen} new tokens")
     out.print(f"  load                 {r.load_s:10.2f} s")
     out.print(f"  time to first token  {1000 * r.time_to_first_token_s:10.1f} ms")
     out.print(f"  prefill              {r.prefill_tokens_per_s:10.1f} tok/s")

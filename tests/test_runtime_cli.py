@@ -89,6 +89,19 @@ def test_inspect_and_bench(tiny_exports):
     assert data["P"] == 4 and data["gen"] == 4 and data["decode_ms_per_token"] > 0
 
 
+def test_bench_batch(tiny_exports):
+    export = tiny_exports[1][1]
+    runs = {}
+    for b in (1, 2):
+        r = run_cli("bench", str(export), "--prompt-len", "8", "--gen", "3", "--threads", "1", "--batch", str(b),
+                    "--json")
+        assert r.returncode == 0, r.stderr
+        runs[b] = json.loads(r.stdout)
+    assert runs[1]["batch"] == 1 and runs[2]["batch"] == 2
+    assert runs[2]["kv_cache_mb"] == 2 * runs[1]["kv_cache_mb"]
+    assert runs[2]["decode_ms_per_token"] > 0 and runs[2]["prefill_tokens_per_s"] > 0
+
+
 def test_runtime_works_without_torch(tiny_exports):
     """parscale.runtime and the CLI's runtime commands import and generate with torch unavailable."""
     export = tiny_exports[4][1]

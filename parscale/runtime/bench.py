@@ -16,7 +16,12 @@ from parscale.runtime.model import Model
 
 @dataclass
 class BenchResult:
-    """One benchmark run (batch 1, greedy, EOS ignored so that exactly `gen` tokens are made)."""
+    """One benchmark run (greedy, EOS ignored so that exactly `gen` tokens are made per sequence).
+
+    With batch B: B prompts of `prompt_len` ids run together; prefill tokens/s counts all B prompts,
+    decode_ms_per_token is one decode step (which gives each of the B sequences a token), and the KV
+    cache holds all B sequences.
+    """
 
     model: str
     P: int
@@ -33,7 +38,8 @@ class BenchResult:
     peak_rss_mb: float  # whole process, load included (ru_maxrss)
     generate_peak_rss_mb: float  # high-water mark while generating (reset after load), -1 if unknown
     files_mb: float  # the export's files on disk
-    kv_cache_mb: float  # the cache at its largest (prompt + generated tokens)
+    kv_cache_mb: float  # the cache at its largest (prompt + generated tokens, all B sequences)
+    batch: int = 1
 
     @property
     def rss_ratio(self) -> float:
@@ -71,27 +77,32 @@ def max_rss_mb() -> float:
 
 
 def bench(model: str | Path, *, prompt_len: int = 128, gen: int = 64, threads: int | None = None,
-          provider: str = "auto", warmup: int = 1, seed: int = 0, verify: bool = True) -> BenchResult:
+          provider: str = "auto", warmup: int = 1, seed: int = 0, verify: bool = True,
+          batch: int = 1) -> BenchResult:
     """Load the export, warm up, then time one greedy generation from a random prompt of `prompt_len` ids.
+
+    With `batch` B > 1, B random prompts of `prompt_len` ids (the first is batch 1's prompt) generate together.
 
     `threads` is clamped to the CPUs available (the result records the count used); `verify`: see `Model.load`.
     """
     check_int(prompt_len, "--prompt-len", minimum=1)
     check_int(gen, "--gen", minimum=1)
+    check_int(batch, "--batch", minimum=1)
     threads = check_threads(threads)
     t0 = time.perf_counter()
     m = Model.load(model, provider=provider, threads=threads, verify=verify)
     check_generation(prompt_len, gen, m.context_length, "--gen")
     load_s = time.perf_counter() - t0
-    ids = np.random.default_rng(seed).integers(0, m.vocab_size, size=prompt_len).tolist()
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, m.vocab_size, size=prompt_len).tolist() for _ in range(batch)]
+    ids: list[int] | list[list[int]] = prompts[0] if batch == 1 else prompts
     for _ in range(warmup):  # first runs pay one-off kernel and allocator setup
         m.generate(prompt_ids=ids, max_new_tokens=min(gen, 4), ignore_eos=True)
     hwm = reset_peak_rss()
     r = m.generate(prompt_ids=ids, max_new_tokens=gen, ignore_eos=True)
-    assert not isinstance(r, list)
-    t = r.timings
+    t = (r[0] if isinstance(r, list) else r).timings  # one Timings for the whole batch
     info = m.info
-    kv_bytes = (2 * info.num_layers * info.cache_heads * info.head_dim
+    kv_bytes = (batch * 2 * info.num_layers * info.cache_heads * info.head_dim
                 * (prompt_len + gen) * np.dtype(info.cache_dtype).itemsize)
     files = m.manifest.total_bytes
     return BenchResult(
@@ -101,7 +112,7 @@ def bench(model: str | Path, *, prompt_len: int = 128, gen: int = 64, threads: i
         time_to_first_token_s=t.time_to_first_token_s, prefill_tokens_per_s=t.prefill_tokens_per_s,
         decode_ms_per_token=t.decode_ms_per_token, peak_rss_mb=max_rss_mb(),
         generate_peak_rss_mb=peak_rss_mb() if hwm else -1.0, files_mb=files / 1e6,
-        kv_cache_mb=kv_bytes / 1e6,
+        kv_cache_mb=kv_bytes / 1e6, batch=batch,
     )
 
 
