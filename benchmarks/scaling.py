@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -416,26 +417,34 @@ def _same_shape(folder: Path, config: dict[str, Any]) -> bool:
 EXPORT_FLAGS = {"fp32": [], "int8": ["--int8"], "int4": ["--int4", "--method", "rtn"]}
 
 
-def prepare(systems: list[System], preset: str, quants: list[str], work: Path) -> dict[tuple[str, str], Path]:
-    """Checkpoints and exports, built once and reused while their shape matches: {(system, quant): export}."""
+def prepare(systems: list[System], preset: str, quants: list[str], work: Path,
+            drop_checkpoints: bool = False) -> dict[tuple[str, str], Path]:
+    """Checkpoints and exports, built once and reused while their shape matches: {(system, quant): export}.
+
+    A checkpoint is made only when one of its exports is missing; `drop_checkpoints` deletes it once
+    its exports exist (they are all the study reads: 8 GB of bf16 checkpoints at 0.5B, 27 GB at 1.5B).
+    """
     fam = families()[preset]
     exports: dict[tuple[str, str], Path] = {}
     for s in systems:
         ckpt = work / preset / f"ckpt-{s.slug}"
-        if not _same_shape(ckpt, s.config):
+        outs = {q: work / preset / f"export-{s.slug}-{q}" for q in quants}
+        missing = [q for q, out in outs.items()
+                   if not ((out / "parscale.json").is_file() and _same_shape(out, s.config))]
+        if missing and not _same_shape(ckpt, s.config):
             if s.overrides:  # not a preset: the library's init with the shape's config keys
                 sh([PY, "-m", "benchmarks.scaling", "_init", ckpt, "--base", fam.base, "--P", s.config["parscale_n"],
                     "--prefix", s.config["parscale_n_tokens"], "--overrides", json.dumps(s.overrides)])
             else:
                 sh([*PARSCALE, "init", ckpt, "--preset", preset, "--P", s.config["parscale_n"],
                     "--prefix", s.config["parscale_n_tokens"], "--force"])
-        for q in quants:
-            out = work / preset / f"export-{s.slug}-{q}"
-            if not ((out / "parscale.json").is_file() and _same_shape(out, s.config)):
-                # --no-validate: exactness is the test suite's job; only cost is measured here.
-                sh([*PARSCALE, "export", ckpt, "-o", out, "--P", s.config["parscale_n"], "--force", "--no-validate",
-                    *EXPORT_FLAGS[q]])
-            exports[(s.name, q)] = out
+        for q in missing:
+            # --no-validate: exactness is the test suite's job; only cost is measured here.
+            sh([*PARSCALE, "export", ckpt, "-o", outs[q], "--P", s.config["parscale_n"], "--force", "--no-validate",
+                *EXPORT_FLAGS[q]])
+        if drop_checkpoints and ckpt.is_dir():
+            shutil.rmtree(ckpt)
+        exports.update({(s.name, q): out for q, out in outs.items()})
     return exports
 
 
@@ -497,14 +506,20 @@ def key_of(system: str, quant: str, batch: int) -> str:
     return f"{system}|{quant}|{batch}"
 
 
-def increases(med: dict[str, dict[str, Any]], quants: list[str], batches: list[int]) -> list[dict[str, Any]]:
-    """Each P's increase over its P=1 backbone against its dense equivalent's, per quant and batch."""
+def increases(med: dict[str, dict[str, Any]], quants: list[str], batches: list[int],
+              kv_per_token: dict[str, int] | None = None, tokens: int = 0) -> list[dict[str, Any]]:
+    """Each P's increase over its P=1 backbone against its dense equivalent's, per quant and batch.
+
+    With `kv_per_token` (KV-cache bytes per token and sequence, by system) and `tokens` (prompt +
+    generated, what the measured cache held), also the memory increase at a KV_CONTEXT-token
+    context, estimated: measured peak RSS plus the cache's growth from `tokens` to KV_CONTEXT.
+    """
     rows = []
     for q in quants:
         for b in batches:
-            base = med.get(key_of("ParScale P=1", q, b))
             for P in STREAMS[1:]:
-                par, den = med.get(key_of(f"ParScale P={P}", q, b)), med.get(key_of(f"dense for P={P}", q, b))
+                names = ["ParScale P=1", f"ParScale P={P}", f"dense for P={P}"]
+                base, par, den = (med.get(key_of(n, q, b)) for n in names)
                 if not (base and par and den):
                     continue
                 row: dict[str, Any] = {"P": P, "quant": q, "batch": b}
@@ -515,6 +530,13 @@ def increases(med: dict[str, dict[str, Any]], quants: list[str], batches: list[i
                     row[f"{name}_parscale_pct"] = 100 * p_inc / base[metric]
                     row[f"{name}_dense_pct"] = 100 * d_inc / base[metric]
                     row[f"{name}_ratio"] = d_inc / p_inc if p_inc > 0 else None
+                if kv_per_token and all(n in kv_per_token for n in names):
+                    grow = {n: b * kv_per_token[n] * (KV_CONTEXT - tokens) / 1e6 for n in names}
+                    peaks = (base["generate_peak_rss_mb"], par["generate_peak_rss_mb"], den["generate_peak_rss_mb"])
+                    at_1k = {n: peak + grow[n] for n, peak in zip(names, peaks, strict=True)}
+                    p_inc, d_inc = at_1k[names[1]] - at_1k[names[0]], at_1k[names[2]] - at_1k[names[0]]
+                    row["memory_1k_parscale"], row["memory_1k_dense"] = p_inc, d_inc
+                    row["memory_1k_ratio"] = d_inc / p_inc if p_inc > 0 else None
                 rows.append(row)
     return rows
 
@@ -547,7 +569,9 @@ def markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + ".",
         f"Backbone `{meta['preset']}` (random weights, `parscale init`); {meta['threads']} threads; prompt "
         f"{meta['prompt_len']} random ids, {meta['gen']} new tokens (greedy, EOS ignored); each figure the median "
-        f"of {meta['rounds']} interleaved round(s), every export in its own process; exports "
+        f"of {meta['rounds']} interleaved round(s), every export in its own process "
+        f"({meta.get('prepare_s', 0) / 60:.0f} min building what --work lacked, "
+        f"{meta.get('measure_s', 0) / 60:.0f} min measuring); exports "
         f"`parscale export --no-validate` with " + ", ".join(f"{q}: `{' '.join(EXPORT_FLAGS[q]) or '(float)'}`"
                                                           for q in meta["quant"]) + ".",
     ]
@@ -603,13 +627,15 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Increase over the P=1 backbone: ParScale against its quality-equivalent dense model",
         "",
-        "Ratio: the dense model's increase over ParScale's (the paper's \"x less increase\"). Paper: its cost "
+        "Ratio: the dense model's increase over ParScale's (the paper's \"x less increase\"). At 1k context: the "
+        f"memory ratio with every KV cache grown from {meta['prompt_len'] + meta['gen']} to {KV_CONTEXT} tokens "
+        "(measured peak plus the computed growth; ParScale's cache is P times the backbone's). Paper: its cost "
         "model (A100, llm-analysis) for its 1.6B backbone at the same batch, dense equivalent by measured loss "
         "(Figure 4's method) / by the law (ours); the paper states only P=8, batch 1: 22x memory, 6x latency.",
         "",
-        "| P | quant | batch | memory MB: ParScale | dense | ratio | latency s: ParScale | dense | ratio "
-        "| decode ratio | paper memory ratio (loss / law) | paper latency ratio (loss / law) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| P | quant | batch | memory MB: ParScale | dense | ratio | at 1k context (est.) | latency s: ParScale "
+        "| dense | ratio | decode ratio | paper memory ratio (loss / law) | paper latency ratio (loss / law) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     paper = report["paper"]
     for r in report["increases"]:
@@ -621,6 +647,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['P']} | {r['quant']} | {r['batch']} "
             f"| {r['memory_parscale']:+.0f} ({r['memory_parscale_pct']:+.1f} %) "
             f"| {r['memory_dense']:+.0f} ({r['memory_dense_pct']:+.1f} %) | {_ratio(r['memory_ratio'])} "
+            f"| {_ratio(r.get('memory_1k_ratio')) if 'memory_1k_ratio' in r else '-'} "
             f"| {r['latency_parscale']:+.3g} ({r['latency_parscale_pct']:+.1f} %) "
             f"| {r['latency_dense']:+.3g} ({r['latency_dense_pct']:+.1f} %) | {_ratio(r['latency_ratio'])} "
             f"| {_ratio(r['decode_ratio'])} | {pm} | {pt} |")
@@ -732,9 +759,11 @@ def study(args: argparse.Namespace) -> None:
     fit = FITS[args.fit]
     systems = systems_for(args.preset, fit, args.dense_scaling, args.prefix)
     for s in systems:
-        print(f"{s.name}: {s.shape.label} ({s.shape.kind}), {s.shape.non_embedding / 1e6:,.1f} M non-embedding, "
-              f"quality-equivalent {s.equivalent_params / 1e6:,.1f} M", flush=True)
-    exports = prepare(systems, args.preset, args.quant, args.work)
+        print(f"{s.name}: {s.shape.label} ({s.shape.kind}), {_n(s.shape.non_embedding)} non-embedding, "
+              f"quality-equivalent {_n(s.equivalent_params)}", flush=True)
+    t_prepare = time.perf_counter()
+    exports = prepare(systems, args.preset, args.quant, args.work, args.drop_checkpoints)
+    prepare_s = time.perf_counter() - t_prepare
     jobs = [(s, q, b) for s in systems for q in args.quant for b in args.batch]
     runs: dict[str, list[dict[str, Any]]] = {key_of(s.name, q, b): [] for s, q, b in jobs}
     commands: dict[str, str] = {}
@@ -759,10 +788,13 @@ def study(args: argparse.Namespace) -> None:
                  "command": "python -m benchmarks.scaling " + " ".join(sys.argv[1:]), "commit": commit(),
                  "preset": args.preset, "quant": args.quant, "batch": args.batch, "threads": args.threads,
                  "rounds": args.rounds, "prompt_len": args.prompt_len, "gen": args.gen, "fit": args.fit,
-                 "dense_scaling": args.dense_scaling, "prefix": args.prefix, "work": str(args.work)},
+                 "dense_scaling": args.dense_scaling, "prefix": args.prefix, "work": str(args.work),
+                 "prepare_s": prepare_s, "measure_s": time.perf_counter() - t_start},
         "law": asdict(fit),
         "systems": [system_record(s) for s in systems],
-        "runs": runs, "medians": med, "increases": increases(med, args.quant, args.batch),
+        "runs": runs, "medians": med,
+        "increases": increases(med, args.quant, args.batch, {s.name: kv_cache_bytes(s.config, 1) for s in systems},
+                               args.prompt_len + args.gen),
         "paper": paper_section(args.batch, args.fit), "commands": commands,
     }
     write(report, args.results)
@@ -791,6 +823,8 @@ def main() -> None:
                     help="How dense models grow from the backbone (the paper's: width at fixed depth).")
     ap.add_argument("--work", type=Path, default=Path("/tmp/parscale-scaling"),
                     help="Checkpoints and exports, reused by later runs.")
+    ap.add_argument("--drop-checkpoints", action="store_true",
+                    help="Delete each checkpoint once its exports exist (disk: 27 GB of them at 1.5B).")
     ap.add_argument("--results", type=Path, default=HERE / "results")
     ap.add_argument("--rewrite", action="store_true",
                     help="Only rewrite scaling.md and scaling.png from the scaling.json in --results.")

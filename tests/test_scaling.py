@@ -121,7 +121,9 @@ def _synthetic_report() -> dict:
                  "preset": "tiny", "quant": ["int8", "int4"], "batch": [1, 4], "threads": 2, "rounds": 3,
                  "prompt_len": 64, "gen": 64, "fit": "stack-v2-python"},
         "systems": [sc.system_record(s) for s in systems], "runs": runs, "medians": med,
-        "increases": sc.increases(med, ["int8", "int4"], [1, 4]), "paper": sc.paper_section([1, 4], "stack-v2-python"),
+        "increases": sc.increases(med, ["int8", "int4"], [1, 4], {s.name: sc.kv_cache_bytes(s.config, 1)
+                                                                   for s in systems}, 128),
+        "paper": sc.paper_section([1, 4], "stack-v2-python"),
         "commands": {},
     }
 
@@ -135,9 +137,14 @@ def test_increases_table_and_plot_on_synthetic_measurements(tmp_path) -> None:
     assert p8["memory_parscale"] == pytest.approx(30) and p8["memory_dense"] == pytest.approx(300)
     assert p8["memory_ratio"] == pytest.approx(10) and p8["latency_ratio"] == pytest.approx(3)
     assert p8["memory_parscale_pct"] == pytest.approx(3.0)
+    # At 1k context ParScale's 8 caches grow 7 caches' worth more than the backbone's (tiny: 512 bytes per token).
+    kv_token = 2 * 2 * 2 * 16 * 4
+    assert kv_token == sc.kv_cache_bytes(sc.config_for(sc.families()["tiny"], 1), 1)
+    assert p8["memory_1k_parscale"] == pytest.approx(30 + 7 * kv_token * (1024 - 128) / 1e6)
+    assert p8["memory_1k_dense"] == pytest.approx(300)
     sc.write(report, tmp_path)
     md = (tmp_path / "scaling.md").read_text()
-    assert "| 8 | int8 | 1 | +30 (+3.0 %) | +300 (+30.0 %) | 10.0x |" in md
+    assert "| 8 | int8 | 1 | +30 (+3.0 %) | +300 (+30.0 %) | 10.0x | 9.0x |" in md
     assert "22.5x /" in md and "commit `abc1234`" in md and "smoke run" in md
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "scaling.json").is_file()
