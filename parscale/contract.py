@@ -18,6 +18,18 @@ LOGITS = "logits"  # float32 [batch, seq or k, vocab]
 BATCH, SEQ, PAST, TOTAL = "batch_size", "seq", "past", "total"
 
 
+# The cache (format 2): one buffer per layer and kind, (batch, P*Hkv, rows, head_dim), that a runtime may
+# bind as both past and present (GroupQueryAttention then writes the new rows in place). Its first
+# `prefix_rows` rows hold ParScale's prefix keys/values, which the graph writes on the first step (the
+# step whose attention_mask is as long as its input_ids); token rows follow. A buffer therefore needs
+# prefix_rows + tokens rows. Recorded in the graph's metadata and the manifest as io["cache"].
+CACHE_INFO = "cache"
+
+
+def cache_info(prefix_rows: int) -> dict[str, object]:
+    return {"prefix_rows": prefix_rows, "shared_buffer": True}
+
+
 PAST_PREFIX = "past_key_values."  # cache inputs: past_key_values.{layer}.key / .value
 PRESENT_PREFIX = "present."  # cache outputs: present.{layer}.key / .value
 

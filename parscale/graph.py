@@ -8,6 +8,7 @@ one place. Torch-free: numpy and onnxruntime only.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ class GraphInfo:
     vocab_size: int
     cache_dtype: type  # numpy dtype of the cache (float16 for an fp16 export)
     has_keep: bool  # the graph takes `num_logits_to_keep`
+    prefix_rows: int | None = None  # cache rows the graph writes before the tokens (None: not recorded)
 
     @classmethod
     def of(cls, session: ort.InferenceSession) -> GraphInfo:
@@ -127,12 +129,23 @@ class GraphInfo:
         if past.type not in CACHE_DTYPES:
             raise ParScaleError(f"the graph's cache has type {past.type}; expected float or float16")
         return cls(num_layers=num_layers, cache_heads=heads, head_dim=head_dim, vocab_size=vocab,
-                   cache_dtype=CACHE_DTYPES[past.type], has_keep=contract.NUM_LOGITS_TO_KEEP in inputs)
+                   cache_dtype=CACHE_DTYPES[past.type], has_keep=contract.NUM_LOGITS_TO_KEEP in inputs,
+                   prefix_rows=_prefix_rows(session))
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         """The cache of a first step: every past input with length 0."""
         empty = np.zeros((batch, self.cache_heads, 0, self.head_dim), dtype=self.cache_dtype)
         return dict.fromkeys(contract.past_names(self.num_layers), empty)
+
+
+def _prefix_rows(session: ort.InferenceSession) -> int | None:
+    """The cache's prefix rows, from the manifest recorded in the graph's metadata (None if absent)."""
+    meta = session.get_modelmeta().custom_metadata_map.get("parscale")
+    try:
+        rows = json.loads(meta)["io"][contract.CACHE_INFO]["prefix_rows"] if meta else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return rows if isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0 else None
 
 
 def step(

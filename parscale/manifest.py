@@ -18,7 +18,8 @@ MANIFEST = "parscale.json"
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA = MODEL_FILE + ".data"  # the weights of graphs above the external-data threshold
 FORMAT = "parscale-export"
-FORMAT_VERSION = 1
+# 2: the fused graph (GroupQueryAttention, prefix rows in the KV cache, shared past/present buffer).
+FORMAT_VERSION = 2
 
 
 def file_digest(path: Path) -> str:
@@ -182,6 +183,9 @@ def _load_json(folder: Path) -> dict[str, Any]:
         raise ParScaleError(f"{path}: format_version must be an integer, got {version!r}; re-export the model")
     if version > FORMAT_VERSION:
         raise ParScaleError(f"{folder} was written by a newer parscale (format {version}); upgrade parscale")
+    if version < FORMAT_VERSION:
+        raise ParScaleError(f"{folder} was written by an older parscale (format {version}, whose graph kept the "
+                            f"cache differently); re-export it with this version (format {FORMAT_VERSION})")
     return manifest
 
 

@@ -41,7 +41,7 @@ def run(target: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(("target", "stage"), [
-    ("trace_to_folder", "tracing to ONNX"),
+    ("build_decoder", "writing the ONNX graph"),
     ("quantize_graph", "quantizing"),
     ("check_graph", "validating on CPU against PyTorch"),
     ("write_extras", "writing files for other runtimes and the model card"),
@@ -57,10 +57,10 @@ def test_unexpected_failure_is_one_line_naming_the_stage(target: str, stage: str
 
 
 def test_verbose_shows_the_traceback(ckpt: Path, tmp_path: Path) -> None:
-    r = run("trace_to_folder", "export", str(ckpt), "-o", str(tmp_path / "out"), "--verbose")
+    r = run("build_decoder", "export", str(ckpt), "-o", str(tmp_path / "out"), "--verbose")
     assert r.returncode == 1
     assert "Traceback" in r.stderr and "injected failure" in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "error: tracing to ONNX: RuntimeError: injected failure"
+    assert r.stderr.strip().splitlines()[-1] == "error: writing the ONNX graph: RuntimeError: injected failure"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -103,12 +103,13 @@ def test_graph_io_follows_contract(p4_export):
     outputs = {o.name: o for o in session.get_outputs()}
     assert outputs[contract.present_value(1)].shape == [contract.BATCH, 8, "total", 16]
     assert outputs[contract.LOGITS].type == "tensor(float)"
-    # The prefix lives in the graph: a first step with an empty past returns only real tokens.
+    # The cache holds the prefix: a first step with an empty past returns prefix rows + real tokens.
     cfg = ParScaleConfig.load(out)
     ids = np.array([[3, 4, 5]], np.int64)
     logits, present = step(session, GraphInfo.of(session), ids, np.ones_like(ids), np.arange(3)[None], keep=2)
     assert logits.shape == (1, 2, cfg.vocab_size)
-    assert present[contract.past_key(0)].shape == (1, 8, 3, cfg.head_dim)
+    assert present[contract.past_key(0)].shape == (1, 8, cfg.n_prefix + 3, cfg.head_dim)
+    assert GraphInfo.of(session).prefix_rows == cfg.n_prefix > 0
 
 
 def test_fp16_export(tmp_path):

@@ -58,18 +58,27 @@ def poison(folder: Path, name: str, value: float, external: bool = False) -> Non
     rehash(folder)
 
 
+def flip_weight_byte(folder: Path) -> None:
+    """Flip the lowest bit of a (random) prefix key in model.onnx: the file still parses."""
+    data = bytearray((folder / MODEL_FILE).read_bytes())
+    name = "model.layers.0.self_attn.prefix_k"
+    weight = next(t for t in onnx.load(folder / MODEL_FILE).graph.initializer if t.name == name)
+    at = data.find(weight.raw_data)
+    assert at > 0 and data.count(weight.raw_data) == 1
+    data[at] ^= 0x01  # the lowest mantissa byte of a float: a finite, slightly different weight
+    (folder / MODEL_FILE).write_bytes(bytes(data))
+
+
 def test_a_flipped_byte_of_the_same_size_is_refused(export):
-    data = bytearray((export / MODEL_FILE).read_bytes())
-    data[-100] ^= 0x01  # inside the last initializer: the file still parses
-    (export / MODEL_FILE).write_bytes(bytes(data))
+    flip_weight_byte(export)
     with pytest.raises(ParScaleError, match=r"model.onnx does not match its sha256"):
         Model.load(export)
     Model.load(export, verify=False)  # the opt-out skips hashing (sizes still match)
 
 
 @pytest.mark.parametrize(("name", "external"), [
-    ("model.model.layers.1.self_attn.q_proj.bias", False),
-    ("model.model.embed_tokens.weight", True),  # stored in model.onnx.data
+    ("model.layers.1.self_attn.qkv_proj.bias", False),
+    ("model.embed_tokens.weight", True),  # stored in model.onnx.data
 ], ids=["embedded", "external-data"])
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_non_finite_weights_are_refused_naming_the_tensor(export, value, name, external):
@@ -197,9 +206,7 @@ def test_compare_and_eval_refuse_a_window_beyond_the_context_alike(tiny_exports,
 
 
 def test_no_verify_flag_skips_hashing(export):
-    data = bytearray((export / MODEL_FILE).read_bytes())
-    data[-100] ^= 0x01
-    (export / MODEL_FILE).write_bytes(bytes(data))
+    flip_weight_byte(export)
     base = [sys.executable, "-m", "parscale", "generate", str(export), "--prompt-ids", "1,2", "--max-new-tokens", "2"]
     r = subprocess.run(base, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "sha256" in r.stderr

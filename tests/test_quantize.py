@@ -86,6 +86,28 @@ def graph_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
         bq = qm.BlockQuantized(q=codes.reshape(n, k_blocks, block), scales=scales, zero_points=zp, bits=bits,
                                block_size=block, K=k)
         out[codes_name.rsplit(".", 1)[0]] = qm.dequantize_blockwise(bq)
+    return unpack_projections(out)
+
+
+# The fused graph packs q/k/v and gate/up into one projection each (rows in that order); the tiny
+# preset's sizes: q 4 heads x 16, k and v 2 x 16, gate and up 160.
+PACKED = {"self_attn.qkv_proj": (("self_attn.q_proj", 64), ("self_attn.k_proj", 32), ("self_attn.v_proj", 32)),
+          "mlp.gate_up_proj": (("mlp.gate_proj", 160), ("mlp.up_proj", 160))}
+
+
+def unpack_projections(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed projections split back into the checkpoint's tensors, by checkpoint name."""
+    out = {}
+    for name, w in weights.items():
+        packed = next((p for p in PACKED if name.endswith(p + ".weight")), None)
+        if packed is None:
+            out[name] = w
+            continue
+        prefix, start = name.removesuffix(packed + ".weight"), 0
+        for part, rows in PACKED[packed]:
+            out[f"{prefix}{part}.weight"] = w[start:start + rows]
+            start += rows
+        assert start == len(w), name
     return out
 
 
@@ -134,12 +156,12 @@ def test_quantized_graph_equals_module_with_its_weights(
     """Prefill + 8 cached decode steps, batch 2 with left padding: logits and greedy tokens."""
     out, proto, report = quantize_copy(float_exports[which], tmp_path / "q", scheme, hessians[which])
     ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("MatMulNBits") == 7 * 2 + 1
+    assert ops.count("MatMulNBits") == 4 * 2 + 1  # packed qkv, o, packed gate/up, down; LM head
     assert ops.count("GatherBlockQuantized") == 1
     assert "Gather" not in [n.op_type for n in proto.graph.node if n.input and n.input[0].endswith("weight")]
     shared = which == "tied" and scheme.embed_bits == scheme.bits
     assert report.shared_embedding is shared
-    assert len(report.tensors) == 7 * 2 + 1 + (0 if shared else 1)
+    assert len(report.tensors) == 4 * 2 + 1 + (0 if shared else 1)
     algorithms = {t["algorithm"] for name, t in report.tensors.items() if name != "model.embed_tokens.weight"}
     assert algorithms == {scheme.method}
     r = compare(open_session(out / MODEL_FILE), graph_module(checkpoints[which], proto), tolerance=1e-3)
@@ -203,7 +225,7 @@ def test_parscale_parameters_stay_float(float_exports: dict[str, Path], tmp_path
     before = onnx.load(str(float_exports["tied"] / MODEL_FILE))
     _, after, _ = quantize_copy(float_exports["tied"], tmp_path / "q", QuantScheme(bits=4))
     keep = {t.name: t.raw_data for t in before.graph.initializer
-            if len(t.dims) == 4  # prefix keys/values (in two layouts)
+            if "prefix" in t.name  # prefix keys/values
             or tuple(t.dims) in ((4 * 64, 64), (64, 4)) or "aggregate" in t.name}  # aggregation MLP
     assert len(keep) == 2 * 2 + 2 + 2
     kept = {t.name: t.raw_data for t in after.graph.initializer}
@@ -300,10 +322,10 @@ def test_failed_quantization_leaves_nothing(checkpoints: dict[str, Path], float_
     def boom(*_args, **_kwargs):
         raise ParScaleError("quantization exploded")
 
-    def traced(_model, folder: Path, **_kwargs) -> None:  # skip re-tracing: the failure comes later
+    def built(_model, folder: Path, **_kwargs) -> None:  # skip rebuilding: the failure comes later
         shutil.copyfile(float_exports["p1"] / MODEL_FILE, folder / MODEL_FILE)
 
-    monkeypatch.setattr(export_module, "trace_to_folder", traced)
+    monkeypatch.setattr(export_module, "build_decoder", built)
     monkeypatch.setattr(export_module, "quantize_graph", boom)
     with pytest.raises(ParScaleError, match="exploded"):
         export(checkpoints["p1"], tmp_path / "out", quantize=QuantScheme(bits=4))

@@ -345,11 +345,25 @@ def test_streams_take_one_prompt_and_check_input_at_the_call(models):
             entry(prompt_ids=[1], max_new_tokens=0)
 
 
-def test_exports_have_fusable_rmsnorm(tiny_exports):
-    """optimize_graph left no Sqrt -> Reciprocal chain, so ONNX Runtime fuses every RMSNorm."""
+def test_exports_are_the_fused_graph(tiny_exports):
+    """Per layer: one packed QKV and one packed gate/up projection, GroupQueryAttention with the P
+    streams as heads, fused norms; the cache's prefix rows are recorded for the runtime."""
     import onnx
 
-    graph = onnx.load(str(tiny_exports[4][1] / "model.onnx"), load_external_data=False).graph
-    ops = [n.op_type for n in graph.node]
-    assert "Reciprocal" not in ops
-    assert ops.count("Div") >= 2 * 2 + 1  # two norms per layer, plus the final one
+    from parscale.graph import GraphInfo, open_session
+
+    for P in (1, 4):
+        path = tiny_exports[P][1] / "model.onnx"
+        proto = onnx.load(str(path), load_external_data=False)
+        ops = [n.op_type for n in proto.graph.node]
+        layers = 2
+        assert ops.count("GroupQueryAttention") == layers
+        assert ops.count("MatMul") == 4 * layers + 1 + 3 * (P > 1)  # qkv, o, gate_up, down; LM head; mixing
+        assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers  # the first norm has no residual yet
+        assert ops.count("Softmax") == (P > 1)  # the aggregation weights only: attention is fused
+        gqa = next(n for n in proto.graph.node if n.op_type == "GroupQueryAttention")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+        assert (attrs["num_heads"], attrs["kv_num_heads"], attrs["do_rotary"]) == (P * 4, P * 2, 1)
+        assert len(proto.graph.node) <= 30 * layers + 60  # the traced graph had about 50 per layer
+        info = GraphInfo.of(open_session(path))
+        assert info.prefix_rows == (8 if P > 1 else 0)  # TinyFactory: prefix 8

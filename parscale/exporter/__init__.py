@@ -1,1 +1,1 @@
-"""Checkpoint to ONNX: the PyTorch module, tracing, quantization and the export folder."""
+"""Checkpoint to ONNX: the fused graph written from the PyTorch module, quantization and the export folder."""

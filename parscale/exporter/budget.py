@@ -1,8 +1,8 @@
 """How much memory an export will need, estimated from the config before any work starts.
 
 `export` holds at most one copy of the weights at a time (see its docstring), so its peak is one
-of: the module in the export dtype while it is traced; the float32 module while it is the
-reference and calibrates GPTQ (with one layer's statistics and the GPTQ factor on top); an ONNX
+of: the float32 module while the graph is written from it (plus one converted weight), and while
+it is the reference and calibrates GPTQ (with one layer's statistics and the GPTQ factor on top); an ONNX
 Runtime session of the float graph while it is validated. The factors below were measured on
 this project's exports (README: "Exporting large models"; `benchmarks/export_memory.py` measures
 them again) and rounded up.
@@ -59,8 +59,8 @@ def plan(cfg: ParScaleConfig, *, dtype: str, quantize: object | None, validate: 
     fp32 = 4 * params
     graph = _BYTES[dtype] * params
     h, i, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    largest_weight = 4 * max(vocab * h, i * h)
-    peaks = {"tracing": graph + largest_weight}
+    largest_weight = 4 * max(vocab * h, 2 * i * h)  # the LM head, or a packed gate/up projection
+    peaks = {"writing the graph": fp32 + largest_weight}
     gptq = quantize is not None and getattr(quantize, "method", None) == "gptq"
     if validate or gptq:
         peaks["reference"] = fp32

@@ -51,7 +51,7 @@ def write_card(folder: Path, manifest: Manifest, name: str) -> str:
 def model_card(manifest: Manifest, name: str, files: dict[str, int]) -> str:
     """The card's Markdown. `files`: name -> bytes of the folder's other files."""
     parts = [
-        _summary(manifest, name), _files(files), _python(name, files), _genai(name, files),
+        _summary(manifest, name), _files(files), _python(name, files), _genai(name, files, manifest.model.prefix_tokens),
         _web(name, files), _mobile(manifest, name, files), _plain(manifest, name),
     ]
     return "\n".join(p for p in parts if p)
@@ -130,7 +130,7 @@ def _python(name: str, files: dict[str, int]) -> str:
     return fill("runtime.md", name=name, call=call, prompt=prompt, new_tokens=NEW_TOKENS)
 
 
-def _genai(name: str, files: dict[str, int]) -> str:
+def _genai(name: str, files: dict[str, int], prefix_rows: int) -> str:
     if _has_tokenizer(files):
         encode = f'tokenizer = og.Tokenizer(model)\nprompt = tokenizer.encode("{PROMPT}")'
         decode = "print(tokenizer.decode(generator.get_sequence(0)[len(prompt):]))"
@@ -139,7 +139,8 @@ def _genai(name: str, files: dict[str, int]) -> str:
         encode, decode = f"prompt = {PROMPT_IDS}", "print(generator.get_sequence(0)[len(prompt):].tolist())"
         note = ("\nThis folder lacks the tokenizer files (`tokenizer.json`, `tokenizer_config.json`) that\n"
                 "onnxruntime-genai's tokenizer reads, so append token ids as above.")
-    return fill("genai.md", name=name, encode=encode, decode=decode, new_tokens=NEW_TOKENS, tokenizer_note=note)
+    return fill("genai.md", name=name, encode=encode, decode=decode, new_tokens=NEW_TOKENS, prefix_rows=prefix_rows,
+                tokenizer_note=note)
 
 
 def _web(name: str, files: dict[str, int]) -> str:

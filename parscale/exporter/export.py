@@ -23,16 +23,17 @@ from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import budget, folder
 from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens, text_windows
+from parscale.exporter.decoder import build_decoder
 from parscale.exporter.extras import write_extras
 from parscale.exporter.graphfile import (
     EXTERNAL_DATA_THRESHOLD,
+    graph_metadata,
     load_external,
     rewrite_structure,
     save_graph,
     set_metadata,
 )
 from parscale.exporter.quantize import QuantReport, QuantScheme, quantize_graph
-from parscale.exporter.trace import trace_to_folder
 from parscale.exporter.validate import Reference, ValidationReport, check_graph, reference_run
 from parscale.fidelity import Fidelity, compare_sessions, random_tokens, text_tokens
 from parscale.graph import open_session
@@ -103,9 +104,10 @@ def export(
     machine has available (`parscale.exporter.budget`).
     Every export also gets transformers_js_config.json and a model card, README.md (extras.py).
 
-    The stages run so that at most one copy of the weights is in memory at a time: the module is
-    traced straight to disk, quantized tensor by tensor from there (GPTQ statistics one layer at
-    a time), and compared with ONNX Runtime only after it is gone (its logits are kept instead).
+    The stages run so that at most one copy of the weights is in memory at a time: the graph is
+    written from the module straight to disk (`decoder.py`), quantized tensor by tensor from there
+    (GPTQ statistics one layer at a time), and compared with ONNX Runtime only after it is gone
+    (its logits are kept instead).
     An unexpected error is raised as `StageError`, naming the stage it happened in.
     """
     model_dir, out = Path(model_dir), Path(out)
@@ -126,7 +128,7 @@ def export(
         # A quantized export is made from its float graph, written inside the partial folder and never kept.
         float_dir = tmp / ".float" if quantize is not None else tmp
         tokens = _calibration_tokens(job)
-        model = _trace(job, float_dir)
+        model = _build(job, float_dir, graph_metadata(manifest.to_dict()))
         reference = None
         if validate:
             job.stage("running the PyTorch reference")
@@ -211,9 +213,9 @@ def _preflight(job: _Job, P: int | None, check_memory: bool) -> tuple[ParScaleCo
             f"P={P} does not match the checkpoint, which was trained with parscale_n={cfg.P}; "
             f"pass P={cfg.P} (--P {cfg.P}) or leave it out"
         )
-    eos = folder.eos_ids(model_dir, cfg)  # a malformed generation_config.json fails now, not after tracing
+    eos = folder.eos_ids(model_dir, cfg)  # a malformed generation_config.json fails now, not after writing the graph
     # Text files are read and tokenized now too (a few ms): a missing file or tokenizer is not
-    # found minutes later, after tracing.
+    # found minutes later, after the graph is written.
     if job.eval_text is not None:
         text_tokens(model_dir, job.eval_text)
     if job.calibration_text is not None:
@@ -239,21 +241,21 @@ def _calibration_tokens(job: _Job) -> tuple[np.ndarray, str] | None:
     return calibration_tokens(job.model_dir, job.calibration_text)
 
 
-def _trace(job: _Job, float_dir: Path) -> ParScaleForCausalLM | None:
-    """Trace the module to `float_dir`; returns the float32 module when the reference or GPTQ needs it."""
+def _build(job: _Job, float_dir: Path, metadata: dict[str, str]) -> ParScaleForCausalLM | None:
+    """Write the graph to `float_dir`; returns the float32 module when the reference or GPTQ needs it.
+
+    The module is loaded in float32 once: the graph's weights are converted tensor by tensor as
+    they are written, and the same module is the reference the graph is validated against.
+    """
     job.stage("loading weights")
-    _, model = load_model(job.model_dir, job.dtype.torch)
-    job.stage("tracing to ONNX")
+    _, model = load_model(job.model_dir, torch.float32)
+    job.stage("writing the ONNX graph")
     float_dir.mkdir(exist_ok=True)
-    trace_to_folder(model, float_dir, dtype=job.dtype.torch, opset=job.opset,
-                    external_threshold=job.external_data_threshold)
-    needed = job.validate or job.gptq  # the float32 module is the reference and calibrates GPTQ
-    if job.dtype is not Dtype.fp32 or not needed:
+    build_decoder(model, float_dir, dtype=job.dtype.torch, opset=job.opset,
+                  external_threshold=job.external_data_threshold, metadata=metadata)
+    if not (job.validate or job.gptq):  # the float32 module is the reference and calibrates GPTQ
         release(model)
-        model = None
-        if needed:
-            job.stage("loading float32 weights")
-            _, model = load_model(job.model_dir, torch.float32)
+        return None
     return model
 
 
@@ -268,7 +270,7 @@ def _quantize(
         assert model is not None and tokens is not None
         hessians = LayerwiseHessians(model, tokens[0], consume=True)
     elif model is not None:
-        release(model)  # round-to-nearest reads the weights from the traced graph
+        release(model)  # round-to-nearest reads the weights from the float graph
     job.stage("quantizing")
     proto = onnx.load(str(float_dir / MODEL_FILE), load_external_data=False)
     report = quantize_graph(proto, job.quantize, num_layers, hessians, base_dir=float_dir,
@@ -280,7 +282,7 @@ def _quantize(
 
 
 def _write_graph(job: _Job, tmp: Path, float_dir: Path, proto: onnx.ModelProto | None, manifest: Manifest) -> None:
-    """The export's model.onnx (and data): the quantized proto, or the traced float graph in place."""
+    """The export's model.onnx (and data): the quantized proto, or the float graph in place."""
     meta = manifest.to_dict()  # no files or validation yet: they describe the finished folder
     if proto is not None:
         load_external(proto, float_dir)  # the float tensors left (norms, biases, prefixes, mixing)
@@ -385,7 +387,8 @@ def _manifest(cfg: ParScaleConfig, dtype: Dtype, opset: int, checksum: str, mode
     n = cfg.num_hidden_layers
     return Manifest(
         model=ModelInfo.from_config(cfg), dtype=dtype.value, opset=opset,
-        io={"inputs": contract.input_names(n), "outputs": contract.output_names(n), "axes": contract.axes(n)},
+        io={"inputs": contract.input_names(n), "outputs": contract.output_names(n), "axes": contract.axes(n),
+            contract.CACHE_INFO: contract.cache_info(cfg.n_prefix)},
         source={"name": model_dir.resolve().name, "sha256": checksum},
         tool={"name": "parscale", "version": __version__},
     )

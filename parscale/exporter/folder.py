@@ -49,8 +49,19 @@ def eos_ids(model_dir: Path, cfg: ParScaleConfig) -> list[int]:
     return ids
 
 
+# onnxruntime-genai allocates its shared KV buffer at search.max_length rows and zero-fills it: a
+# default of the whole context (32768 for Qwen2.5) would commit gigabytes before the first token.
+GENAI_MAX_LENGTH = 4096
+
+
 def genai_config(cfg: ParScaleConfig, eos: list[int], *, context_length: int) -> dict[str, Any]:
-    """A genai_config.json with which onnxruntime-genai drives the export as a plain decoder."""
+    """A genai_config.json with which onnxruntime-genai drives the export as a plain decoder.
+
+    genai runs it in its shared-buffer mode (`past_present_share_buffer`: one max_length buffer bound
+    as past and present, as for its own GroupQueryAttention builds). That buffer also holds the
+    `parscale_n_tokens` prefix rows of each stream (contract.py): a genai generation can reach
+    max_length - prefix tokens, so ask genai for max_length = the tokens you need + the prefix.
+    """
     n = cfg.num_hidden_layers
     in_vocab = [e for e in eos if 0 <= e < cfg.vocab_size] or [cfg.vocab_size - 1]
     return {
@@ -85,9 +96,9 @@ def genai_config(cfg: ParScaleConfig, eos: list[int], *, context_length: int) ->
         },
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True,
-            "length_penalty": 1.0, "max_length": context_length, "min_length": 0,
+            "length_penalty": 1.0, "max_length": min(context_length, GENAI_MAX_LENGTH), "min_length": 0,
             "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
-            "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "past_present_share_buffer": True, "repetition_penalty": 1.0,
             "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }

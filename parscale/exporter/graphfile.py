@@ -60,10 +60,15 @@ def load_external(proto: onnx.ModelProto, base_dir: Path) -> None:
             del t.external_data[:]
 
 
+def graph_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """The graph's metadata: the manifest (less the file list and the validation results)."""
+    return {"parscale": json.dumps(meta)}
+
+
 def set_metadata(proto: onnx.ModelProto, meta: dict[str, Any]) -> None:
     """Record the manifest (less the file list and the validation results) in the graph."""
     del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, {"parscale": json.dumps(meta)})
+    onnx.helper.set_model_props(proto, graph_metadata(meta))
 
 
 def save_graph(proto: onnx.ModelProto, folder: Path, *, external_threshold: int) -> None:

@@ -29,8 +29,9 @@ from onnx import helper, numpy_helper
 
 from parscale.errors import ParScaleError
 from parscale.exporter import quant_math as qm
+from parscale.exporter.builder import EMBED_WEIGHT, QUANT_KEY
 from parscale.exporter.graphfile import read_tensor
-from parscale.modeling.model import PROJECTIONS
+from parscale.modeling.model import PROJECTION_INPUTS, PROJECTIONS
 
 MS_DOMAIN = "com.microsoft"
 _PROJECTION_RE = "|".join(re.escape(p) for p in PROJECTIONS)
@@ -147,19 +148,30 @@ def _scope(node: onnx.NodeProto) -> str | None:
 
 @dataclass
 class _Targets:
-    projections: list[tuple[onnx.NodeProto, str]]  # (MatMul, module path) with an initializer B (K, N)
+    projections: list[tuple[onnx.NodeProto, str, str]]  # (MatMul, calibration path, weight name), B (K, N)
     lm_head: tuple[onnx.NodeProto, str, onnx.NodeProto | None]  # (MatMul, table name, Transpose when tied)
     embedding: tuple[onnx.NodeProto, str]  # (Gather, table name)
 
 
 def _find_targets(graph: onnx.GraphProto, num_layers: int) -> _Targets:
+    """The nodes to quantize: named by the fused builder's metadata, else by torch.onnx's scopes."""
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
+    marked = {n.name: p.value for n in graph.node for p in n.metadata_props if p.key == QUANT_KEY}
     projections, lm_heads, embeddings = [], [], []
     for node in graph.node:
-        if node.op_type not in ("MatMul", "Gather") or (path := _scope(node)) is None:
+        if node.op_type not in ("MatMul", "Gather"):
             continue
-        if node.op_type == "Gather" and _EMBED_SCOPE.search(path) and node.input[0] in inits:
+        if marked:
+            if node.name not in marked:
+                continue
+            weight, path = marked[node.name].split("|")
+        elif (path := _scope(node)) is None:
+            continue
+        else:
+            weight = path + ".weight"
+        if node.op_type == "Gather" and (_EMBED_SCOPE.search(path) or weight == EMBED_WEIGHT) \
+                and node.input[0] in inits:
             embeddings.append((node, node.input[0]))
         elif node.op_type == "MatMul" and path.endswith("lm_head"):
             src = producer.get(node.input[1])
@@ -168,13 +180,14 @@ def _find_targets(graph: onnx.GraphProto, num_layers: int) -> _Targets:
             elif src is not None and src.op_type == "Transpose" and src.input[0] in inits:
                 lm_heads.append((node, src.input[0], src))  # tied: MatMul(x, Transpose(table))
         elif node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
-            projections.append((node, path))
-    if len(projections) != len(PROJECTIONS) * num_layers or len(lm_heads) != 1 or len(embeddings) != 1:
+            projections.append((node, path, weight))
+    expected = (len(PROJECTION_INPUTS) if marked else len(PROJECTIONS)) * num_layers  # fused: packed q/k/v, gate/up
+    if len(projections) != expected or len(lm_heads) != 1 or len(embeddings) != 1:
         # A silent partial quantization would be worse than none: say what was found.
         raise ParScaleError(
-            f"cannot quantize: found {len(projections)} projections (expected {len(PROJECTIONS) * num_layers}), "
+            f"cannot quantize: found {len(projections)} projections (expected {expected}), "
             f"{len(lm_heads)} LM heads and {len(embeddings)} embedding lookups (expected 1 each) in the "
-            "traced graph; it may lack torch.onnx's name_scopes metadata"
+            "graph; it may lack the exporter's metadata"
         )
     return _Targets(projections, lm_heads[0], embeddings[0])
 
@@ -238,12 +251,11 @@ def quantize_graph(
     replaced: set[str] = set()
 
     layer = None
-    for node, path in targets.projections:
+    for node, path, name in targets.projections:
         if progress is not None and (here := path.split(".")[2]) != layer:
             layer = here
             progress(f"layer {int(here) + 1}/{num_layers}")
         w = read_tensor(inits[node.input[1]], base_dir)  # (K, N): the exporter stores W transposed
-        name = path + ".weight"
         new_nodes[id(node)] = [_matmul_nbits(graph, node, quantizer(path, w.T, scheme.bits), name, scheme, report)]
         replaced.add(node.input[1])
 

@@ -32,8 +32,9 @@ def transformers_js_config(cfg: ParScaleConfig, eos: list[int]) -> dict[str, Any
     """The export as transformers.js should see it: a Qwen2 decoder whose cache has P*Hkv heads."""
     in_vocab = [e for e in eos if 0 <= e < cfg.vocab_size]
     return {
-        # A plain decoder to transformers.js: the P streams, their prefixes and the aggregation all
-        # live inside the graph, and the cache is a standard one with P*Hkv heads (contract.py).
+        # A plain decoder to transformers.js: the P streams and the aggregation live inside the graph,
+        # and the cache is a standard one with P*Hkv heads whose first rows the graph fills with the
+        # prefix on the first step (contract.py); transformers.js grows it step by step.
         "model_type": "qwen2",
         "architectures": ["Qwen2ForCausalLM"],
         "num_hidden_layers": cfg.num_hidden_layers,

@@ -1,4 +1,4 @@
-"""A compact PyTorch ParScale decoder (Qwen2 backbone, P streams), written to be traced to ONNX.
+"""A compact PyTorch ParScale decoder (Qwen2 backbone, P streams): the reference every export is checked against.
 
 Module attribute names match the checkpoint's tensor names, so `load_state_dict` needs no mapping.
 The P streams are folded into the batch (row p*b + i) for every projection and MLP; in attention

@@ -154,7 +154,7 @@ def _steps(engine: Engine, prompts: list[list[int]], max_new_tokens: int, sample
     sampler.observe(ids, mask[:, :longest])
     t = Timings(prefill_tokens=int(n_real.sum()))
 
-    engine.reset(b)
+    engine.reset(b, total)
     t0 = time.perf_counter()
     token = sampler(engine.step(ids, mask[:, :longest], pos))
     t.prefill_s = time.perf_counter() - t0

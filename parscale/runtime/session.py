@@ -1,10 +1,12 @@
-"""The runtime's forward step: the KV cache kept in OrtValues between steps (sessions: `parscale.graph`).
+"""The runtime's forward step: one KV-cache buffer per layer, bound as both past and present.
 
-The cache never passes through numpy: each step binds the previous step's `present.*` OrtValues
-as the next step's `past_key_values.*` (I/O binding), and ONNX Runtime allocates the new presents
-on the execution device (on CUDA they never leave the GPU). Only the logits come back to the host,
-into one preallocated buffer of shape (batch, 1, vocab), because we always ask for the last
-position only (`num_logits_to_keep` = 1).
+A generation allocates, per layer and kind, one buffer of (batch, P*Hkv, prefix rows + prompt +
+new tokens, head_dim), zero-filled, on the execution device, and binds it as both the
+`past_key_values.*` input and the `present.*` output (I/O binding): GroupQueryAttention then writes
+each step's keys and values in place, and nothing is copied from step to step (contract.py has the
+buffer layout). On the CPU the zeroed buffer is mapped lazily, so a long `max_new_tokens` costs memory
+only for the rows written. Only the logits come back to the host, into one preallocated (batch, 1,
+vocab) buffer, because we always ask for the last position only (`num_logits_to_keep` = 1).
 """
 
 from __future__ import annotations
@@ -32,14 +34,26 @@ class Engine:
         self.present_names = contract.present_names(info.num_layers)
         self.keep_one = np.array(1, dtype=np.int64)
         self.cache: list[ort.OrtValue] = []
+        self._host_cache: list[np.ndarray] = []  # the CPU buffers the OrtValues wrap
+        if info.prefix_rows is None:
+            raise ParScaleError("the graph does not record its cache layout (io.cache in its metadata): it was not "
+                                "written by this parscale version; re-export the model")
         self.logits = np.empty((0, 1, info.vocab_size), dtype=np.float32)
         self.binding = session.io_binding()
 
-    def reset(self, batch: int) -> None:
-        """An empty cache (length 0) for a new batch, and the logits buffer for that batch size."""
-        shape = (batch, self.info.cache_heads, 0, self.info.head_dim)
-        empty = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.info.cache_dtype, self.device, 0)
-        self.cache = [empty] * len(self.past_names)
+    def reset(self, batch: int, max_tokens: int) -> None:
+        """Zeroed cache buffers for `batch` sequences of up to `max_tokens` tokens (prompt, padding and
+        new tokens), and the logits buffer for that batch size."""
+        info = self.info
+        assert info.prefix_rows is not None
+        shape = (batch, info.cache_heads, info.prefix_rows + max_tokens, info.head_dim)
+        self.release()
+        self._host_cache = [np.zeros(shape, dtype=info.cache_dtype) for _ in self.past_names]
+        if self.device == "cpu":
+            self.cache = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._host_cache]  # shares memory
+        else:
+            self.cache = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in self._host_cache]
+            self._host_cache = []
         if self.logits.shape[0] != batch:
             self.logits = np.empty((batch, 1, self.info.vocab_size), dtype=np.float32)
             self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # shares memory
@@ -52,23 +66,19 @@ class Engine:
         b.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
         if self.info.has_keep:
             b.bind_cpu_input(contract.NUM_LOGITS_TO_KEEP, self.keep_one)
-        for name, value in zip(self.past_names, self.cache, strict=True):
-            b.bind_ortvalue_input(name, value)
         b.clear_binding_outputs()
         if self.info.has_keep:
             b.bind_ortvalue_output(contract.LOGITS, self._logits_value)
-        else:  # an older graph without the input returns every position: let ORT size the output
+        else:  # a graph without the input returns every position: let ORT size the output
             b.bind_output(contract.LOGITS, "cpu")
-        for name in self.present_names:
-            b.bind_output(name, self.device, 0)
+        for past, present, value in zip(self.past_names, self.present_names, self.cache, strict=True):
+            b.bind_ortvalue_input(past, value)
+            b.bind_ortvalue_output(present, value)  # the same buffer: written in place
         try:
             self.session.run_with_iobinding(b)
         except Exception as e:  # ORT's own exception types: a damaged graph or weights fail here
             raise ParScaleError(f"onnxruntime failed running the graph: {str(e).splitlines()[0]}") from None
-        outputs = b.get_outputs()
-        # Order of get_outputs() is the binding order: logits, then the presents.
-        self.cache = [outputs[i + 1] for i in range(len(self.present_names))]
-        logits = self.logits[:, -1] if self.info.has_keep else outputs[0].numpy()[:, -1]
+        logits = self.logits[:, -1] if self.info.has_keep else b.get_outputs()[0].numpy()[:, -1]
         if not np.isfinite(logits).all():  # cheap (one row per sequence); NaN would decode as token 0 forever
             raise ParScaleError("the model produced NaN/Inf logits: its weights or inputs are damaged; "
                                 "load it with verification on (the default) to find the tensor, or re-export")
@@ -76,7 +86,7 @@ class Engine:
 
     def release(self) -> None:
         """Drop the cache (its memory returns to the allocator)."""
-        self.cache = []
+        self.cache, self._host_cache = [], []
         self.binding.clear_binding_inputs()
         self.binding.clear_binding_outputs()
 

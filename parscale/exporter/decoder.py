@@ -1,0 +1,282 @@
+"""The fused decoder graph, written node by node from the PyTorch module's weights.
+
+Why written and not traced: the traced graph ran about 1,255 nodes per step (attention as
+MatMul/Softmax chains, the cache grown by Concat). Here each layer is one packed QKV projection,
+one `com.microsoft.GroupQueryAttention` (rotary inside, P streams as heads: num_heads = P*H,
+kv_num_heads = P*Hkv), one packed gate/up projection, and (Skip)SimplifiedLayerNormalization:
+about 20 nodes per layer. The PyTorch module stays the reference the graph is validated against.
+
+Hidden states are (b, s*P, h): token-major, stream-minor, so that a (b, s, P*H*D) view of the
+query projection puts stream p's heads at p*H + h, which is the cache layout of the contract.
+
+The prefix (ParScale's learned keys/values, `parscale_n_tokens` per stream and layer) lives in
+the first N rows of the KV cache: on the first step (mask length == new tokens) N prefix rows are
+put in front of the keys/values and N zero rows in front of the queries (their outputs are
+dropped). GroupQueryAttention rotates every key row by its position id; prefix rows get
+position 0 (no rotation: the reference applies none) and real tokens their own positions, so
+every score equals the reference's. Attention to padding is masked by an additive bias; the
+prefix is never masked. Cache rows = N + tokens: a runtime sizes a shared buffer by that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from parscale import contract
+from parscale.errors import ParScaleError
+from parscale.exporter.builder import EMBED_WEIGHT, MS_DOMAIN, QUANT_KEY, GraphBuilder
+from parscale.modeling.model import ParScaleForCausalLM, rope_cos_sin
+
+ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
+NP_DTYPE = {torch.float32: np.float32, torch.float16: np.float16}
+LM_HEAD = "lm_head"
+_INT_MAX = np.iinfo(np.int64).max
+
+
+def check_supported(head_dim: int) -> None:
+    """GroupQueryAttention's CPU kernel rotates heads whose size is a multiple of 16 only."""
+    if head_dim % 16:
+        raise ParScaleError(f"head_dim {head_dim} is not a multiple of 16, which ONNX Runtime's "
+                            "GroupQueryAttention needs; every published Qwen2 / ParScale shape has 64 or 128")
+
+
+def build_decoder(
+    model: ParScaleForCausalLM, folder: Path, *, dtype: torch.dtype, opset: int, external_threshold: int,
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write the fused graph of `model` to `folder/model.onnx` (+ data); returns its weight bytes.
+
+    Weights are converted to `dtype` one tensor at a time. MatMuls that quantization may replace
+    carry `QUANT_KEY` metadata naming the weight and the calibration statistics it reads.
+    """
+    cfg = model.cfg
+    check_supported(cfg.head_dim)
+    g = _Decoder(model, GraphBuilder(folder), dtype)
+    g.build()
+    g.b.save(opset, external_threshold=external_threshold, metadata=metadata, node_metadata=g.quant_meta)
+    return g.b.external_bytes
+
+
+class _Decoder:
+    def __init__(self, model: ParScaleForCausalLM, builder: GraphBuilder, dtype: torch.dtype) -> None:
+        self.m, self.cfg, self.b, self.dtype = model, model.cfg, builder, dtype
+        self.np_dtype = NP_DTYPE[dtype]
+        self.quant_meta: dict[str, dict[str, str]] = {}
+        c = self.cfg
+        self.P, self.H, self.Hkv, self.D, self.h = c.P, c.num_attention_heads, c.num_key_value_heads, c.head_dim, \
+            c.hidden_size
+        self.N = c.n_prefix
+
+    # ------------------------------------------------------------------ helpers
+
+    def tensor(self, name: str, t: torch.Tensor) -> str:
+        return self.b.weight(name, t.detach().to(self.dtype).contiguous().numpy())
+
+    def linear(self, x: str, weight: torch.Tensor, name: str, calib: str | None,
+               bias: torch.Tensor | None = None) -> str:
+        """x @ W^T (+ bias): W (N, K) stored transposed as (K, N), as quantization expects."""
+        w = self.b.weight(name + ".weight", weight.detach().to(self.dtype).T.contiguous().numpy())
+        y = self.b.op("MatMul", x, w, name=name)
+        if calib is not None:
+            self.quant_meta[self.b.nodes[-1].name] = {QUANT_KEY: f"{name}.weight|{calib}"}
+        if bias is not None:
+            y = self.b.op("Add", y, self.tensor(name + ".bias", bias))
+        return y
+
+    def shape_of(self, x: str, start: int, end: int) -> str:
+        return self.b.op("Shape", x, start=start, end=end)
+
+    def cast(self, x: str, to: int) -> str:
+        return self.b.op("Cast", x, to=to)
+
+    # ------------------------------------------------------------------ graph
+
+    def build(self) -> None:
+        b, cfg, n = self.b, self.cfg, self.cfg.num_hidden_layers
+        fdt = ONNX_DTYPE[self.dtype]
+        ids = b.input(contract.INPUT_IDS, TensorProto.INT64, [contract.BATCH, contract.SEQ])
+        mask = b.input(contract.ATTENTION_MASK, TensorProto.INT64, [contract.BATCH, contract.TOTAL])
+        b.input(contract.POSITION_IDS, TensorProto.INT64, [contract.BATCH, contract.SEQ])
+        cache_shape = [contract.BATCH, cfg.cache_heads, contract.PAST, cfg.head_dim]
+        for name in contract.past_names(n):
+            b.input(name, fdt, cache_shape)
+        keep = contract.NUM_LOGITS_TO_KEEP
+        b.inputs.append(helper.make_tensor_value_info(keep, TensorProto.INT64, []))
+        b.initializers.append(numpy_helper.from_array(np.array(0, np.int64), keep))  # optional: 0 = all positions
+
+        self.common(ids, mask)
+        x = self.embed(ids)  # (b, s*P, h)
+        residual, delta = x, None
+        for i, layer in enumerate(self.m.model.layers):
+            prefix = f"model.layers.{i}"
+            if delta is None:
+                normed = b.op("SimplifiedLayerNormalization", x, self.tensor(f"{prefix}.input_layernorm.weight",
+                              layer.input_layernorm.weight), axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)
+            else:
+                normed, residual = self.skip_norm(delta, residual, layer.input_layernorm.weight,
+                                                  f"{prefix}.input_layernorm.weight")
+            attn = self.attention(normed, layer.self_attn, i, prefix)
+            for name in (contract.present_key(i), contract.present_value(i)):
+                b.output(name, fdt, [contract.BATCH, cfg.cache_heads, contract.TOTAL, cfg.head_dim])
+            normed, residual = self.skip_norm(attn, residual, layer.post_attention_layernorm.weight,
+                                              f"{prefix}.post_attention_layernorm.weight")
+            delta = self.mlp(normed, layer.mlp, prefix)
+        assert delta is not None
+        delta, residual = self.keep_last(delta, keep), self.keep_last(residual, keep)
+        y, _ = self.skip_norm(delta, residual, self.m.model.norm.weight, "model.norm.weight")
+        if self.P > 1:
+            y = self.aggregate(y)
+        logits = self.lm_head(y)
+        if self.dtype != torch.float32:
+            logits = self.cast(logits, TensorProto.FLOAT)
+        b.nodes[-1].output[0] = contract.LOGITS
+        b.outputs.insert(0, helper.make_tensor_value_info(contract.LOGITS, TensorProto.FLOAT,
+                                                          [contract.BATCH, contract.SEQ, cfg.vocab_size]))
+
+    def common(self, ids: str, mask: str) -> None:
+        """Values every layer shares: prefix rows this step, GQA lengths, positions, padding bias."""
+        b, N = self.b, self.N
+        self.batch = self.shape_of(ids, 0, 1)  # [b]
+        seq = self.shape_of(ids, 1, 2)  # [s]
+        mask_len = self.shape_of(mask, 1, 2)  # [T]
+        if N:
+            first = b.op("Equal", mask_len, seq)  # the first step writes the prefix rows
+            self.n_pre = b.op("Where", first, b.const([N]), b.const([0]))  # [n]
+        total = b.op("Add", mask_len, b.const([N])) if N else mask_len
+        total32 = self.cast(total, TensorProto.INT32)
+        self.total = b.op("Squeeze", total32, b.const([0]))  # scalar
+        self.seqlens = b.op("Expand", b.op("Sub", total32, b.const([1], np.int32)), self.batch)  # (b,)
+        if N:
+            # Prefix row j of sequence i is stored rotated by RoPE(N + pad_i - j) (pad_i: its left
+            # padding), so that GroupQueryAttention's rotation by cache index leaves every prefix
+            # score as the reference's (no RoPE on the prefix, real tokens at positions from 0).
+            pad = b.op("Sub", seq, b.op("ReduceSum", mask, b.const([1]), keepdims=1))  # (b, 1) on the first step
+            j = b.const(np.arange(N)[None])  # (1, N)
+            rot = b.op("Max", b.op("Sub", b.op("Add", pad, b.const(N)), j), b.const(0))  # (b, N)
+            self.prefix_pos = b.op("Slice", rot, b.const([0]), self.n_pre, b.const([1]))  # (b, n)
+        # Additive bias over keys (b, 1, 1, N+T): 0 for prefix rows and real tokens, a large negative
+        # for padding (finite: a padded row with no visible key stays finite).
+        neg = float(np.finfo(self.np_dtype).min)
+        pad = b.op("Equal", mask, b.const(0))
+        bias = b.op("Where", pad, b.const(neg, self.np_dtype), b.const(0.0, self.np_dtype))  # (b, T)
+        if N:
+            prefix_cols = b.op("Expand", b.const(np.zeros((1, N)), self.np_dtype),
+                               b.op("Concat", self.batch, b.const([N]), axis=0))
+            bias = b.op("Concat", prefix_cols, bias, axis=1)
+        rows = b.op("Add", seq, self.n_pre) if N else seq  # query rows this step
+        bias = b.op("Unsqueeze", bias, b.const([1, 2]))  # (b, 1, 1, N+T)
+        self.bias = b.op("Expand", bias, b.op("Concat", b.const([1, 1]), rows, b.const([1]), axis=0))
+        # GroupQueryAttention rotates by cache index (N prefix rows, then left padding and tokens).
+        rows = torch.arange(self.cfg.max_position_embeddings + N)[None]
+        cos, sin = rope_cos_sin(rows, self.D, self.cfg.rope_theta)  # (1, rows, D)
+        self.cos = self.b.weight("rope.cos_cache", cos[0, :, : self.D // 2].to(self.dtype).numpy())
+        self.sin = self.b.weight("rope.sin_cache", sin[0, :, : self.D // 2].to(self.dtype).numpy())
+        if N:
+            self.expand_rows = b.op("Concat", self.batch, b.const([1, 1]), axis=0)  # [b, 1, 1]
+
+    def embed(self, ids: str) -> str:
+        b, P, h = self.b, self.P, self.h
+        x = b.op("Gather", self.tensor(EMBED_WEIGHT, self.m.model.embed_tokens.weight), ids, name="embed_tokens")
+        self.quant_meta[b.nodes[-1].name] = {QUANT_KEY: f"{EMBED_WEIGHT}|"}
+        if P == 1:
+            return x
+        x = b.op("Unsqueeze", x, b.const([2]))  # (b, s, 1, h)
+        x = b.op("Expand", x, b.const([1, 1, P, 1]))  # (b, s, P, h): every stream reads the same embedding
+        return b.op("Reshape", x, b.const([0, -1, h]))  # (b, s*P, h)
+
+    def skip_norm(self, delta: str, residual: str, weight: torch.Tensor, name: str) -> tuple[str, str]:
+        """(normed, residual + delta) in one SkipSimplifiedLayerNormalization."""
+        out = self.b.ops("SkipSimplifiedLayerNormalization", delta, residual, self.tensor(name, weight),
+                         outputs=[self.b.fresh("normed"), "", "", self.b.fresh("residual")],
+                         domain=MS_DOMAIN, epsilon=self.cfg.rms_norm_eps)
+        return out[0], out[3]
+
+    def prefix_rows(self, param: torch.Tensor, name: str, *, rotate: bool) -> str:
+        """(b, n, P*Hkv*D): the prefix rows put in front of this step's keys or values (n = N or 0)."""
+        b = self.b
+        rows = param.detach().permute(2, 0, 1, 3).reshape(1, self.N, -1)  # (1, N, P*Hkv*D), head p*Hkv + h
+        rows = b.op("Slice", self.tensor(name, rows), b.const([0]), self.n_pre, b.const([1]))
+        rows = b.op("Expand", rows, self.expand_rows)
+        if rotate:
+            rows = b.op("RotaryEmbedding", rows, self.prefix_pos, self.cos, self.sin, domain=MS_DOMAIN,
+                        num_heads=self.P * self.Hkv)
+        return rows
+
+    def attention(self, x: str, attn: torch.nn.Module, i: int, prefix: str) -> str:
+        b, P, H, Hkv, D = self.b, self.P, self.H, self.Hkv, self.D
+        w = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
+        bias = torch.cat((attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias))
+        qkv = self.linear(x, w, f"{prefix}.self_attn.qkv_proj", f"{prefix}.self_attn.q_proj", bias)
+        q, k, v = b.ops("Split", qkv, b.const([H * D, Hkv * D, Hkv * D]), outputs=3, axis=-1)
+        q = b.op("Reshape", q, b.const([0, -1, P * H * D]))  # (b, s, P*H*D): head p*H + h
+        k = b.op("Reshape", k, b.const([0, -1, P * Hkv * D]))  # (b, s, P*Hkv*D)
+        v = b.op("Reshape", v, b.const([0, -1, P * Hkv * D]))
+        if self.N:
+            zq = b.op("Expand", b.op("Slice", b.const(np.zeros((1, self.N, P * H * D)), self.np_dtype),
+                                     b.const([0]), self.n_pre, b.const([1])), self.expand_rows)
+            q = b.op("Concat", zq, q, axis=1)
+            k = b.op("Concat", self.prefix_rows(attn.prefix_k, f"{prefix}.self_attn.prefix_k", rotate=True), k, axis=1)
+            v = b.op("Concat", self.prefix_rows(attn.prefix_v, f"{prefix}.self_attn.prefix_v", rotate=False), v, axis=1)
+        out = b.ops(
+            "GroupQueryAttention", q, k, v, contract.past_key(i), contract.past_value(i), self.seqlens, self.total,
+            self.cos, self.sin, "", self.bias,  # no position_ids: rotation by cache index
+            outputs=[b.fresh("attn"), contract.present_key(i), contract.present_value(i)], domain=MS_DOMAIN,
+            num_heads=P * H, kv_num_heads=P * Hkv, do_rotary=1, name=f"{prefix}.self_attn.gqa",
+        )[0]
+        if self.N:
+            out = b.op("Slice", out, self.n_pre, b.const([_INT_MAX]), b.const([1]))  # drop the prefix rows
+        out = b.op("Reshape", out, b.const([0, -1, H * D]))  # (b, s*P, H*D)
+        return self.linear(out, attn.o_proj.weight, f"{prefix}.self_attn.o_proj", f"{prefix}.self_attn.o_proj")
+
+    def mlp(self, x: str, mlp: torch.nn.Module, prefix: str) -> str:
+        b, inter = self.b, self.cfg.intermediate_size
+        w = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight))
+        gu = self.linear(x, w, f"{prefix}.mlp.gate_up_proj", f"{prefix}.mlp.gate_proj")
+        gate, up = b.ops("Split", gu, b.const([inter, inter]), outputs=2, axis=-1)
+        act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+        return self.linear(act, mlp.down_proj.weight, f"{prefix}.mlp.down_proj", f"{prefix}.mlp.down_proj")
+
+    def keep_last(self, x: str, keep: str) -> str:
+        """The last `keep` positions of (b, s*P, h); keep == 0 keeps them all."""
+        b, Ph = self.b, self.P * self.h
+        tokens = b.op("Reshape", x, b.const([0, -1, Ph]))  # (b, s, P*h)
+        start = b.op("Where", b.op("Greater", keep, b.const(0)), b.op("Neg", keep), b.const(0))
+        tokens = b.op("Slice", tokens, b.op("Unsqueeze", start, b.const([0])), b.const([_INT_MAX]), b.const([1]))
+        return b.op("Reshape", tokens, b.const([0, -1, self.h]))
+
+    def aggregate(self, y: str) -> str:
+        """Mix the P stream states (b, k*P, h) into (b, k, h): softmax weights in float32, smoothed."""
+        b, P, h = self.b, self.P, self.h
+        agg, smooth = self.m.model.aggregate_layer, self.cfg.parscale_attn_smooth
+        # The checkpoint's first Linear reads features hidden-major (k*P + p); our (b, k, P*h) view is
+        # stream-major (p*h + k): permute its input columns once instead of the activations every step.
+        w1 = agg[0].weight.detach().reshape(h, h, P).permute(0, 2, 1).reshape(h, P * h)
+        concat = b.op("Reshape", y, b.const([0, -1, P * h]))  # (b, k, P*h)
+        z = self.linear(concat, w1, "model.aggregate_layer.0", None, agg[0].bias)
+        z = b.op("Mul", z, b.op("Sigmoid", z))
+        z = self.linear(z, agg[2].weight, "model.aggregate_layer.2", None, agg[2].bias)  # (b, k, P)
+        streams = b.op("Reshape", y, b.const([0, -1, P, h]))  # (b, k, P, h)
+        if self.dtype != torch.float32:
+            z, streams = self.cast(z, TensorProto.FLOAT), self.cast(streams, TensorProto.FLOAT)
+        w = b.op("Softmax", z, axis=-1)
+        w = b.op("Add", b.op("Mul", w, b.const(1.0 - smooth, np.float32)), b.const(smooth / P, np.float32))
+        mixed = b.op("MatMul", b.op("Unsqueeze", w, b.const([2])), streams)  # (b, k, 1, h)
+        mixed = b.op("Reshape", mixed, b.const([0, -1, h]))
+        if self.dtype != torch.float32:
+            mixed = self.cast(mixed, ONNX_DTYPE[self.dtype])
+        return mixed
+
+    def lm_head(self, y: str) -> str:
+        b = self.b
+        if self.cfg.tie_word_embeddings:
+            # MatMul(x, Transpose(table)): the table is stored once; quantization replaces the pair.
+            table = b.op("Transpose", EMBED_WEIGHT, perm=[1, 0])
+            out = b.op("MatMul", y, table, name=LM_HEAD)
+            self.quant_meta[b.nodes[-1].name] = {QUANT_KEY: f"{EMBED_WEIGHT}|lm_head"}
+            return out
+        return self.linear(y, self.m.lm_head.weight, LM_HEAD, "lm_head")
+
