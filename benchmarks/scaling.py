@@ -131,11 +131,13 @@ def measure_export(path: Path, batch: int, prompt_len: int, gen: int, threads: i
     }
 
 
-def run_measure(path: Path, batch: int, prompt_len: int, gen: int, threads: int) -> dict[str, Any]:
+def run_measure(path: Path, batch: int, prompt_len: int, gen: int, threads: int) -> tuple[dict[str, Any], str]:
+    """One `_measure` process: its record (with the load average before it) and the command, as shown."""
+    args = ["_measure", path, "--batch", batch, "--prompt-len", prompt_len, "--gen", gen, "--threads", threads]
     load = os.getloadavg()[0]
-    out = sh([PY, "-m", "benchmarks.scaling", "_measure", path, "--batch", batch, "--prompt-len", prompt_len,
-              "--gen", gen, "--threads", threads])
-    return {**json.loads(out.strip().splitlines()[-1]), "load_avg_1min": load}
+    out = sh([PY, "-m", "benchmarks.scaling", *args])
+    return ({**json.loads(out.strip().splitlines()[-1]), "load_avg_1min": load},
+            " ".join(["python -m benchmarks.scaling", *map(str, args)]))
 
 
 def commit() -> str:
@@ -167,11 +169,9 @@ def study(args: argparse.Namespace) -> None:
         # Interleaved, each round starting elsewhere, so that drifting load hits every system alike.
         shift = (rnd * len(jobs)) // max(args.rounds, 1)
         for n, (s, q, b) in enumerate(jobs[shift:] + jobs[:shift]):
-            record = run_measure(exports[(s.name, q)], b, args.prompt_len, args.gen, args.threads)
             key = key_of(s.name, q, b)
+            record, commands[key] = run_measure(exports[(s.name, q)], b, args.prompt_len, args.gen, args.threads)
             runs[key].append(record)
-            commands[key] = (f"python -m benchmarks.scaling _measure {exports[(s.name, q)]} --batch {b} "
-                             f"--prompt-len {args.prompt_len} --gen {args.gen} --threads {args.threads}")
             done = rnd * len(jobs) + n + 1
             eta = (time.perf_counter() - t_start) / done * (args.rounds * len(jobs) - done)
             print(f"  [{done}/{args.rounds * len(jobs)}, ~{eta / 60:.0f} min left] {key}: decode "

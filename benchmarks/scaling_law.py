@@ -259,6 +259,13 @@ class Shape:
     total: int
 
 
+def shape_of(family: Family, label: str, kind: str, overrides: dict[str, Any], P: int = 1,  # noqa: N803
+             prefix: int = 48) -> Shape:
+    """The Shape of these config keys over the family's base preset, with its parameter counts."""
+    cfg = config_for(family, P, overrides, prefix)
+    return Shape(label, kind, overrides, non_embedding_params(cfg), total_params(cfg))
+
+
 def dense_shape(family: Family, target: float, mode: str = "width", prefix: int = 48) -> Shape:
     """The P=1 model closest to `target` non-embedding parameters in this family.
 
@@ -269,10 +276,9 @@ def dense_shape(family: Family, target: float, mode: str = "width", prefix: int 
     layers at the backbone's width instead.
     """
     for label, ov in family.listed:
-        cfg = config_for(family, 1, {**dict(family.backbone), **dict(ov)}, prefix)
-        n = non_embedding_params(cfg)
-        if abs(n / target - 1) <= LISTED_TOLERANCE:
-            return Shape(label, "published shape", {**dict(family.backbone), **dict(ov)}, n, total_params(cfg))
+        listed = shape_of(family, label, "published shape", {**dict(family.backbone), **dict(ov)}, prefix=prefix)
+        if abs(listed.non_embedding / target - 1) <= LISTED_TOLERANCE:
+            return listed
     base = config_for(family, 1, prefix=prefix)
     h0, i0, layers0 = base["hidden_size"], base["intermediate_size"], base["num_hidden_layers"]
     heads0, kv = base["num_attention_heads"], base["num_key_value_heads"]
@@ -290,9 +296,8 @@ def dense_shape(family: Family, target: float, mode: str = "width", prefix: int 
     if mode == "depth":
         one, two = n_of(shape(h0, i0, 1)), n_of(shape(h0, i0, 2))
         layers = max(1, round((target - (2 * one - two)) / (two - one)))
-        ov = shape(h0, i0, layers)
-        cfg = config_for(family, 1, ov, prefix)
-        return Shape(f"backbone with {layers} layers", "nearest shape (depth)", ov, n_of(ov), total_params(cfg))
+        return shape_of(family, f"backbone with {layers} layers", "nearest shape (depth)", shape(h0, i0, layers),
+                        prefix=prefix)
     if mode != "width":
         raise ValueError(f"mode must be width or depth, got {mode!r}")
     step_h = kv * hd0 if family.keep == "head_dim" else 2 * heads0  # GQA groups whole; even head_dim
@@ -309,10 +314,9 @@ def dense_shape(family: Family, target: float, mode: str = "width", prefix: int 
         h += step_h
     candidates = [c for c in {max(step_h, h - step_h), h} if c >= step_h]
     best = min(candidates, key=lambda c: abs(math.log(fitted_i(c) / c / ratio)))
-    ov = shape(best, fitted_i(best), layers0)
-    cfg = config_for(family, 1, ov, prefix)
-    return Shape(f"backbone widened to hidden {best}, intermediate {ov['intermediate_size']}",
-                 "nearest shape (width)", ov, n_of(ov), total_params(cfg))
+    i = fitted_i(best)
+    return shape_of(family, f"backbone widened to hidden {best}, intermediate {i}", "nearest shape (width)",
+                    shape(best, i, layers0), prefix=prefix)
 
 
 def kv_cache_bytes(config: dict[str, Any], context: int = KV_CONTEXT, bytes_per: int = 4) -> int:
@@ -354,11 +358,9 @@ def systems_for(preset: str, fit: Fit, mode: str = "width", prefix: int = 48) ->
     fam = families()[preset]
     out: list[System] = []
     for P in STREAMS:
-        cfg = config_for(fam, P, prefix=prefix)
-        n = non_embedding_params(cfg)
-        shape = Shape(preset, "backbone", dict(fam.backbone), n, total_params(cfg))
-        out.append(System(f"ParScale P={P}", "parscale", P, cfg, shape, equivalent_params(n, P, fit.k),
-                          slug=f"p{P}", overrides=dict(fam.backbone)))
+        shape = shape_of(fam, preset, "backbone", dict(fam.backbone), P, prefix)
+        out.append(System(f"ParScale P={P}", "parscale", P, config_for(fam, P, prefix=prefix), shape,
+                          equivalent_params(shape.non_embedding, P, fit.k), slug=f"p{P}", overrides=dict(fam.backbone)))
     for s in out[1:]:
         shape = dense_shape(fam, s.equivalent_params, mode, prefix)
         ov = shape.overrides
@@ -367,5 +369,6 @@ def systems_for(preset: str, fit: Fit, mode: str = "width", prefix: int = 48) ->
         out.append(System(f"dense for P={s.P}", "dense", s.P, config_for(fam, 1, ov, prefix), shape,
                           s.equivalent_params, slug=slug, overrides=ov))
     return out
+
 
 EXPORT_FLAGS = {"fp32": [], "int8": ["--int8"], "int4": ["--int4", "--method", "rtn"]}
