@@ -212,3 +212,13 @@ def test_no_verify_flag_skips_hashing(export):
     assert r.returncode == 1 and "sha256" in r.stderr
     r = subprocess.run([*base, "--no-verify"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    (1, r"written by an older parscale \(format 1, whose graph kept the cache differently\); re-export it"),
+    (3, r"written by a newer parscale \(format 3\); upgrade parscale"),
+])
+def test_exports_of_another_format_are_refused(export, version, message):
+    edit_manifest(export, lambda m: m.update(format_version=version))
+    with pytest.raises(ParScaleError, match=message):
+        Model.load(export)

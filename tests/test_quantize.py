@@ -75,7 +75,7 @@ def graph_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
         codes_name = node.input[1] if node.op_type == "MatMulNBits" else node.input[0]
         if node.op_type not in ("MatMulNBits", "GatherBlockQuantized") or codes_name not in inits:
             continue  # (a shared table's Gather reads it through a Reshape: decoded via the LM head)
-        scales_name, zp_name = node.input[2], node.input[3] if len(node.input) > 3 else None
+        scales_name, zp_name = node.input[2], node.input[3] if len(node.input) > 3 and node.input[3] else None
         attrs = {a.name: a.i for a in node.attribute}
         bits, block = attrs["bits"], attrs["block_size"]
         scales = numpy_helper.to_array(inits[scales_name]).astype(np.float32)

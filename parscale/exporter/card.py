@@ -52,8 +52,8 @@ def model_card(manifest: Manifest, name: str, files: dict[str, int]) -> str:
     """The card's Markdown. `files`: name -> bytes of the folder's other files."""
     parts = [
         _summary(manifest, name), _files(files), _python(name, files),
-        _genai(name, files, manifest.model.prefix_tokens),
-        _web(name, files), _mobile(manifest, name, files), _plain(manifest, name),
+        _genai(name, files, manifest.model.prefix_tokens), _web(name, files), _mobile(manifest, name, files),
+        _plain(manifest, name),
     ]
     return "\n".join(p for p in parts if p)
 

@@ -177,6 +177,10 @@ class _Decoder:
         self.sin = self.b.weight("rope.sin_cache", sin[0, :, : self.D // 2].to(self.dtype).numpy())
         if N:
             self.expand_rows = b.op("Concat", self.batch, b.const([1, 1]), axis=0)  # [b, 1, 1]
+            # The zero query rows put in front of the first step's queries (their outputs are dropped).
+            zeros = b.const(np.zeros((1, N, self.P * self.H * self.D)), self.np_dtype)
+            self.zero_queries = b.op("Expand", b.op("Slice", zeros, b.const([0]), self.n_pre, b.const([1])),
+                                     self.expand_rows)
 
     def embed(self, ids: str) -> str:
         b, P, h = self.b, self.P, self.h
@@ -211,14 +215,15 @@ class _Decoder:
         w = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
         bias = torch.cat((attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias))
         qkv = self.linear(x, w, f"{prefix}.self_attn.qkv_proj", f"{prefix}.self_attn.q_proj", bias)
-        q, k, v = b.ops("Split", qkv, b.const([H * D, Hkv * D, Hkv * D]), outputs=3, axis=-1)
-        q = b.op("Reshape", q, b.const([0, -1, P * H * D]))  # (b, s, P*H*D): head p*H + h
-        k = b.op("Reshape", k, b.const([0, -1, P * Hkv * D]))  # (b, s, P*Hkv*D)
-        v = b.op("Reshape", v, b.const([0, -1, P * Hkv * D]))
+        if P == 1:  # the projection's output is already GroupQueryAttention's packed QKV layout
+            q, k, v = qkv, "", ""
+        else:
+            q, k, v = b.ops("Split", qkv, b.const([H * D, Hkv * D, Hkv * D]), outputs=3, axis=-1)
+            q = b.op("Reshape", q, b.const([0, -1, P * H * D]))  # (b, s, P*H*D): head p*H + h
+            k = b.op("Reshape", k, b.const([0, -1, P * Hkv * D]))  # (b, s, P*Hkv*D)
+            v = b.op("Reshape", v, b.const([0, -1, P * Hkv * D]))
         if self.N:
-            zq = b.op("Expand", b.op("Slice", b.const(np.zeros((1, self.N, P * H * D)), self.np_dtype),
-                                     b.const([0]), self.n_pre, b.const([1])), self.expand_rows)
-            q = b.op("Concat", zq, q, axis=1)
+            q = b.op("Concat", self.zero_queries, q, axis=1)
             k = b.op("Concat", self.prefix_rows(attn.prefix_k, f"{prefix}.self_attn.prefix_k", rotate=True), k, axis=1)
             v = b.op("Concat", self.prefix_rows(attn.prefix_v, f"{prefix}.self_attn.prefix_v", rotate=False), v, axis=1)
         out = b.ops(
@@ -229,7 +234,8 @@ class _Decoder:
         )[0]
         if self.N:
             out = b.op("Slice", out, self.n_pre, b.const([_INT_MAX]), b.const([1]))  # drop the prefix rows
-        out = b.op("Reshape", out, b.const([0, -1, H * D]))  # (b, s*P, H*D)
+        if P > 1:
+            out = b.op("Reshape", out, b.const([0, -1, H * D]))  # (b, s*P, H*D)
         return self.linear(out, attn.o_proj.weight, f"{prefix}.self_attn.o_proj", f"{prefix}.self_attn.o_proj")
 
     def mlp(self, x: str, mlp: torch.nn.Module, prefix: str) -> str:

@@ -250,13 +250,23 @@ def quantize_graph(
     dropped: set[int] = set()
     replaced: set[str] = set()
 
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     layer = None
     for node, path, name in targets.projections:
         if progress is not None and (here := path.split(".")[2]) != layer:
             layer = here
             progress(f"layer {int(here) + 1}/{num_layers}")
         w = read_tensor(inits[node.input[1]], base_dir)  # (K, N): the exporter stores W transposed
-        new_nodes[id(node)] = [_matmul_nbits(graph, node, quantizer(path, w.T, scheme.bits), name, scheme, report)]
+        add = _bias_add(node, consumers, inits, w.shape[1])
+        q = _matmul_nbits(graph, node, quantizer(path, w.T, scheme.bits), name, scheme, report,
+                          bias=add.input[1] if add is not None else None)
+        new_nodes[id(node)] = [q]
+        if add is not None:  # the bias moves into MatMulNBits: one node less per projection
+            q.output[0] = add.output[0]
+            dropped.add(id(add))
         replaced.add(node.input[1])
 
     lm, table_name, transpose = targets.lm_head
@@ -325,12 +335,24 @@ def _add_quantized(
     return names
 
 
+def _bias_add(node: onnx.NodeProto, consumers: Mapping[str, list[onnx.NodeProto]],
+              inits: Mapping[str, onnx.TensorProto], n: int) -> onnx.NodeProto | None:
+    """The Add that is the MatMul's only reader and adds an (N,) initializer to it, if there is one."""
+    readers = consumers.get(node.output[0], [])
+    if len(readers) != 1 or readers[0].op_type != "Add" or readers[0].input[0] != node.output[0]:
+        return None
+    bias = inits.get(readers[0].input[1])
+    return readers[0] if bias is not None and list(bias.dims) == [n] else None
+
+
 def _matmul_nbits(
     graph: onnx.GraphProto, node: onnx.NodeProto, quantized: _Quantized, name: str,
-    scheme: QuantScheme, report: QuantReport,
+    scheme: QuantScheme, report: QuantReport, bias: str | None = None,
 ) -> onnx.NodeProto:
     bq = quantized[0]
     names = _add_quantized(graph, name, quantized, report, "MatMulNBits")
+    if bias is not None:  # inputs: A, B, scales, zero_points, g_idx, bias
+        names = [*names, *[""] * (4 - len(names)), bias]  # a new list: the report keeps the old one
     return helper.make_node(
         "MatMulNBits", [node.input[0], *names], list(node.output), name=node.name + "_q", domain=MS_DOMAIN,
         K=bq.K, N=bq.N, bits=scheme.bits, block_size=scheme.block_size, accuracy_level=scheme.accuracy_level,
