@@ -88,15 +88,19 @@ def random_model(cfg: ParScaleConfig, seed: int) -> ParScaleForCausalLM:
 def init_checkpoint(
     out: str | Path, *, P: int, preset: str = "tiny", prefix: int = 48, seed: int = 0,  # noqa: N803
     dtype: str = "bfloat16", tied: bool | None = None, shards: int = 1, force: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
-    """Create a random checkpoint folder at `out` (atomically; an existing folder needs `force`)."""
+    """Create a random checkpoint folder at `out` (atomically; an existing folder needs `force`).
+
+    `overrides`: config.json keys that replace the preset's (a custom shape, e.g. another width).
+    """
     out = Path(out)
     check_int(shards, "shards", minimum=1, maximum=MAX_SHARDS)
     # Random weights for demos and tests: bounds keep a typo from allocating gigabytes.
     check_int(P, "P", minimum=1, maximum=MAX_P)
     check_int(prefix, "prefix", minimum=1, maximum=MAX_PREFIX)
     check_seed(seed)
-    config = make_config(preset, P=P, prefix=prefix, tied=tied, dtype=dtype)
+    config = make_config(preset, P=P, prefix=prefix, tied=tied, dtype=dtype, **(overrides or {}))
     cfg = ParScaleConfig.from_dict(config)
     checkpoint_folder(out, force).check()  # refuse before building the model
     model = random_model(cfg, seed)
