@@ -52,7 +52,10 @@ from benchmarks.scaling_report import fmt_params, increases, key_of, medians, pa
 
 def sh(cmd: list[Any]) -> str:
     """benchmarks.run.sh (from the repository root; on failure its output, and stop) with paths and numbers as text."""
-    return run.sh([str(c) for c in cmd])
+    try:
+        return run.sh([str(c) for c in cmd])
+    except run.FailedError as e:  # the study cannot go on without this step: one line, no traceback
+        raise SystemExit(str(e)) from None
 
 
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
