@@ -71,9 +71,8 @@ class _Decoder:
         self.np_dtype = NP_DTYPE[dtype]
         self.quant_meta: dict[str, dict[str, str]] = {}
         c = self.cfg
-        self.P, self.H, self.Hkv, self.D, self.h = c.P, c.num_attention_heads, c.num_key_value_heads, c.head_dim, \
-            c.hidden_size
-        self.N = c.n_prefix
+        self.P, self.H, self.Hkv, self.D = c.P, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.h, self.N = c.hidden_size, c.n_prefix
 
     # ------------------------------------------------------------------ helpers
 
