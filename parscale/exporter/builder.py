@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
+from parscale.exporter.graphfile import load_external
 from parscale.manifest import EXTERNAL_DATA, MODEL_FILE
 
 MS_DOMAIN = "com.microsoft"
@@ -115,11 +116,7 @@ class GraphBuilder:
             helper.set_model_props(proto, metadata)
         data = self.folder / EXTERNAL_DATA
         if self.external_bytes <= external_threshold:
-            for t in proto.graph.initializer:
-                if external_data_helper.uses_external_data(t):
-                    external_data_helper.load_external_data_for_tensor(t, str(self.folder))
-                    t.data_location = TensorProto.DEFAULT
-                    del t.external_data[:]
+            load_external(proto, self.folder)
             data.unlink()
         onnx.save_model(proto, str(self.folder / MODEL_FILE))
         return proto

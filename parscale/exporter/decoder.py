@@ -157,25 +157,25 @@ class _Decoder:
             # Prefix row j of sequence i is stored rotated by RoPE(N + pad_i - j) (pad_i: its left
             # padding), so that GroupQueryAttention's rotation by cache index leaves every prefix
             # score as the reference's (no RoPE on the prefix, real tokens at positions from 0).
-            pad = b.op("Sub", seq, b.op("ReduceSum", mask, b.const([1]), keepdims=1))  # (b, 1) on the first step
+            pads = b.op("Sub", seq, b.op("ReduceSum", mask, b.const([1]), keepdims=1))  # (b, 1) on the first step
             j = b.const(np.arange(N)[None])  # (1, N)
-            rot = b.op("Max", b.op("Sub", b.op("Add", pad, b.const(N)), j), b.const(0))  # (b, N)
+            rot = b.op("Max", b.op("Sub", b.op("Add", pads, b.const(N)), j), b.const(0))  # (b, N)
             self.prefix_pos = b.op("Slice", rot, b.const([0]), self.n_pre, b.const([1]))  # (b, n)
         # Additive bias over keys (b, 1, 1, N+T): 0 for prefix rows and real tokens, a large negative
         # for padding (finite: a padded row with no visible key stays finite).
         neg = float(np.finfo(self.np_dtype).min)
-        pad = b.op("Equal", mask, b.const(0))
-        bias = b.op("Where", pad, b.const(neg, self.np_dtype), b.const(0.0, self.np_dtype))  # (b, T)
+        padded = b.op("Equal", mask, b.const(0))
+        bias = b.op("Where", padded, b.const(neg, self.np_dtype), b.const(0.0, self.np_dtype))  # (b, T)
         if N:
             prefix_cols = b.op("Expand", b.const(np.zeros((1, N)), self.np_dtype),
                                b.op("Concat", self.batch, b.const([N]), axis=0))
             bias = b.op("Concat", prefix_cols, bias, axis=1)
-        rows = b.op("Add", seq, self.n_pre) if N else seq  # query rows this step
+        queries = b.op("Add", seq, self.n_pre) if N else seq  # query rows this step
         bias = b.op("Unsqueeze", bias, b.const([1, 2]))  # (b, 1, 1, N+T)
-        self.bias = b.op("Expand", bias, b.op("Concat", b.const([1, 1]), rows, b.const([1]), axis=0))
+        self.bias = b.op("Expand", bias, b.op("Concat", b.const([1, 1]), queries, b.const([1]), axis=0))
         # GroupQueryAttention rotates by cache index (N prefix rows, then left padding and tokens).
-        rows = torch.arange(self.cfg.max_position_embeddings + N)[None]
-        cos, sin = rope_cos_sin(rows, self.D, self.cfg.rope_theta)  # (1, rows, D)
+        positions = torch.arange(self.cfg.max_position_embeddings + N)[None]
+        cos, sin = rope_cos_sin(positions, self.D, self.cfg.rope_theta)  # (1, rows, D)
         self.cos = self.b.weight("rope.cos_cache", cos[0, :, : self.D // 2].to(self.dtype).numpy())
         self.sin = self.b.weight("rope.sin_cache", sin[0, :, : self.D // 2].to(self.dtype).numpy())
         if N:

@@ -5,8 +5,10 @@ new tokens, head_dim), zero-filled, on the execution device, and binds it as bot
 `past_key_values.*` input and the `present.*` output (I/O binding): GroupQueryAttention then writes
 each step's keys and values in place, and nothing is copied from step to step (contract.py has the
 buffer layout). On the CPU the zeroed buffer is mapped lazily, so a long `max_new_tokens` costs memory
-only for the rows written. Only the logits come back to the host, into one preallocated (batch, 1,
-vocab) buffer, because we always ask for the last position only (`num_logits_to_keep` = 1).
+only for the rows written. Only the logits come back to the host. Our exports make
+`num_logits_to_keep` an optional input (an overridable initializer, so that onnxruntime-genai need
+not feed it), which I/O binding cannot bind: `GraphInfo.has_keep` is False for them, and prefill
+returns the logits of every prompt position (the runtime keeps the last).
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ class Engine:
         if self.logits.shape[0] != batch:
             self.logits = np.empty((batch, 1, self.info.vocab_size), dtype=np.float32)
             self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # shares memory
+        # Bound once per call: every step reads and writes the same buffers.
+        b = self.binding
+        if self.info.has_keep:
+            b.bind_ortvalue_output(contract.LOGITS, self._logits_value)
+        else:  # bound first, so that it is get_outputs()[0]; rebound (same place) each step
+            b.bind_output(contract.LOGITS, "cpu")
+        for past, present, value in zip(self.past_names, self.present_names, self.cache, strict=True):
+            b.bind_ortvalue_input(past, value)
+            b.bind_ortvalue_output(present, value)  # the same buffer: written in place
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Run the graph on new tokens; returns last-position logits (batch, vocab), a view reused next step."""
@@ -66,14 +77,8 @@ class Engine:
         b.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
         if self.info.has_keep:
             b.bind_cpu_input(contract.NUM_LOGITS_TO_KEEP, self.keep_one)
-        b.clear_binding_outputs()
-        if self.info.has_keep:
-            b.bind_ortvalue_output(contract.LOGITS, self._logits_value)
-        else:  # a graph without the input returns every position: let ORT size the output
+        else:  # every position comes back, so its shape changes per step: ORT sizes it each run
             b.bind_output(contract.LOGITS, "cpu")
-        for past, present, value in zip(self.past_names, self.present_names, self.cache, strict=True):
-            b.bind_ortvalue_input(past, value)
-            b.bind_ortvalue_output(present, value)  # the same buffer: written in place
         try:
             self.session.run_with_iobinding(b)
         except Exception as e:  # ORT's own exception types: a damaged graph or weights fail here
