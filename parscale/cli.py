@@ -101,9 +101,15 @@ def init(
 
 @app.command()
 def export(
-    model: ModelArg = None,
+    model: Annotated[Optional[list[Path]], typer.Argument(  # noqa: UP045
+        metavar="[MODEL]...", show_default=False,
+        help="Checkpoint folder (config.json + safetensors); several folders with one frozen backbone make a "
+             "multi-P export. Default: the embedded model.",
+    )] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Export folder to create.")] = Path("export"),
-    P: Annotated[Optional[int], typer.Option("--P", help="Streams; must equal the checkpoint's parscale_n.")] = None,  # noqa: N803, UP045
+    P: Annotated[Optional[str], typer.Option("--P", help=(  # noqa: N803, UP045
+        "Streams: the checkpoint's parscale_n (default) or a P of its head sets; several (1,2,4,8) make one "
+        "multi-P export."))] = None,
     dtype: Annotated[str, typer.Option(help="fp32 (default) or fp16 (GPU targets).")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
@@ -145,30 +151,32 @@ def export(
         raise ParScaleError("quantization options (--block-size, --symmetric/--asymmetric, --accuracy-level, "
                             "--method, --calibration-text, --eval-text) need --int8 or --int4")
     with tempfile.TemporaryDirectory() as tmp:
-        if scheme is not None and eval_text is None and model is None and not no_validate:
+        if scheme is not None and eval_text is None and not model and not no_validate:
             # The embedded model's fidelity is judged on its held-out text, as `parscale eval` does.
             from parscale.train.corpus import write_held_out
 
             eval_text = write_held_out(Path(tmp) / "held_out.txt")
-        result = run_export(model or DEFAULT_MODEL, output, P=P, dtype=Dtype(dtype), opset=opset, force=force,
+        streams = _parse_streams(P) if P is not None else None
+        one = streams[0] if streams and len(streams) == 1 else streams
+        result = run_export(model or [DEFAULT_MODEL], output, P=one, dtype=Dtype(dtype), opset=opset, force=force,
                             validate=not no_validate, quantize=scheme, eval_text=eval_text,
                             calibration_text=calibration_text, ort_format=ort_format,
                             check_memory=not force_memory, log=_stage_printer(verbose))
     m = result.manifest
-    out.print(f"exported {result.out}: P={m.model.P}, {m.dtype}, {_mb(result.total_bytes)}")
+    out.print(f"exported {result.out}: P={','.join(map(str, m.streams))}, {m.dtype}, {_mb(result.total_bytes)}")
     if verbose:
         for name, info in m.files.items():
             out.print(f"  {name:28s} {_mb(info.bytes):>12s}")
         for name, secs in result.seconds.items():
             out.print(f"  {name:28s} {secs:10.1f} s")
-    if result.validation:
-        v = result.validation
-        out.print(f"validation: max |logit diff| {v.max_abs_diff:.2e} (prefill {v.prefill_diff:.2e}, "
-                  f"{v.steps} decode steps {v.decode_diff:.2e}), greedy match {v.greedy_match}")
+    multi = len(result.validations) > 1
+    for p, v in result.validations.items():
+        out.print(f"validation{f' P={p}' if multi else ''}: max |logit diff| {v.max_abs_diff:.2e} (prefill "
+                  f"{v.prefill_diff:.2e}, {v.steps} decode steps {v.decode_diff:.2e}), greedy match {v.greedy_match}")
     if result.quantization:
         _print_quantization(m.quantization)
-    if result.fidelity:
-        _print_fidelity(result.fidelity, "quantized vs float graph")
+    for p, f in result.fidelities.items():
+        _print_fidelity(f, f"quantized vs float graph{f', P={p}' if multi else ''}")
     out.print(f"peak RSS {_peak_rss_mb():,.0f} MB")
 
 
@@ -248,6 +256,32 @@ def train(
               f"{report.checkpoint_bytes / 1e6:.1f} MB in {report.total_seconds:.0f} s -> {out_dir}")
 
 
+def _parse_streams(text: str, option: str = "--P") -> list[int]:
+    """"2,4,8" -> [2, 4, 8]: stream counts, each a positive integer, none repeated."""
+    if not IDS.fullmatch(text) or any(int(t) < 1 for t in text.split(",")):
+        raise ParScaleError(f"{option} must be comma-separated positive integers such as 1,2,4,8; got {text!r}")
+    Ps = [int(t) for t in text.split(",")]
+    if len(set(Ps)) != len(Ps):
+        raise ParScaleError(f"{option} names a P twice: {text!r}")
+    return Ps
+
+
+@app.command("train-heads")
+def train_heads(
+    model: Annotated[Path, typer.Argument(metavar="CKPT", help="Checkpoint folder whose backbone stays frozen.")],
+    P: Annotated[str, typer.Option("--P", help="Stream counts to add, e.g. 2,8.")],  # noqa: N803
+    steps: Annotated[Optional[int], typer.Option(help="Stage-2 steps (default: the recipe's).")] = None,  # noqa: UP045
+    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 2,
+) -> None:
+    """Add stage-2 head sets (prefixes + aggregation) for more P to a checkpoint, its backbone frozen."""
+    from parscale.train.recipe import train_heads as run
+
+    results = run(model, _parse_streams(P), steps=steps, threads=threads, log=_stage_printer(False))
+    for p, r in results.items():
+        out.print(f"P={p}: held-out loss {r['held_out_loss']:.4f} nats/token (from {r['held_out_loss_init']:.4f}); "
+                  f"{r['file']} {_mb(r['bytes'])} in {r['stage2']['seconds']:.0f} s")
+
+
 @app.command("eval")
 def evaluate(
     model: ModelArg = None,
@@ -256,6 +290,9 @@ def evaluate(
     stride: Annotated[int, typer.Option(help="Window stride; tokens are scored once.")] = 256,
     max_tokens: Annotated[Optional[int], typer.Option(help="Score at most this many tokens.")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    P: Annotated[Optional[int], typer.Option("--P", help=(  # noqa: N803, UP045
+        "Streams: a checkpoint's head set, or a P of a multi-P export (default: the checkpoint's own P, "
+        "the export's largest)."))] = None,
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """Perplexity per token and bits per byte of a text, for a checkpoint or an export folder."""
@@ -272,18 +309,21 @@ def evaluate(
     if max_tokens is not None:
         check_int(max_tokens, "--max-tokens", minimum=1)
     if (model / MANIFEST).is_file():
-        _load_checks(model, not no_verify)
+        streams = _load_checks(model, not no_verify).streams
+        if P is not None and P not in streams:
+            raise ParScaleError(f"{model} serves P = {', '.join(map(str, streams))}; got P={P}")
     with tempfile.TemporaryDirectory() as tmp:
         if text is None:
             from parscale.train.corpus import write_held_out
 
             text = write_held_out(Path(tmp) / "held_out.txt")
         run = eval_export if (model / MANIFEST).is_file() else eval_checkpoint
-        result = run(model, text, window=window, stride=stride, max_tokens=max_tokens)
+        result = run(model, text, window=window, stride=stride, max_tokens=max_tokens, P=P)
     if as_json:
-        print(json.dumps({"model": str(model), **result.to_dict()}))
+        print(json.dumps({"model": str(model), "P": P, **result.to_dict()}))
     else:
-        out.print(f"{model}: {result.tokens} tokens, {result.bytes} bytes: perplexity {result.ppl_per_token:.3f} "
+        at = f" (P={P})" if P is not None else ""
+        out.print(f"{model}{at}: {result.tokens} tokens, {result.bytes} bytes: perplexity {result.ppl_per_token:.3f} "
                   f"per token (NLL {result.nll_per_token:.4f} nats), {result.bits_per_byte:.4f} bits/byte")
 
 
@@ -332,6 +372,8 @@ def generate(
     provider: ProviderOpt = "auto",
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    P: Annotated[Optional[int], typer.Option(  # noqa: N803, UP045
+        "--P", help="Streams, for a multi-P export (default: its largest).")] = None,
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """Generate text from an export, streaming it to the terminal."""
@@ -345,12 +387,13 @@ def generate(
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     check_seed(seed)
     m = Model.load(model, provider=provider, threads=check_threads(threads), verify=not no_verify)
+    m.check_streams(P)
     options = dict(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
-                   top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or None)
+                   top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or None, P=P)
     if as_json or m.tokenizer is None:
         r = m.generate(prompt, prompt_ids=ids, **options)
         if as_json:
-            print(json.dumps({**r.as_dict(), "model": str(model), "P": m.P, "provider": m.provider}))
+            print(json.dumps({**r.as_dict(), "model": str(model), "P": P or m.P, "provider": m.provider}))
         else:
             print(",".join(map(str, r.generated_ids)))
     else:
@@ -376,27 +419,33 @@ def bench(
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,  # noqa: UP045
     provider: ProviderOpt = "auto",
     batch: Annotated[int, typer.Option(help="Prompts generated together (decode ms/token is then one step).")] = 1,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    P: Annotated[Optional[str], typer.Option("--P", help=(  # noqa: N803, UP045
+        "Streams to measure, in order, from one process: e.g. 1,2,4,8 for a multi-P export (default: its largest)."
+    ))] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list with several --P).")] = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """Measure prefill tok/s, decode ms/token, time to first token and peak RSS (greedy; batch 1 by default)."""
     import json
 
-    from parscale.runtime.bench import bench as run_bench
+    from parscale.runtime.bench import bench_streams
 
-    r = run_bench(model, prompt_len=prompt_len, gen=gen, threads=threads, provider=provider, verify=not no_verify,
-                  batch=batch)
+    results = bench_streams(model, _parse_streams(P) if P is not None else None, prompt_len=prompt_len, gen=gen,
+                            threads=threads, provider=provider, verify=not no_verify, batch=batch)
     if as_json:
-        print(json.dumps(r.as_dict()))
+        print(json.dumps(results[0].as_dict() if P is None else [r.as_dict() for r in results]))
         return
-    out.print(f"{r.model}: P={r.P}, {r.dtype}, quantization {r.quantization}, {r.provider}, "
-              f"threads {r.threads or 'default'}, batch {r.batch}, prompt {r.prompt_len}, {r.gen} new tokens")
-    out.print(f"  load                 {r.load_s:10.2f} s")
-    out.print(f"  time to first token  {1000 * r.time_to_first_token_s:10.1f} ms")
-    out.print(f"  prefill              {r.prefill_tokens_per_s:10.1f} tok/s")
-    out.print(f"  decode               {r.decode_ms_per_token:10.2f} ms/token")
-    out.print(f"  peak RSS generating  {r.generate_peak_rss_mb:10.1f} MB (process peak {r.peak_rss_mb:,.1f} MB)")
-    out.print(f"  files + KV cache     {r.files_mb + r.kv_cache_mb:10.1f} MB (ratio {r.rss_ratio:.2f})")
+    r = results[0]
+    out.print(f"{r.model}: {r.dtype}, quantization {r.quantization}, {r.provider}, "
+              f"threads {r.threads or 'default'}, batch {r.batch}, prompt {r.prompt_len}, {r.gen} new tokens; "
+              f"load {r.load_s:.2f} s")
+    for r in results:
+        out.print(f"P={r.P}")
+        out.print(f"  time to first token  {1000 * r.time_to_first_token_s:10.1f} ms")
+        out.print(f"  prefill              {r.prefill_tokens_per_s:10.1f} tok/s")
+        out.print(f"  decode               {r.decode_ms_per_token:10.2f} ms/token")
+        out.print(f"  peak RSS generating  {r.generate_peak_rss_mb:10.1f} MB (process peak {r.peak_rss_mb:,.1f} MB)")
+        out.print(f"  files + KV cache     {r.files_mb + r.kv_cache_mb:10.1f} MB (ratio {r.rss_ratio:.2f})")
 
 
 @app.command()

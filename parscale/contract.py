@@ -16,6 +16,9 @@ LOGITS = "logits"  # float32 [batch, seq or k, vocab]
 # The batch axis has the name optimum gives it: transformers.js sizes the empty first-step cache from
 # the graph's input shapes and knows only "batch_size" (any other symbolic axis becomes 0).
 BATCH, SEQ, PAST, TOTAL = "batch_size", "seq", "past", "total"
+# A graph serving several P (one backbone, head sets) has a symbolic cache-heads axis: P * Hkv, with
+# P chosen by the runtime through the cache it binds (cache_info's "streams" lists the P it serves).
+CACHE_HEADS = "kv_heads"
 
 
 # The cache (format 2): one buffer per layer and kind, (batch, P*Hkv, rows, head_dim), that a runtime may
@@ -26,8 +29,12 @@ BATCH, SEQ, PAST, TOTAL = "batch_size", "seq", "past", "total"
 CACHE_INFO = "cache"
 
 
-def cache_info(prefix_rows: int) -> dict[str, object]:
-    return {"prefix_rows": prefix_rows, "shared_buffer": True}
+def cache_info(prefix_rows: int, streams: list[int] | None = None, kv_heads: int | None = None) -> dict[str, object]:
+    """io["cache"]: the prefix rows; for a graph serving several P, those P and the KV heads per stream."""
+    info: dict[str, object] = {"prefix_rows": prefix_rows, "shared_buffer": True}
+    if streams is not None:
+        info |= {"streams": streams, "kv_heads_per_stream": kv_heads}
+    return info
 
 
 PAST_PREFIX = "past_key_values."  # cache inputs: past_key_values.{layer}.key / .value
@@ -68,8 +75,10 @@ def output_names(num_layers: int) -> list[str]:
     return [LOGITS, *present_names(num_layers)]
 
 
-def axes(num_layers: int) -> dict[str, list[str]]:
-    """Symbolic axes of every input and output (a cache is [batch, P*Hkv, length, head_dim])."""
+def axes(num_layers: int, cache_heads: str | None = None) -> dict[str, list[str]]:
+    """Symbolic axes of every input and output (a cache is [batch, P*Hkv, length, head_dim]).
+
+    `cache_heads`: the name of the cache-heads axis where it is symbolic (a graph serving several P)."""
     a: dict[str, list[str]] = {
         INPUT_IDS: [BATCH, SEQ],
         ATTENTION_MASK: [BATCH, TOTAL],
@@ -78,7 +87,7 @@ def axes(num_layers: int) -> dict[str, list[str]]:
         LOGITS: [BATCH, SEQ, "vocab"],
     }
     for n in past_names(num_layers):
-        a[n] = [BATCH, "kv_heads", PAST, "head_dim"]
+        a[n] = [BATCH, cache_heads or "kv_heads", PAST, "head_dim"]
     for n in present_names(num_layers):
-        a[n] = [BATCH, "kv_heads", TOTAL, "head_dim"]
+        a[n] = [BATCH, cache_heads or "kv_heads", TOTAL, "head_dim"]
     return a

@@ -70,20 +70,22 @@ def _check_window(cfg: ParScaleConfig, window: int) -> None:
 
 def eval_checkpoint(
     model_dir: str | Path, text_path: str | Path, *, window: int = 256, stride: int = 128,
-    batch_size: int = 8, max_tokens: int | None = None,
+    batch_size: int = 8, max_tokens: int | None = None, P: int | None = None,  # noqa: N803
 ) -> EvalResult:
     """Perplexity of a PyTorch checkpoint folder on a UTF-8 text file (float32 compute).
 
     `max_tokens` scores only the first that many tokens (a quick estimate on a long text).
+    `P`: one of the folder's head sets (`parscale.modeling.heads`; default its own parscale_n).
     """
     import torch
 
-    from parscale.modeling.checkpoint import load_model
+    from parscale.modeling.heads import Stream, load_streams, resolve_streams
 
     model_dir = Path(model_dir)
     cfg, ids, n_bytes = _prepare(model_dir, text_path, max_tokens)
     _check_window(cfg, window)
-    _, model = load_model(model_dir, torch.float32)
+    stream = resolve_streams([model_dir], P)[0]
+    _, model = load_streams([Stream(model_dir, stream.P)], torch.float32)[stream.P]
     total, count = score_windows(torch_nll_fn(model), ids, plan_windows(len(ids), window, stride), batch_size)
     return _result(total, count, n_bytes, window, stride)
 
@@ -104,11 +106,11 @@ def torch_nll_fn(model: Any) -> NllFn:
     return nll
 
 
-def onnx_nll_fn(session: Any) -> NllFn:
-    """Per-token NLL of an ONNX export driven by onnxruntime (`parscale.graph.step`)."""
+def onnx_nll_fn(session: Any, P: int | None = None) -> NllFn:  # noqa: N803
+    """Per-token NLL of an ONNX export driven by onnxruntime (`parscale.graph.step`), at `P` for a multi-P export."""
     from parscale.graph import GraphInfo, step
 
-    info = GraphInfo.of(session)
+    info = GraphInfo.of(session).at(P)
 
     def nll(inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         b, m = inputs.shape
@@ -122,10 +124,12 @@ def onnx_nll_fn(session: Any) -> NllFn:
 def eval_export(
     export_dir: str | Path, text_path: str | Path, *, window: int = 256, stride: int = 128,
     batch_size: int = 8, max_tokens: int | None = None, threads: int | None = None,
+    P: int | None = None,  # noqa: N803
 ) -> EvalResult:
     """Perplexity of an ONNX export folder (model.onnx, config.json, tokenizer.json) with onnxruntime.
 
     Same tokenization and windows as `eval_checkpoint`, so the two results are directly comparable.
+    `P`: the streams to run a multi-P export at (default: its largest).
     """
     from parscale.graph import open_session
 
@@ -136,6 +140,6 @@ def eval_export(
     cfg, ids, n_bytes = _prepare(export_dir, text_path, max_tokens)
     _check_window(cfg, window)
     session = open_session(onnx_path, threads=check_threads(threads))
-    total, count = score_windows(onnx_nll_fn(session), ids, plan_windows(len(ids), window, stride),
+    total, count = score_windows(onnx_nll_fn(session, P), ids, plan_windows(len(ids), window, stride),
                                  batch_size)
     return _result(total, count, n_bytes, window, stride)

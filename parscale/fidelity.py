@@ -64,8 +64,8 @@ def random_tokens(vocab_size: int, n: int, seed: int = 0) -> np.ndarray:
 class _Runner:
     """Full-sequence logits of one export: prefill, then the last `decode_steps` tokens through the cache."""
 
-    def __init__(self, session: ort.InferenceSession) -> None:
-        self.session, self.info = session, GraphInfo.of(session)
+    def __init__(self, session: ort.InferenceSession, P: int | None = None) -> None:  # noqa: N803
+        self.session, self.info = session, GraphInfo.of(session).at(P)
 
     def logits(self, ids: np.ndarray, decode_steps: int) -> np.ndarray:
         """float32 logits (b, s, vocab) for every position of `ids` (b, s)."""
@@ -86,9 +86,11 @@ class _Runner:
 def compare_sessions(
     open_a: Callable[[], ort.InferenceSession], open_b: Callable[[], ort.InferenceSession], tokens: np.ndarray, *,
     window: int = 128, max_windows: int | None = 8, decode_steps: int = 8, batch: int = 4, source: str = "tokens",
-    text: bool = False,
+    text: bool = False, P: int | None = None,  # noqa: N803
 ) -> Fidelity:
     """Run the reference `a` and then `b` on the same windows of `tokens` and measure b against a.
+
+    `P`: the streams to drive graphs serving several P at (None: their largest).
 
     The sessions are opened one after the other (`open_a`, `open_b` return them): a's logits wait
     on disk while b runs, so two large graphs never need memory at the same time.
@@ -97,13 +99,13 @@ def compare_sessions(
     starts = range(0, len(windows), batch)
     agree, kl_sum, kl_max, nll_a, nll_b, count = 0, 0.0, 0.0, 0.0, 0.0, 0
     with tempfile.TemporaryDirectory(prefix="parscale-fidelity-") as spill:
-        ra = _Runner(open_a())
+        ra = _Runner(open_a(), P)
         for i in starts:
             ids, _ = window_arrays(tokens, windows[i:i + batch])
             np.save(Path(spill) / f"{i}.npy", ra.logits(ids, decode_steps))
         del ra
         gc.collect()  # let the reference session's memory go before the candidate's is allocated
-        rb = _Runner(open_b())
+        rb = _Runner(open_b(), P)
         for i in starts:
             ids, targets = window_arrays(tokens, windows[i:i + batch])
             la, lb = np.load(Path(spill) / f"{i}.npy"), rb.logits(ids, decode_steps)

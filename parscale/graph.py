@@ -8,10 +8,12 @@ one place. Torch-free: numpy and onnxruntime only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -108,6 +110,17 @@ class GraphInfo:
     cache_dtype: type  # numpy dtype of the cache (float16 for an fp16 export)
     has_keep: bool  # the graph takes `num_logits_to_keep`
     prefix_rows: int | None = None  # cache rows the graph writes before the tokens (None: not recorded)
+    streams: tuple[int, ...] = ()  # the P a graph serving several P runs (empty: the graph's one P)
+    kv_heads: int = 0  # KV heads per stream, for a graph serving several P
+
+    def at(self, P: int | None) -> GraphInfo:  # noqa: N803
+        """This graph driven at P streams: for a graph serving several P, the cache heads of that P
+        (None: the largest); a single-P graph has one P, which its manifest states."""
+        if not self.streams or P is None:
+            return self
+        if P not in self.streams:
+            raise ParScaleError(f"this export serves P = {', '.join(map(str, self.streams))}; got P={P}")
+        return dataclasses.replace(self, cache_heads=P * self.kv_heads)
 
     @classmethod
     def of(cls, session: ort.InferenceSession) -> GraphInfo:
@@ -124,13 +137,20 @@ class GraphInfo:
                                 f"it lacks {lacking}")
         past = inputs[contract.past_key(0)]
         heads, head_dim, vocab = past.shape[1], past.shape[3], outputs[contract.LOGITS].shape[-1]
+        cache = _cache_meta(session)
+        streams, kv = cache.get("streams"), cache.get("kv_heads_per_stream")
+        multi = isinstance(streams, list) and all(_count(p) for p in streams) and streams and _count(kv)
+        if multi:
+            heads = max(streams) * kv  # the largest P, unless `at` picks another
         if not all(isinstance(d, int) for d in (heads, head_dim, vocab)):
             raise ParScaleError("the graph's cache heads, head_dim and vocabulary must be static dimensions")
         if past.type not in CACHE_DTYPES:
             raise ParScaleError(f"the graph's cache has type {past.type}; expected float or float16")
+        rows = cache.get("prefix_rows")
         return cls(num_layers=num_layers, cache_heads=heads, head_dim=head_dim, vocab_size=vocab,
                    cache_dtype=CACHE_DTYPES[past.type], has_keep=contract.NUM_LOGITS_TO_KEEP in inputs,
-                   prefix_rows=_prefix_rows(session))
+                   prefix_rows=rows if _count(rows, minimum=0) else None,
+                   streams=tuple(sorted(streams)) if multi else (), kv_heads=kv if multi else 0)
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         """The cache of a first step: every past input with length 0."""
@@ -138,14 +158,18 @@ class GraphInfo:
         return dict.fromkeys(contract.past_names(self.num_layers), empty)
 
 
-def _prefix_rows(session: ort.InferenceSession) -> int | None:
-    """The cache's prefix rows, from the manifest recorded in the graph's metadata (None if absent)."""
+def _cache_meta(session: ort.InferenceSession) -> dict[str, Any]:
+    """io["cache"] of the manifest recorded in the graph's metadata ({} if absent or malformed)."""
     meta = session.get_modelmeta().custom_metadata_map.get("parscale")
     try:
-        rows = json.loads(meta)["io"][contract.CACHE_INFO]["prefix_rows"] if meta else None
+        cache = json.loads(meta)["io"][contract.CACHE_INFO] if meta else {}
     except (ValueError, KeyError, TypeError):
-        return None
-    return rows if isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0 else None
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _count(value: Any, minimum: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def step(

@@ -20,6 +20,8 @@ EXTERNAL_DATA = MODEL_FILE + ".data"  # the weights of graphs above the external
 FORMAT = "parscale-export"
 # 2: the fused graph (GroupQueryAttention, prefix rows in the KV cache, shared past/present buffer).
 FORMAT_VERSION = 2
+# 3: one graph serving several P over one backbone (io.cache.streams); a format-2 reader cannot size its cache.
+MULTI_FORMAT_VERSION = 3
 
 
 def file_digest(path: Path) -> str:
@@ -95,6 +97,12 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(f.bytes for f in self.files.values())
+
+    @property
+    def streams(self) -> list[int]:
+        """The P this export serves: several for a multi-P export (io.cache.streams), else model.P."""
+        streams = self.io.get("cache", {}).get("streams") if isinstance(self.io.get("cache"), dict) else None
+        return list(streams) if isinstance(streams, list) and streams else [self.model.P]
 
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
@@ -181,7 +189,7 @@ def _load_json(folder: Path) -> dict[str, Any]:
     version = manifest.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise ParScaleError(f"{path}: format_version must be an integer, got {version!r}; re-export the model")
-    if version > FORMAT_VERSION:
+    if version > MULTI_FORMAT_VERSION:
         raise ParScaleError(f"{folder} was written by a newer parscale (format {version}); upgrade parscale")
     if version < FORMAT_VERSION:
         raise ParScaleError(f"{folder} was written by an older parscale (format {version}, whose graph kept the "

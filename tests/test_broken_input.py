@@ -61,7 +61,7 @@ CASES = [
     ("no-weight-files", lambda c: (c / "model.safetensors").unlink(), [], ["no weight files"]),
     ("pickle-weights-only", lambda c: (c / "model.safetensors").rename(c / "pytorch_model.bin"), [],
      ["pickle", "safetensors"]),
-    ("P-disagrees", lambda c: None, ["--P", "3"], ["P=3", "parscale_n=2"]),
+    ("P-disagrees", lambda c: None, ["--P", "3"], ["no head set for P=3", "holds P = 1, 2"]),
     ("sliding-window", edit_config(use_sliding_window=True), [], ["use_sliding_window"]),
     ("rope-scaling", edit_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}), [], ["rope_scaling", "yarn"]),
     ("missing-model-folder", lambda c: shutil.rmtree(c), [], ["does not exist"]),

@@ -19,13 +19,16 @@ pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `
 
 INJECT = """
 import sys
+import parscale.exporter.checks as checks_module
 import parscale.exporter.export as export_module
 from parscale.cli import main
 
 def boom(*args, **kwargs):
     raise RuntimeError("injected failure\\nsecond line")
 
-setattr(export_module, sys.argv[1], boom)
+for module in (export_module, checks_module):  # the stages' functions, where each looks them up
+    if hasattr(module, sys.argv[1]):
+        setattr(module, sys.argv[1], boom)
 sys.argv = ["parscale", *sys.argv[2:]]
 main()
 """

@@ -216,7 +216,7 @@ def test_no_verify_flag_skips_hashing(export):
 
 @pytest.mark.parametrize(("version", "message"), [
     (1, r"written by an older parscale \(format 1, whose graph kept the cache differently\); re-export it"),
-    (3, r"written by a newer parscale \(format 3\); upgrade parscale"),
+    (4, r"written by a newer parscale \(format 4\); upgrade parscale"),
 ])
 def test_exports_of_another_format_are_refused(export, version, message):
     edit_manifest(export, lambda m: m.update(format_version=version))

@@ -157,7 +157,7 @@ def test_generate_and_the_streams_take_the_same_explicit_options():
     assert not [p for p in params["generate"] if p.kind is inspect.Parameter.VAR_KEYWORD]
     assert [p.name for p in params["generate"]][1:] == [
         "prompt", "prompt_ids", "max_new_tokens", "greedy", "temperature", "top_k", "top_p",
-        "repetition_penalty", "seed", "stop", "ignore_eos"]
+        "repetition_penalty", "seed", "stop", "ignore_eos", "P"]
 
 
 def test_one_model_serves_four_threads_at_once(models):

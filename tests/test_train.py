@@ -12,8 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from parscale.config import ParScaleConfig
+from parscale.errors import ParScaleError
 from parscale.evaluate import eval_checkpoint, eval_export
 from parscale.modeling.checkpoint import load_model
+from parscale.modeling.heads import Stream, head_sets, is_head_tensor, load_streams
 from parscale.train.corpus import (
     EOS,
     SourceFile,
@@ -23,8 +25,7 @@ from parscale.train.corpus import (
     split_sources,
     write_held_out,
 )
-from parscale.train.recipe import Recipe, train
-from parscale.train.stages import is_parscale_param
+from parscale.train.recipe import Recipe, train, train_heads
 from parscale.train.tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "parscale" / "assets" / "default"
@@ -106,7 +107,7 @@ def test_tiny_recipe_freezes_the_backbone(tmp_path: Path, sources: list[SourceFi
     assert report.stage1["tokens"] == 4 * 2 * 32 and report.stage2["tokens"] == 3 * 2 * 32
 
     final, stage1 = load_file(out / "model.safetensors"), load_file(backbone_dir / "model.safetensors")
-    added = {n for n in final if is_parscale_param(n)}
+    added = {n for n in final if is_head_tensor(n)}
     assert added == set(final) - set(stage1)
     assert len(added) == 2 * 2 + 4  # prefix_k/v per layer, two Linear layers of the aggregation
     for name, tensor in stage1.items():
@@ -115,6 +116,38 @@ def test_tiny_recipe_freezes_the_backbone(tmp_path: Path, sources: list[SourceFi
     assert final["model.aggregate_layer.2.weight"].abs().sum() > 0  # initialised to zero
     logits, _ = model(torch.tensor([[1, 2, 3]]))
     assert logits.shape == (1, 3, 400) and torch.isfinite(logits).all()
+
+
+def test_train_heads_adds_head_sets_on_the_frozen_backbone(tmp_path: Path, sources: list[SourceFile]) -> None:
+    recipe = Recipe(
+        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, P=2,
+        prefix_tokens=4, seq_len=32, steps1=2, batch1=2, warmup1=1, steps2=2, batch2=2, warmup2=1,
+        eval_windows=4, bf16_autocast=False,
+    )
+    out = tmp_path / "model"
+    train(out, recipe, sources=_small(sources, 30))
+    before = load_file(out / "model.safetensors")
+    results = train_heads(out, [4, 8], steps=3, sources=_small(sources, 30))
+
+    assert load_file(out / "model.safetensors").keys() == before.keys()
+    assert all(torch.equal(t, load_file(out / "model.safetensors")[n]) for n, t in before.items())
+    assert head_sets(out) == [1, 2, 4, 8]
+    saved = json.loads((out / "training_report.json").read_text())
+    for P in (4, 8):
+        heads = load_file(out / f"heads-p{P}.safetensors")
+        assert heads and all(is_head_tensor(n) for n in heads)
+        assert heads["model.layers.0.self_attn.prefix_k"].shape[0] == P
+        assert saved["heads"][str(P)]["held_out_loss"] == results[P]["held_out_loss"]
+        assert results[P]["stage2"]["steps"] == 3 and math.isfinite(results[P]["held_out_loss"])
+    models = load_streams([Stream(out, P) for P in (1, 2, 4, 8)])
+    embed = {P: m.model.embed_tokens.weight for P, (_, m) in models.items()}
+    assert len({t.data_ptr() for t in embed.values()}) == 1  # one backbone in memory, shared
+    assert torch.equal(embed[1], before["model.embed_tokens.weight"])
+    with pytest.raises(ParScaleError, match="P=1 is the backbone itself"):
+        train_heads(out, [1], steps=1, sources=_small(sources, 30))
+    with pytest.raises(ParScaleError, match="was trained at P=2"):
+        train_heads(out, [2], steps=1, sources=_small(sources, 30))
 
 
 def test_training_is_reproducible(tmp_path: Path, sources: list[SourceFile]) -> None:
@@ -129,6 +162,17 @@ def test_training_is_reproducible(tmp_path: Path, sources: list[SourceFile]) -> 
     assert a.held_out_loss_pn == b.held_out_loss_pn
     ta, tb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(ta[n], tb[n]) for n in ta)
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(), reason="no default model")
+def test_the_default_model_holds_four_p_over_one_backbone() -> None:
+    assert head_sets(DEFAULT_MODEL) == [1, 2, 4, 8]
+    report = json.loads((DEFAULT_MODEL / "training_report.json").read_text())
+    for P in ("2", "8"):
+        heads = report["heads"][P]
+        assert heads["bytes"] == (DEFAULT_MODEL / heads["file"]).stat().st_size
+        assert heads["held_out_loss"] < heads["held_out_loss_init"]
+    assert sum(p.stat().st_size for p in DEFAULT_MODEL.iterdir()) < 21.5e6  # the "about 20 MB"
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(), reason="no default model")

@@ -8,6 +8,7 @@ constants, norms) stay inside the proto.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,29 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=node_name, domain=domain or None,
                                            **attrs))
         return outputs
+
+    def switch(self, key: str, cases: list[int], body: Callable[[int], list[str]], outputs: list[str]) -> list[str]:
+        """Nested `If` nodes that run `body(case)`'s nodes for the case equal to `key` (an int64 [1]).
+
+        Each branch is a subgraph holding only the nodes `body` adds; the weights and constants it
+        uses stay in the outer graph. The last case is the final else: a key matching no case runs it.
+        """
+        if len(cases) == 1:
+            return [self.op("Identity", o, outputs=[name]) for o, name in zip(body(cases[0]), outputs, strict=True)]
+        branches = []
+        for part in ([cases[0]], cases[1:]):
+            saved, self.nodes = self.nodes, []
+            try:
+                if len(part) == 1:
+                    results = body(part[0])
+                else:
+                    results = self.switch(key, part, body, [self.fresh("case") for _ in outputs])
+                branches.append(helper.make_graph(self.nodes, self.fresh(f"case_{part[0]}"), [],
+                                                  [helper.make_empty_tensor_value_info(r) for r in results]))
+            finally:
+                self.nodes = saved
+        cond = self.op("Equal", key, self.const([cases[0]]))
+        return self.ops("If", cond, outputs=outputs, then_branch=branches[0], else_branch=branches[1])
 
     # ------------------------------------------------------------------ writing
 

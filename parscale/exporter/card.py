@@ -51,7 +51,7 @@ def write_card(folder: Path, manifest: Manifest, name: str) -> str:
 def model_card(manifest: Manifest, name: str, files: dict[str, int]) -> str:
     """The card's Markdown. `files`: name -> bytes of the folder's other files."""
     parts = [
-        _summary(manifest, name), _files(files), _python(name, files),
+        _summary(manifest, name), _streams(manifest, name, files), _files(files), _python(name, files),
         _genai(name, files, manifest.model.prefix_tokens), _web(name, files), _mobile(manifest, name, files),
         _plain(manifest, name),
     ]
@@ -60,8 +60,9 @@ def model_card(manifest: Manifest, name: str, files: dict[str, int]) -> str:
 
 def _summary(m: Manifest, name: str) -> str:
     info = m.model
+    others = [p for p in m.streams if p != info.P]
     rows = [
-        ("parallel streams P", info.P),
+        ("parallel streams P", f"{info.P} (the default; also {', '.join(map(str, others))})" if others else info.P),
         ("prefix tokens per stream", info.prefix_tokens),
         ("layers", info.num_hidden_layers),
         ("hidden size", info.hidden_size),
@@ -84,7 +85,19 @@ def _summary(m: Manifest, name: str) -> str:
     rows += [("source", f"{m.source['name']} (sha256 {m.source['sha256'][:16]}…)"),
              ("exported by", f"parscale {m.tool['version']}")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return fill("summary.md", name=name, P=info.P, table=table)
+    return fill("summary.md", name=name, P=", ".join(map(str, m.streams)), table=table)
+
+
+def _streams(m: Manifest, name: str, files: dict[str, int]) -> str:
+    """How to pick P in a multi-P export ("" for a single-P one)."""
+    streams = m.streams
+    if len(streams) < 2:
+        return ""
+    text = "tokenizer.json" in files
+    return fill("streams.md", name=name, streams=", ".join(map(str, streams)), streams_csv=",".join(map(str, streams)),
+                default=m.model.P, kv_heads=m.model.num_key_value_heads, first=streams[0], new_tokens=NEW_TOKENS,
+                prompt=f'"{PROMPT}"' if text else f"prompt_ids={PROMPT_IDS}",
+                field="text" if text else "generated_ids")
 
 
 def _quantization(q: dict[str, Any] | None) -> str:
@@ -108,8 +121,14 @@ def _fidelity(f: dict[str, Any]) -> str:
 
 
 def _files(files: dict[str, int]) -> str:
-    rows = "\n".join(f"| `{n}` | {_size(b)} | {FILE_ROLES.get(n, '')} |" for n, b in files.items())
+    rows = "\n".join(f"| `{n}` | {_size(b)} | {_role(n)} |" for n, b in files.items())
     return fill("files.md", rows=rows, card=CARD, card_role=FILE_ROLES[CARD])
+
+
+def _role(name: str) -> str:
+    if name.startswith("genai_overlay.p"):
+        return f"onnxruntime-genai: what genai_config.json changes for P={name.split('.p')[1].split('.')[0]}"
+    return FILE_ROLES.get(name, "")
 
 
 def _size(n: int) -> str:

@@ -20,10 +20,17 @@ prefix row j is stored rotated by RoPE(N + pad - j), so that every score equals 
 (no RoPE on the prefix, token positions from 0; RoPE depends only on differences). Attention to
 padding is masked by an additive bias; the prefix is never masked. Cache rows = N + tokens: a
 runtime sizes a shared buffer by that.
+
+Several P over one backbone (head sets, `parscale.modeling.heads`) make one graph: the backbone's
+nodes (and their weights) appear once, and P is read from the cache's heads (P*Hkv). Only the
+P-specific parts (each layer's GroupQueryAttention, whose head counts are attributes, with its
+prefix rows; the aggregation) sit in nested `If` branches, one per P. A runtime picks P by the
+cache it binds; P=1 there keeps N masked rows in front so that all P share one cache layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,30 +56,35 @@ def check_supported(head_dim: int) -> None:
 
 
 def build_decoder(
-    model: ParScaleForCausalLM, folder: Path, *, dtype: torch.dtype, opset: int, external_threshold: int,
-    metadata: dict[str, str] | None = None,
+    model: ParScaleForCausalLM | dict[int, ParScaleForCausalLM], folder: Path, *, dtype: torch.dtype, opset: int,
+    external_threshold: int, metadata: dict[str, str] | None = None,
 ) -> int:
     """Write the fused graph of `model` to `folder/model.onnx` (+ data); returns its weight bytes.
 
+    `model` may be a dict P -> module over one shared backbone: one graph then serves every P.
     Weights are converted to `dtype` one tensor at a time. MatMuls that quantization may replace
     carry `QUANT_KEY` metadata naming the weight and the calibration statistics it reads.
     """
-    cfg = model.cfg
-    check_supported(cfg.head_dim)
-    g = _Decoder(model, GraphBuilder(folder), dtype)
+    models = model if isinstance(model, dict) else {model.cfg.P: model}
+    check_supported(next(iter(models.values())).cfg.head_dim)
+    g = _Decoder(models, GraphBuilder(folder), dtype)
     g.build()
     g.b.save(opset, external_threshold=external_threshold, metadata=metadata, node_metadata=g.quant_meta)
     return g.b.external_bytes
 
 
 class _Decoder:
-    def __init__(self, model: ParScaleForCausalLM, builder: GraphBuilder, dtype: torch.dtype) -> None:
-        self.m, self.cfg, self.b, self.dtype = model, model.cfg, builder, dtype
+    def __init__(self, models: dict[int, ParScaleForCausalLM], builder: GraphBuilder, dtype: torch.dtype) -> None:
+        self.models, self.Ps = models, sorted(models)
+        self.multi = len(models) > 1
+        self.m = models[self.Ps[-1]]  # the backbone, shared by all
+        self.cfg, self.b, self.dtype = self.m.cfg, builder, dtype
         self.np_dtype = NP_DTYPE[dtype]
         self.quant_meta: dict[str, dict[str, str]] = {}
         c = self.cfg
         self.P, self.H, self.Hkv, self.D = c.P, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.h, self.N = c.hidden_size, c.n_prefix
+        self.zero_queries: dict[int, str] = {}  # P -> (b, n, P*H*D)
 
     # ------------------------------------------------------------------ helpers
 
@@ -104,9 +116,9 @@ class _Decoder:
         ids = b.input(contract.INPUT_IDS, TensorProto.INT64, [contract.BATCH, contract.SEQ])
         mask = b.input(contract.ATTENTION_MASK, TensorProto.INT64, [contract.BATCH, contract.TOTAL])
         b.input(contract.POSITION_IDS, TensorProto.INT64, [contract.BATCH, contract.SEQ])
-        cache_shape = [contract.BATCH, cfg.cache_heads, contract.PAST, cfg.head_dim]
+        heads: int | str = contract.CACHE_HEADS if self.multi else cfg.cache_heads
         for name in contract.past_names(n):
-            b.input(name, fdt, cache_shape)
+            b.input(name, fdt, [contract.BATCH, heads, contract.PAST, cfg.head_dim])
         keep = contract.NUM_LOGITS_TO_KEEP
         b.inputs.append(helper.make_tensor_value_info(keep, TensorProto.INT64, []))
         b.initializers.append(numpy_helper.from_array(np.array(0, np.int64), keep))  # optional: 0 = all positions
@@ -124,15 +136,17 @@ class _Decoder:
                                                   f"{prefix}.input_layernorm.weight")
             attn = self.attention(normed, layer.self_attn, i, prefix)
             for name in (contract.present_key(i), contract.present_value(i)):
-                b.output(name, fdt, [contract.BATCH, cfg.cache_heads, contract.TOTAL, cfg.head_dim])
+                b.output(name, fdt, [contract.BATCH, heads, contract.TOTAL, cfg.head_dim])
             normed, residual = self.skip_norm(attn, residual, layer.post_attention_layernorm.weight,
                                               f"{prefix}.post_attention_layernorm.weight")
             delta = self.mlp(normed, layer.mlp, prefix)
         assert delta is not None
         delta, residual = self.keep_last(delta, keep), self.keep_last(residual, keep)
         y, _ = self.skip_norm(delta, residual, self.m.model.norm.weight, "model.norm.weight")
-        if self.P > 1:
-            y = self.aggregate(y)
+        if self.multi:
+            y = self.switch(lambda p: [self.aggregate(y, p) if p > 1 else b.op("Identity", y)], [b.fresh("mixed")])[0]
+        elif self.P > 1:
+            y = self.aggregate(y, self.P)
         logits = self.lm_head(y)
         if self.dtype != torch.float32:
             logits = self.cast(logits, TensorProto.FLOAT)
@@ -143,6 +157,8 @@ class _Decoder:
     def common(self, ids: str, mask: str) -> None:
         """Values every layer shares: prefix rows this step, GQA lengths, positions, padding bias."""
         b, N = self.b, self.N
+        if self.multi:  # P from the cache the runtime binds: (b, P*Hkv, rows, D)
+            self.P_t = b.op("Div", self.shape_of(contract.past_key(0), 1, 2), b.const([self.Hkv]))  # [P]
         self.batch = self.shape_of(ids, 0, 1)  # [b]
         seq = self.shape_of(ids, 1, 2)  # [s]
         mask_len = self.shape_of(mask, 1, 2)  # [T]
@@ -166,13 +182,10 @@ class _Decoder:
         neg = float(np.finfo(self.np_dtype).min)
         padded = b.op("Equal", mask, b.const(0))
         bias = b.op("Where", padded, b.const(neg, self.np_dtype), b.const(0.0, self.np_dtype))  # (b, T)
-        if N:
-            prefix_cols = b.op("Expand", b.const(np.zeros((1, N)), self.np_dtype),
-                               b.op("Concat", self.batch, b.const([N]), axis=0))
-            bias = b.op("Concat", prefix_cols, bias, axis=1)
         queries = b.op("Add", seq, self.n_pre) if N else seq  # query rows this step
-        bias = b.op("Unsqueeze", bias, b.const([1, 2]))  # (b, 1, 1, N+T)
-        self.bias = b.op("Expand", bias, b.op("Concat", b.const([1, 1]), queries, b.const([1]), axis=0))
+        self.bias = self.key_bias(bias, queries, 0.0)
+        if N and 1 in self.Ps:  # P=1 beside prefixed P: its N rows exist but are masked
+            self.bias_p1 = self.key_bias(bias, queries, neg)
         # GroupQueryAttention rotates by cache index (N prefix rows, then left padding and tokens).
         positions = torch.arange(self.cfg.max_position_embeddings + N)[None]
         cos, sin = rope_cos_sin(positions, self.D, self.cfg.rope_theta)  # (1, rows, D)
@@ -180,19 +193,39 @@ class _Decoder:
         self.sin = self.b.weight("rope.sin_cache", sin[0, :, : self.D // 2].to(self.dtype).numpy())
         if N:
             self.expand_rows = b.op("Concat", self.batch, b.const([1, 1]), axis=0)  # [b, 1, 1]
-            # The zero query rows put in front of the first step's queries (their outputs are dropped).
-            zeros = b.const(np.zeros((1, N, self.P * self.H * self.D)), self.np_dtype)
-            self.zero_queries = b.op("Expand", b.op("Slice", zeros, b.const([0]), self.n_pre, b.const([1])),
-                                     self.expand_rows)
+            # The zero query rows put in front of the first step's queries (their outputs are dropped);
+            # made here, in the outer graph, since every layer's branches use them.
+            for P in self.Ps:
+                zeros = b.const(np.zeros((1, N, P * self.H * self.D)), self.np_dtype)
+                self.zero_queries[P] = b.op("Expand", b.op("Slice", zeros, b.const([0]), self.n_pre, b.const([1])),
+                                            self.expand_rows)
+
+    def key_bias(self, pad_bias: str, queries: str, prefix_value: float) -> str:
+        """(b, 1, queries, N+T): `prefix_value` over the N prefix columns, then the padding bias (b, T)."""
+        b, N = self.b, self.N
+        if N:
+            prefix_cols = b.op("Expand", b.const(np.full((1, N), prefix_value), self.np_dtype),
+                               b.op("Concat", self.batch, b.const([N]), axis=0))
+            pad_bias = b.op("Concat", prefix_cols, pad_bias, axis=1)
+        bias = b.op("Unsqueeze", pad_bias, b.const([1, 2]))  # (b, 1, 1, N+T)
+        return b.op("Expand", bias, b.op("Concat", b.const([1, 1]), queries, b.const([1]), axis=0))
+
+    def switch(self, body: Callable[[int], list[str]], outputs: list[str]) -> list[str]:
+        """`body(P)`'s outputs for the P the cache holds (GraphBuilder.switch over self.Ps)."""
+        return self.b.switch(self.P_t, self.Ps, body, outputs)
 
     def embed(self, ids: str) -> str:
         b, P, h = self.b, self.P, self.h
         x = b.op("Gather", self.tensor(EMBED_WEIGHT, self.m.model.embed_tokens.weight), ids, name="embed_tokens")
         self.quant_meta[b.nodes[-1].name] = {QUANT_KEY: f"{EMBED_WEIGHT}|"}
-        if P == 1:
+        if not self.multi and P == 1:
             return x
         x = b.op("Unsqueeze", x, b.const([2]))  # (b, s, 1, h)
-        x = b.op("Expand", x, b.const([1, 1, P, 1]))  # (b, s, P, h): every stream reads the same embedding
+        if self.multi:
+            streams = b.op("Concat", b.const([1, 1]), self.P_t, b.const([1]), axis=0)
+        else:
+            streams = b.const([1, 1, P, 1])
+        x = b.op("Expand", x, streams)  # (b, s, P, h): every stream reads the same embedding
         return b.op("Reshape", x, b.const([0, -1, h]))  # (b, s*P, h)
 
     def skip_norm(self, delta: str, residual: str, weight: torch.Tensor, name: str) -> tuple[str, str]:
@@ -202,44 +235,67 @@ class _Decoder:
                          domain=MS_DOMAIN, epsilon=self.cfg.rms_norm_eps)
         return out[0], out[3]
 
-    def prefix_rows(self, param: torch.Tensor, name: str, *, rotate: bool) -> str:
-        """(b, n, P*Hkv*D): the prefix rows put in front of this step's keys or values (n = N or 0)."""
+    def prefix_rows(self, param: torch.Tensor | None, name: str, *, rotate: bool) -> str:
+        """(b, n, P*Hkv*D): the prefix rows put in front of this step's keys or values (n = N or 0).
+
+        `param` None: P=1 beside prefixed P, whose N rows are zeros (and masked)."""
         b = self.b
-        rows = param.detach().permute(2, 0, 1, 3).reshape(1, self.N, -1)  # (1, N, P*Hkv*D), head p*Hkv + h
-        rows = b.op("Slice", self.tensor(name, rows), b.const([0]), self.n_pre, b.const([1]))
-        rows = b.op("Expand", rows, self.expand_rows)
-        if rotate:
+        if param is None:
+            table = b.const(np.zeros((1, self.N, self.Hkv * self.D)), self.np_dtype)
+        else:
+            rows = param.detach().permute(2, 0, 1, 3).reshape(1, self.N, -1)  # (1, N, P*Hkv*D), head p*Hkv + h
+            table = self.tensor(name, rows)
+        rows = b.op("Expand", b.op("Slice", table, b.const([0]), self.n_pre, b.const([1])), self.expand_rows)
+        if rotate and param is not None:
             rows = b.op("RotaryEmbedding", rows, self.prefix_pos, self.cos, self.sin, domain=MS_DOMAIN,
-                        num_heads=self.P * self.Hkv)
+                        num_heads=param.shape[0] * self.Hkv)
         return rows
 
     def attention(self, x: str, attn: torch.nn.Module, i: int, prefix: str) -> str:
-        b, P, H, Hkv, D = self.b, self.P, self.H, self.Hkv, self.D
         w = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
         bias = torch.cat((attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias))
         qkv = self.linear(x, w, f"{prefix}.self_attn.qkv_proj", f"{prefix}.self_attn.q_proj", bias)
-        if P == 1:  # the projection's output is already GroupQueryAttention's packed QKV layout
+        presents = [contract.present_key(i), contract.present_value(i)]
+        if self.multi:
+            b = self.b
+            out = self.switch(lambda p: self.attention_core(qkv, i, prefix, p, [b.fresh("present_k"),
+                                                                                 b.fresh("present_v")]),
+                              [b.fresh("attn"), *presents])[0]
+        else:
+            out = self.attention_core(qkv, i, prefix, self.P, presents)[0]
+        return self.linear(out, attn.o_proj.weight, f"{prefix}.self_attn.o_proj", f"{prefix}.self_attn.o_proj")
+
+    def attention_core(self, qkv: str, i: int, prefix: str, P: int, presents: list[str]) -> list[str]:  # noqa: N803
+        """GroupQueryAttention over the P streams as heads: [(b, s*P, H*D), present key, present value]."""
+        b, H, Hkv, D = self.b, self.H, self.Hkv, self.D
+        attn = self.models[P].model.layers[i].self_attn
+        tag = f".p{P}" if self.multi else ""  # each P's own prefix tensors
+        if P == 1 and not self.N:  # the projection's output is already GroupQueryAttention's packed QKV layout
             q, k, v = qkv, "", ""
         else:
             q, k, v = b.ops("Split", qkv, b.const([H * D, Hkv * D, Hkv * D]), outputs=3, axis=-1)
-            q = b.op("Reshape", q, b.const([0, -1, P * H * D]))  # (b, s, P*H*D): head p*H + h
-            k = b.op("Reshape", k, b.const([0, -1, P * Hkv * D]))  # (b, s, P*Hkv*D)
-            v = b.op("Reshape", v, b.const([0, -1, P * Hkv * D]))
+            if P > 1:
+                q = b.op("Reshape", q, b.const([0, -1, P * H * D]))  # (b, s, P*H*D): head p*H + h
+                k = b.op("Reshape", k, b.const([0, -1, P * Hkv * D]))  # (b, s, P*Hkv*D)
+                v = b.op("Reshape", v, b.const([0, -1, P * Hkv * D]))
+        bias = self.bias
         if self.N:
-            q = b.op("Concat", self.zero_queries, q, axis=1)
-            k = b.op("Concat", self.prefix_rows(attn.prefix_k, f"{prefix}.self_attn.prefix_k", rotate=True), k, axis=1)
-            v = b.op("Concat", self.prefix_rows(attn.prefix_v, f"{prefix}.self_attn.prefix_v", rotate=False), v, axis=1)
-        out = b.ops(
+            q = b.op("Concat", self.zero_queries[P], q, axis=1)
+            pk, pv = (attn.prefix_k, attn.prefix_v) if P > 1 else (None, None)
+            k = b.op("Concat", self.prefix_rows(pk, f"{prefix}.self_attn.prefix_k{tag}", rotate=True), k, axis=1)
+            v = b.op("Concat", self.prefix_rows(pv, f"{prefix}.self_attn.prefix_v{tag}", rotate=False), v, axis=1)
+            bias = self.bias if P > 1 else self.bias_p1
+        out, key, value = b.ops(
             "GroupQueryAttention", q, k, v, contract.past_key(i), contract.past_value(i), self.seqlens, self.total,
-            self.cos, self.sin, "", self.bias,  # no position_ids: rotation by cache index
-            outputs=[b.fresh("attn"), contract.present_key(i), contract.present_value(i)], domain=MS_DOMAIN,
-            num_heads=P * H, kv_num_heads=P * Hkv, do_rotary=1, name=f"{prefix}.self_attn.gqa",
-        )[0]
+            self.cos, self.sin, "", bias,  # no position_ids: rotation by cache index
+            outputs=[b.fresh("attn"), *presents], domain=MS_DOMAIN,
+            num_heads=P * H, kv_num_heads=P * Hkv, do_rotary=1, name=f"{prefix}.self_attn.gqa{tag}",
+        )
         if self.N:
             out = b.op("Slice", out, self.n_pre, b.const([_INT_MAX]), b.const([1]))  # drop the prefix rows
         if P > 1:
             out = b.op("Reshape", out, b.const([0, -1, H * D]))  # (b, s*P, H*D)
-        return self.linear(out, attn.o_proj.weight, f"{prefix}.self_attn.o_proj", f"{prefix}.self_attn.o_proj")
+        return [out, key, value]
 
     def mlp(self, x: str, mlp: torch.nn.Module, prefix: str) -> str:
         b, inter = self.b, self.cfg.intermediate_size
@@ -251,23 +307,28 @@ class _Decoder:
 
     def keep_last(self, x: str, keep: str) -> str:
         """The last `keep` positions of (b, s*P, h); keep == 0 keeps them all."""
-        b, Ph = self.b, self.P * self.h
-        tokens = b.op("Reshape", x, b.const([0, -1, Ph]))  # (b, s, P*h)
+        b = self.b
+        if self.multi:
+            shape = b.op("Concat", b.const([0, -1]), b.op("Mul", self.P_t, b.const([self.h])), axis=0)
+        else:
+            shape = b.const([0, -1, self.P * self.h])
+        tokens = b.op("Reshape", x, shape)  # (b, s, P*h)
         start = b.op("Where", b.op("Greater", keep, b.const(0)), b.op("Neg", keep), b.const(0))
         tokens = b.op("Slice", tokens, b.op("Unsqueeze", start, b.const([0])), b.const([_INT_MAX]), b.const([1]))
         return b.op("Reshape", tokens, b.const([0, -1, self.h]))
 
-    def aggregate(self, y: str) -> str:
+    def aggregate(self, y: str, P: int) -> str:  # noqa: N803
         """Mix the P stream states (b, k*P, h) into (b, k, h): softmax weights in float32, smoothed."""
-        b, P, h = self.b, self.P, self.h
-        agg, smooth = self.m.model.aggregate_layer, self.cfg.parscale_attn_smooth
+        b, h = self.b, self.h
+        agg, smooth = self.models[P].model.aggregate_layer, self.cfg.parscale_attn_smooth
+        name = f"model.aggregate_layer.p{P}." if self.multi else "model.aggregate_layer."
         # The checkpoint's first Linear reads features hidden-major (k*P + p); our (b, k, P*h) view is
         # stream-major (p*h + k): permute its input columns once instead of the activations every step.
         w1 = agg[0].weight.detach().reshape(h, h, P).permute(0, 2, 1).reshape(h, P * h)
         concat = b.op("Reshape", y, b.const([0, -1, P * h]))  # (b, k, P*h)
-        z = self.linear(concat, w1, "model.aggregate_layer.0", None, agg[0].bias)
+        z = self.linear(concat, w1, name + "0", None, agg[0].bias)
         z = b.op("Mul", z, b.op("Sigmoid", z))
-        z = self.linear(z, agg[2].weight, "model.aggregate_layer.2", None, agg[2].bias)  # (b, k, P)
+        z = self.linear(z, agg[2].weight, name + "2", None, agg[2].bias)  # (b, k, P)
         streams = b.op("Reshape", y, b.const([0, -1, P, h]))  # (b, k, P, h)
         if self.dtype != torch.float32:
             z, streams = self.cast(z, TensorProto.FLOAT), self.cast(streams, TensorProto.FLOAT)

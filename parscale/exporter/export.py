@@ -8,7 +8,7 @@ import itertools
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import budget, folder
 from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens, text_windows
+from parscale.exporter.checks import validate_graphs, validation_record
 from parscale.exporter.decoder import build_decoder, check_supported
 from parscale.exporter.extras import write_extras
 from parscale.exporter.graphfile import (
@@ -34,11 +35,19 @@ from parscale.exporter.graphfile import (
     set_metadata,
 )
 from parscale.exporter.quantize import QuantReport, QuantScheme, quantize_graph
-from parscale.exporter.validate import Reference, ValidationReport, check_graph, reference_run
-from parscale.fidelity import Fidelity, compare_sessions, random_tokens, text_tokens
-from parscale.graph import open_session
-from parscale.manifest import MANIFEST, MODEL_FILE, Manifest, ModelInfo, describe_files
-from parscale.modeling.checkpoint import load_model, release, source_checksum
+from parscale.exporter.validate import ValidationReport, reference_run
+from parscale.fidelity import Fidelity, text_tokens
+from parscale.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL_FILE,
+    MULTI_FORMAT_VERSION,
+    Manifest,
+    ModelInfo,
+    describe_files,
+)
+from parscale.modeling.checkpoint import release
+from parscale.modeling.heads import Stream, load_streams, resolve_streams, streams_checksum, with_streams
 from parscale.modeling.model import ParScaleForCausalLM
 from parscale.runtime.memory import limit_malloc_retention
 
@@ -61,25 +70,34 @@ TOLERANCE = {Dtype.fp32: 1e-3, Dtype.fp16: 5e-2}
 
 @dataclass
 class ExportResult:
-    """What `export` wrote and measured."""
+    """What `export` wrote and measured; `validation` and `fidelity` are those of the manifest's P (the
+    largest), `validations` and `fidelities` hold every P of a multi-P export."""
 
     out: Path
     manifest: Manifest
-    validation: ValidationReport | None
+    validations: dict[int, ValidationReport] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     quantization: QuantReport | None = None
-    fidelity: Fidelity | None = None  # a quantized export against its float graph
+    fidelities: dict[int, Fidelity] = field(default_factory=dict)  # a quantized export against its float graph
 
     @property
     def total_bytes(self) -> int:
         return self.manifest.total_bytes
 
+    @property
+    def validation(self) -> ValidationReport | None:
+        return self.validations.get(self.manifest.model.P)
+
+    @property
+    def fidelity(self) -> Fidelity | None:
+        return self.fidelities.get(self.manifest.model.P)
+
 
 def export(
-    model_dir: str | Path,
+    model_dir: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
-    P: int | None = None,  # noqa: N803
+    P: int | Sequence[int] | None = None,  # noqa: N803
     dtype: Dtype = Dtype.fp32,
     opset: int = 18,
     force: bool = False,
@@ -93,6 +111,12 @@ def export(
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a checkpoint folder to `out`; nothing is left at `out` if any step fails.
+
+    `P`: the stream count to export (default: the checkpoint's parscale_n), from the checkpoint or one
+    of its head sets (`parscale.modeling.heads`); several P (or several checkpoint folders with one
+    frozen backbone, each at its own P) make a multi-P export: one graph serving every P, whose
+    backbone is stored, quantized and loaded once (decoder.py). Each P is validated against its own
+    PyTorch module.
 
     `quantize`: weight-only quantization (see `parscale.exporter.quantize`). Validation then checks
     the float graph against PyTorch as usual, and measures the quantized graph against the float
@@ -110,50 +134,55 @@ def export(
     (its logits are kept instead).
     An unexpected error is raised as `StageError`, naming the stage it happened in.
     """
-    model_dir, out = Path(model_dir), Path(out)
+    dirs = [Path(model_dir)] if isinstance(model_dir, (str, Path)) else [Path(d) for d in model_dir]
+    if not dirs:
+        raise ParScaleError("no checkpoint folder given")
+    model_dir, out = dirs[0], Path(out)
     job = _Job(model_dir=model_dir, dtype=Dtype(dtype), opset=opset, validate=validate, quantize=quantize,
                eval_text=eval_text, calibration_text=calibration_text, ort_format=ort_format,
                external_data_threshold=external_data_threshold, log=log or (lambda _msg: None))
     # Refused early (before loading anything), and again under the lock when the folder is swapped in.
-    check_destination(out, force=force, is_replaceable=foreign_in_export, protect=(model_dir,))
+    check_destination(out, force=force, is_replaceable=foreign_in_export, protect=tuple(dirs))
     limit_malloc_retention()  # freed weights go back to the system instead of staying in the heap
     job.stage("reading checkpoint")
-    cfg, eos = _preflight(job, P, check_memory)
-    checksum = source_checksum(model_dir)
-    manifest = _manifest(cfg, job.dtype, opset, checksum, model_dir)
+    cfg, eos, streams = _preflight(job, dirs, P, check_memory)
+    manifest = _manifest(cfg, job.dtype, opset, streams_checksum(streams), model_dir, [s.P for s in streams])
     steps = _Steps()
     # tmp: .NAME.partial-<pid>-<random> beside OUT, under a lock on OUT; swapped in on success.
-    with (atomic_folder(out, force=force, is_replaceable=foreign_in_export, protect=(model_dir,), log=job.log) as tmp,
+    with (atomic_folder(out, force=force, is_replaceable=foreign_in_export, protect=tuple(dirs), log=job.log) as tmp,
           _stage_errors(job.seconds)):
         # A quantized export is made from its float graph, written inside the partial folder and never kept.
         float_dir = tmp / ".float" if quantize is not None else tmp
         tokens = _calibration_tokens(job)
-        model = _build(job, float_dir, graph_metadata(manifest.to_dict()))
-        reference = None
+        models = _build(job, float_dir, graph_metadata(manifest.to_dict()), streams)
+        references = []
         if validate:
-            job.stage("running the PyTorch reference")
-            reference = reference_run(model)
+            job.stage("running the PyTorch reference" + (f"s (P = {_listed(models)})" if len(models) > 1 else ""))
+            references = [reference_run(m) for m in models.values()]
         proto = None
+        model = models.get(cfg.P)  # the largest P: GPTQ calibrates on its streams
         if quantize is not None:
             proto, steps.quantization = _quantize(job, model, tokens, float_dir, cfg.num_hidden_layers)
             manifest = manifest.replace(quantization=steps.quantization.to_dict())
-        elif model is not None:
-            release(model)  # the module's memory goes back before ONNX Runtime needs its own
-        del model
+        for m in models.values():
+            release(m)  # the modules' memory goes back before ONNX Runtime needs its own
+        del model, models
         job.stage("writing model")
         _write_graph(job, tmp, float_dir, proto, manifest)
         del proto
-        folder.copy_source_files(model_dir, tmp)
-        genai = folder.genai_config(cfg, eos, context_length=cfg.max_position_embeddings)
-        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
-        if reference is not None:
-            steps.validation, steps.fidelity = _validate(job, reference, float_dir, tmp, cfg.vocab_size)
-            manifest = manifest.replace(validation=_validation_record(steps.validation, steps.fidelity))
+        folder.copy_source_files(model_dir, tmp, parscale_n=cfg.P)
+        folder.write_genai_configs(tmp, cfg, eos, [s.P for s in streams])
+        if references:
+            steps.validations, steps.fidelities = validate_graphs(
+                references, float_dir, tmp if quantize is not None else None, tolerance=TOLERANCE[job.dtype],
+                model_dir=model_dir, vocab=cfg.vocab_size, eval_text=job.eval_text, stage=job.stage)
+            manifest = manifest.replace(validation=validation_record(steps.validations, steps.fidelities))
         if float_dir != tmp:
             shutil.rmtree(float_dir)  # before the extras: they and the manifest describe the folder
         # Files for other runtimes and the model card: last, so the card can describe everything.
         job.stage("writing files for other runtimes and the model card")
-        write_extras(tmp, cfg, eos, manifest, out.name, ort_format=ort_format, stage=job.stage)
+        write_extras(tmp, cfg, eos, manifest, out.name, ort_format=ort_format, stage=job.stage,
+                     web=len(streams) == 1)
         for path in tmp.iterdir():
             path.chmod(0o644)  # some writers create private files; an export is ordinary data
         manifest = manifest.replace(files=describe_files(tmp))
@@ -161,8 +190,8 @@ def export(
     job.stage("done")
     names = list(job.seconds)
     durations = {a: job.seconds[b] - job.seconds[a] for a, b in itertools.pairwise(names)}
-    return ExportResult(out=out, manifest=manifest, validation=steps.validation, seconds=durations,
-                        quantization=steps.quantization, fidelity=steps.fidelity)
+    return ExportResult(out=out, manifest=manifest, validations=steps.validations, seconds=durations,
+                        quantization=steps.quantization, fidelities=steps.fidelities)
 
 
 @dataclass
@@ -194,26 +223,25 @@ class _Job:
 class _Steps:
     """What the steps measured, for the result."""
 
-    validation: ValidationReport | None = None
+    validations: dict[int, ValidationReport] = field(default_factory=dict)
     quantization: QuantReport | None = None
-    fidelity: Fidelity | None = None
+    fidelities: dict[int, Fidelity] = field(default_factory=dict)
 
 
-def _preflight(job: _Job, P: int | None, check_memory: bool) -> tuple[ParScaleConfig, list[int]]:  # noqa: N803
-    """Everything that can be refused before any work: options, config, EOS, text files, size, memory."""
+def _preflight(
+    job: _Job, dirs: list[Path], P: int | Sequence[int] | None, check_memory: bool,  # noqa: N803
+) -> tuple[ParScaleConfig, list[int], list[Stream]]:
+    """Everything that can be refused before any work: options, configs, streams, EOS, text files, size,
+    memory. Returns the config at the largest P exported, the EOS ids and the streams."""
     model_dir = job.model_dir
     if not MIN_OPSET <= job.opset <= onnx.defs.onnx_opset_version():
         raise ParScaleError(f"opset must be between {MIN_OPSET} and {onnx.defs.onnx_opset_version()}, "
                             f"got {job.opset}")
-    if not model_dir.is_dir():
-        raise ParScaleError(f"model folder {model_dir} does not exist")
-    cfg = ParScaleConfig.load(model_dir)
+    streams = resolve_streams(dirs, P)
+    cfg = with_streams(ParScaleConfig.load(model_dir), streams[-1].P)
     check_supported(cfg.head_dim)
-    if P is not None and P != cfg.P:
-        raise ParScaleError(
-            f"P={P} does not match the checkpoint, which was trained with parscale_n={cfg.P}; "
-            f"pass P={cfg.P} (--P {cfg.P}) or leave it out"
-        )
+    if len(streams) > 1 and job.ort_format:
+        raise ParScaleError("ort_format (--ort-format) is for single-P exports: export each P for ONNX Runtime Mobile")
     eos = folder.eos_ids(model_dir, cfg)  # a malformed generation_config.json fails now, not after writing the graph
     # Text files are read and tokenized now too (a few ms): a missing file or tokenizer is not
     # found minutes later, after the graph is written.
@@ -230,7 +258,7 @@ def _preflight(job: _Job, P: int | None, check_memory: bool) -> tuple[ParScaleCo
         )
     if check_memory:
         budget.check(plan)
-    return cfg, eos
+    return cfg, eos, streams
 
 
 def _calibration_tokens(job: _Job) -> tuple[np.ndarray, str] | None:
@@ -242,22 +270,24 @@ def _calibration_tokens(job: _Job) -> tuple[np.ndarray, str] | None:
     return calibration_tokens(job.model_dir, job.calibration_text)
 
 
-def _build(job: _Job, float_dir: Path, metadata: dict[str, str]) -> ParScaleForCausalLM | None:
-    """Write the graph to `float_dir`; returns the float32 module when the reference or GPTQ needs it.
+def _build(job: _Job, float_dir: Path, metadata: dict[str, str], streams: list[Stream]) -> dict[int, Any]:
+    """Write the graph to `float_dir`; returns the float32 module of each P when the reference or GPTQ
+    needs them ({} otherwise).
 
-    The module is loaded in float32 once: the graph's weights are converted tensor by tensor as
-    they are written, and the same module is the reference the graph is validated against.
+    The modules are loaded in float32 once, sharing one backbone: the graph's weights are converted
+    tensor by tensor as they are written, and the same modules are the references it is validated against.
     """
     job.stage("loading weights")
-    _, model = load_model(job.model_dir, torch.float32)
+    models = {p: m for p, (_, m) in load_streams(streams, torch.float32).items()}
     job.stage("writing the ONNX graph")
     float_dir.mkdir(exist_ok=True)
-    build_decoder(model, float_dir, dtype=job.dtype.torch, opset=job.opset,
-                  external_threshold=job.external_data_threshold, metadata=metadata)
-    if not (job.validate or job.gptq):  # the float32 module is the reference and calibrates GPTQ
-        release(model)
-        return None
-    return model
+    build_decoder(models if len(models) > 1 else next(iter(models.values())), float_dir, dtype=job.dtype.torch,
+                  opset=job.opset, external_threshold=job.external_data_threshold, metadata=metadata)
+    if not (job.validate or job.gptq):  # the float32 modules are the references and calibrate GPTQ
+        for m in models.values():
+            release(m)
+        return {}
+    return models
 
 
 def _quantize(
@@ -293,48 +323,6 @@ def _write_graph(job: _Job, tmp: Path, float_dir: Path, proto: onnx.ModelProto |
         rewrite_structure(tmp, meta)
 
 
-def _validate(
-    job: _Job, reference: Reference, float_dir: Path, tmp: Path, vocab: int,
-) -> tuple[ValidationReport, Fidelity | None]:
-    """The float graph against the PyTorch reference; then the quantized graph against the float one."""
-    job.stage("validating on CPU against PyTorch")
-    float_session = _Handover(open_session(float_dir / MODEL_FILE, prepack=False))
-    report = check_graph(float_session.peek(), reference, tolerance=TOLERANCE[job.dtype])
-    if not report.ok:
-        raise ParScaleError(_validation_failure(report))
-    fidelity = None
-    if job.quantize is not None:
-        job.stage("measuring fidelity against the float graph")
-        fidelity = _fidelity(float_session.take, tmp, job.model_dir, vocab, job.eval_text)
-    return report, fidelity
-
-
-class _Handover:
-    """Holds a session until `take` hands it over, keeping no reference, so that its memory goes
-    as soon as the taker drops it (the fidelity run frees the float graph before the quantized
-    one is loaded)."""
-
-    def __init__(self, session: Any) -> None:
-        self._session = session
-
-    def peek(self) -> Any:
-        return self._session
-
-    def take(self) -> Any:
-        session, self._session = self._session, None
-        return session
-
-
-def _validation_record(report: ValidationReport, fidelity: Fidelity | None) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "max_abs_logit_diff": report.max_abs_diff, "greedy_match": report.greedy_match,
-        "decode_steps": report.steps, "tolerance": report.tolerance,
-    }
-    if fidelity is not None:
-        record["fidelity"] = fidelity.to_dict()
-    return record
-
-
 class StageError(ParScaleError):
     """An unexpected error inside an export stage; `__cause__` is the original exception."""
 
@@ -357,39 +345,22 @@ def _stage_errors(seconds: dict[str, float]) -> Iterator[None]:
         raise StageError(next(reversed(seconds)), e) from e
 
 
-def _validation_failure(report: ValidationReport) -> str:
-    if not np.isfinite(report.max_abs_diff):
-        return ("validation failed: the graph's logits are not finite (NaN or Inf) where PyTorch's are "
-                "compared; the export is not usable")
-    return (f"validation failed: max |logit difference| {report.max_abs_diff:.3g} "
-            f"(tolerance {report.tolerance:g}), greedy tokens match: {report.greedy_match}")
-
-
-# Text windows (x 128 tokens) scored after a quantized export; `parscale compare --windows 0` does a whole text.
-EVAL_WINDOWS = 64
-
-
-def _fidelity(
-    open_float: Callable[[], Any], quant_dir: Path, model_dir: Path, vocab: int, text: str | Path | None,
-) -> Fidelity:
-    """The quantized graph against the float one, on a text file's tokens or on random tokens."""
-    if text is not None:
-        tokens, source = text_tokens(model_dir, text), f"text {Path(text).name}"
-    else:
-        tokens, source = random_tokens(vocab, 4 * 128 + 1, seed=0), "random tokens (seed 0)"  # + 1: last target
-    return compare_sessions(
-        open_float, lambda: open_session(quant_dir / MODEL_FILE), tokens,
-        window=128, max_windows=EVAL_WINDOWS if text is not None else 4, source=source, text=text is not None,
-        batch=1,  # one window at a time: a (4, 128, 151936) batch of logits alone is 311 MB
-    )
-
-
-def _manifest(cfg: ParScaleConfig, dtype: Dtype, opset: int, checksum: str, model_dir: Path) -> Manifest:
-    n = cfg.num_hidden_layers
+def _manifest(
+    cfg: ParScaleConfig, dtype: Dtype, opset: int, checksum: str, model_dir: Path, Ps: list[int],  # noqa: N803
+) -> Manifest:
+    """The manifest of an export of `Ps` (`cfg`: the config at the largest of them)."""
+    n, multi = cfg.num_hidden_layers, len(Ps) > 1
+    cache = contract.cache_info(cfg.n_prefix, *((Ps, cfg.num_key_value_heads) if multi else ()))
     return Manifest(
         model=ModelInfo.from_config(cfg), dtype=dtype.value, opset=opset,
-        io={"inputs": contract.input_names(n), "outputs": contract.output_names(n), "axes": contract.axes(n),
-            contract.CACHE_INFO: contract.cache_info(cfg.n_prefix)},
+        io={"inputs": contract.input_names(n), "outputs": contract.output_names(n),
+            "axes": contract.axes(n, cache_heads=contract.CACHE_HEADS if multi else None),
+            contract.CACHE_INFO: cache},
         source={"name": model_dir.resolve().name, "sha256": checksum},
         tool={"name": "parscale", "version": __version__},
+        format_version=MULTI_FORMAT_VERSION if multi else FORMAT_VERSION,
     )
+
+
+def _listed(models: dict[int, Any]) -> str:
+    return ", ".join(map(str, sorted(models)))

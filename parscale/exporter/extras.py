@@ -22,10 +22,13 @@ from parscale.manifest import Manifest
 
 def write_extras(
     folder: Path, cfg: ParScaleConfig, eos: list[int], manifest: Manifest, name: str, *,
-    ort_format: bool = False, stage: Callable[[str], None] | None = None,
+    ort_format: bool = False, stage: Callable[[str], None] | None = None, web: bool = True,
 ) -> list[str]:
-    """Write the extra files into `folder` (the export being built, to be named `name`)."""
-    written = write_web_files(cfg, eos, folder)
+    """Write the extra files into `folder` (the export being built, to be named `name`).
+
+    `web` False (a multi-P export): no transformers.js config, since transformers.js sizes its empty
+    cache from the graph's input shapes, whose cache-heads axis is then symbolic."""
+    written = write_web_files(cfg, eos, folder) if web else []
     if ort_format:
         if stage is not None:
             stage("converting to ORT format")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -19,13 +20,22 @@ SOURCE_FILES = (
 )
 
 
-def copy_source_files(model_dir: Path, out: Path) -> list[str]:
-    """Copy configs and tokenizer files; returns the names copied."""
+def copy_source_files(model_dir: Path, out: Path, *, parscale_n: int | None = None) -> list[str]:
+    """Copy configs and tokenizer files; returns the names copied.
+
+    `parscale_n`: the P the export's config.json states, when it is not the checkpoint's own (an export
+    of a head set, or of several P, whose config.json states the largest)."""
     copied = []
     for name in SOURCE_FILES:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out / name)
             copied.append(name)
+    config = out / "config.json"
+    if parscale_n is not None and config.is_file():
+        data = json.loads(config.read_text())
+        if data.get("parscale_n", 1) != parscale_n:
+            data["parscale_n"] = parscale_n
+            config.write_text(json.dumps(data, indent=2) + "\n")
     return copied
 
 
@@ -52,6 +62,28 @@ def eos_ids(model_dir: Path, cfg: ParScaleConfig) -> list[int]:
 # onnxruntime-genai allocates its shared KV buffer at search.max_length rows and zero-fills it: a
 # default of the whole context (32768 for Qwen2.5) would commit gigabytes before the first token.
 GENAI_MAX_LENGTH = 4096
+
+
+GENAI_OVERLAY = "genai_overlay.p{}.json"  # a multi-P export: what genai_config.json changes for each P
+
+
+def write_genai_configs(out: Path, cfg: ParScaleConfig, eos: list[int], Ps: list[int]) -> list[str]:  # noqa: N803
+    """genai_config.json (for `cfg`'s P, the largest); for a multi-P export also one overlay per P.
+
+    onnxruntime-genai drives the one graph at any of its P: the cache heads it allocates (P*Hkv) pick
+    the P. An overlay holds the two fields that change, for `og.Config.overlay` (genai refuses config
+    paths that leave the config's folder, so per-P folders could not share the graph). Returns the
+    names written.
+    """
+    written = []
+    for P in Ps if len(Ps) > 1 else []:
+        decoder = genai_config(dataclasses.replace(cfg, parscale_n=P), eos, context_length=1)["model"]["decoder"]
+        fields = {k: decoder[k] for k in ("num_attention_heads", "num_key_value_heads")}
+        (out / GENAI_OVERLAY.format(P)).write_text(json.dumps({"model": {"decoder": fields}}, indent=2) + "\n")
+        written.append(GENAI_OVERLAY.format(P))
+    config = genai_config(cfg, eos, context_length=cfg.max_position_embeddings)
+    (out / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return ["genai_config.json", *written]
 
 
 def genai_config(cfg: ParScaleConfig, eos: list[int], *, context_length: int) -> dict[str, Any]:

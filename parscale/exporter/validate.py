@@ -50,6 +50,7 @@ class Reference:
     mask: np.ndarray  # (2, s)
     logits: list[np.ndarray]  # [prefill (2, s, vocab), then one (2, 1, vocab) per decode step]
     tokens: list[np.ndarray]  # the module's greedy token fed at each decode step, (2, 1)
+    P: int = 1  # the module's streams: a graph serving several P is driven at this one
 
 
 def reference_run(model: ParScaleForCausalLM, *, steps: int = 8, seed: int = 0) -> Reference:
@@ -68,7 +69,7 @@ def reference_run(model: ParScaleForCausalLM, *, steps: int = 8, seed: int = 0) 
             pos = pos[:, -1:] + 1
             ref, cache = model(nxt, torch.from_numpy(mask), torch.from_numpy(pos), cache, 1)
             logits.append(ref.numpy())
-    return Reference(ids=ids, mask=mask[:, :ids.shape[1]], logits=logits, tokens=tokens)
+    return Reference(ids=ids, mask=mask[:, :ids.shape[1]], logits=logits, tokens=tokens, P=cfg.P)
 
 
 def check_graph(session: ort.InferenceSession, ref: Reference, *, tolerance: float = 1e-3) -> ValidationReport:
@@ -78,7 +79,7 @@ def check_graph(session: ort.InferenceSession, ref: Reference, *, tolerance: flo
     """
     ids, mask = ref.ids, ref.mask
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    info = GraphInfo.of(session)
+    info = GraphInfo.of(session).at(ref.P)
     logits, past = step(session, info, ids, mask, pos)
     real = mask.astype(bool)
     prefill_diff = _max_diff(logits, ref.logits[0], real)

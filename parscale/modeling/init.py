@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +108,23 @@ def init_checkpoint(
     with checkpoint_folder(out, force) as tmp:
         save_checkpoint(model, config, tmp, shards=shards)
     return out
+
+
+def init_heads(folder: str | Path, Ps: Sequence[int], *, seed: int = 0, std: float = 0.02) -> list[Path]:  # noqa: N803
+    """Random head sets for `Ps` beside a checkpoint (prefixes and aggregation drawn with `std`, in the
+    checkpoint's dtype): a multi-P folder for demos, tests and benchmarks (`parscale.modeling.heads`)."""
+    from parscale.modeling.heads import is_head_tensor, with_streams, write_heads
+
+    folder = Path(folder)
+    cfg = ParScaleConfig.load(folder)
+    dtype = DTYPES.get(cfg.torch_dtype, torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    written = []
+    for P in Ps:
+        check_int(P, "P", minimum=2, maximum=MAX_P)
+        with torch.device("meta"):
+            shapes = {n: p.shape for n, p in ParScaleForCausalLM(with_streams(cfg, P)).named_parameters()
+                      if is_head_tensor(n)}
+        tensors = {n: torch.randn(shape, generator=gen).mul_(std).to(dtype) for n, shape in shapes.items()}
+        written.append(write_heads(folder, P, tensors))
+    return written

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -78,12 +79,27 @@ def max_rss_mb() -> float:
 
 def bench(model: str | Path, *, prompt_len: int = 128, gen: int = 64, threads: int | None = None,
           provider: str = "auto", warmup: int = 1, seed: int = 0, verify: bool = True,
-          batch: int = 1) -> BenchResult:
+          batch: int = 1, P: int | None = None) -> BenchResult:  # noqa: N803
     """Load the export, warm up, then time one greedy generation from a random prompt of `prompt_len` ids.
 
     With `batch` B > 1, B random prompts of `prompt_len` ids (the first is batch 1's prompt) generate together.
+    `P`: the streams to run a multi-P export at (default: the manifest's P, its largest).
 
     `threads` is clamped to the CPUs available (the result records the count used); `verify`: see `Model.load`.
+    """
+    return bench_streams(model, None if P is None else [P], prompt_len=prompt_len, gen=gen, threads=threads,
+                         provider=provider, warmup=warmup, seed=seed, verify=verify, batch=batch)[0]
+
+
+def bench_streams(
+    model: str | Path, Ps: Sequence[int] | None, *, prompt_len: int = 128, gen: int = 64,  # noqa: N803
+    threads: int | None = None, provider: str = "auto", warmup: int = 1, seed: int = 0, verify: bool = True,
+    batch: int = 1,
+) -> list[BenchResult]:
+    """`bench` at each P of `Ps` (None: the manifest's P) from one process and one loaded export, in order.
+
+    Each P's peak RSS while generating is the process's high-water mark since that P's run began, so it
+    includes what the earlier P left allocated: for a multi-P export, the memory of serving them all.
     """
     check_int(prompt_len, "--prompt-len", minimum=1)
     check_int(gen, "--gen", minimum=1)
@@ -92,21 +108,29 @@ def bench(model: str | Path, *, prompt_len: int = 128, gen: int = 64, threads: i
     t0 = time.perf_counter()
     m = Model.load(model, provider=provider, threads=threads, verify=verify)
     check_generation(prompt_len, gen, m.context_length, "--gen")
+    for p in Ps or []:
+        m.check_streams(p)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, m.vocab_size, size=prompt_len).tolist() for _ in range(batch)]
     ids: list[int] | list[list[int]] = prompts[0] if batch == 1 else prompts
+    return [_measure(m, str(model), P, ids, prompt_len=prompt_len, gen=gen, threads=threads, warmup=warmup,
+                     batch=batch, load_s=load_s) for P in (Ps or [m.P])]
+
+
+def _measure(m: Model, model: str, P: int, ids: list[int] | list[list[int]], *, prompt_len: int, gen: int,  # noqa: N803
+             threads: int | None, warmup: int, batch: int, load_s: float) -> BenchResult:
     for _ in range(warmup):  # first runs pay one-off kernel and allocator setup
-        m.generate(prompt_ids=ids, max_new_tokens=min(gen, 4), ignore_eos=True)
+        m.generate(prompt_ids=ids, max_new_tokens=min(gen, 4), ignore_eos=True, P=P)
     hwm = reset_peak_rss()
-    r = m.generate(prompt_ids=ids, max_new_tokens=gen, ignore_eos=True)
+    r = m.generate(prompt_ids=ids, max_new_tokens=gen, ignore_eos=True, P=P)
     t = (r[0] if isinstance(r, list) else r).timings  # one Timings for the whole batch
-    info = m.info
+    info = m.info.at(P)
     kv_bytes = (batch * 2 * info.num_layers * info.cache_heads * info.head_dim
                 * (prompt_len + gen) * np.dtype(info.cache_dtype).itemsize)
     files = m.manifest.total_bytes
     return BenchResult(
-        model=str(model), P=m.P, dtype=m.manifest.dtype,
+        model=model, P=P, dtype=m.manifest.dtype,
         quantization=_quant_name(m.manifest.quantization), provider=m.provider,
         threads=threads, prompt_len=prompt_len, gen=gen, load_s=load_s,
         time_to_first_token_s=t.time_to_first_token_s, prefill_tokens_per_s=t.prefill_tokens_per_s,

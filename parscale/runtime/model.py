@@ -45,7 +45,8 @@ class Model:
         self.path, self.manifest = folder.path, folder.manifest
         self.session, self.provider = folder.session, folder.provider
         self.tokenizer, self.eos_ids, self.info = folder.tokenizer, folder.eos_ids, folder.info
-        self.P: int = folder.manifest.model.P
+        self.P: int = folder.manifest.model.P  # the default; a multi-P export serves every P of `streams`
+        self.streams: list[int] = folder.manifest.streams
         self.vocab_size: int = folder.info.vocab_size
         self.context_length: int = folder.manifest.model.max_position_embeddings
 
@@ -88,7 +89,7 @@ class Model:
         self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None, max_new_tokens: int = 64,
         greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
         repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
+        ignore_eos: bool = False, P: int | None = None,  # noqa: N803
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (-> a result) or a batch (a list of prompts -> a list of results).
 
@@ -102,6 +103,8 @@ class Model:
         - seed: makes sampling reproducible (None: a fresh random state).
         - stop: a string or strings that end generation; they are cut from the text (needs a tokenizer).
         - ignore_eos: keep going past the EOS ids of generation_config.json.
+        - P: the parallel streams to run, for a multi-P export (one of `streams`; default `self.P`,
+          the largest). Each call picks its own; the backbone is loaded once for all.
 
         Bad input raises ParScaleError before ONNX Runtime runs.
         """
@@ -109,7 +112,7 @@ class Model:
         prompts, single = self._prompts(prompt, prompt_ids)
         steps = self._start(prompts, started, max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
+                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos, P=P)
         results: list[GenerationResult] | None = None
         for step in steps:  # run to the end, so that the engine is released here
             results = step.results
@@ -121,7 +124,7 @@ class Model:
         self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None, max_new_tokens: int = 64,
         greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
         repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
+        ignore_eos: bool = False, P: int | None = None,  # noqa: N803
     ) -> Iterator[TokenEvent]:
         """One `TokenEvent` per new token of one prompt; the last event's `result` is the `GenerationResult`.
 
@@ -133,14 +136,14 @@ class Model:
         prompts = self._one_prompt(prompt, prompt_ids, "stream_tokens")
         steps = self._start(prompts, started, max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
+                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos, P=P)
         return _token_events(steps)
 
     def stream(
         self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None, max_new_tokens: int = 64,
         greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
         repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
+        ignore_eos: bool = False, P: int | None = None,  # noqa: N803
     ) -> Iterator[str]:
         """Yield the text of one prompt as it is generated (never splitting a character).
 
@@ -154,10 +157,20 @@ class Model:
                                 "use stream_tokens for token ids")
         steps = self._start(prompts, started, max_new_tokens=max_new_tokens, greedy=greedy,
                             temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
+                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos, P=P)
         return (event.text for event in _token_events(steps) if event.text)
 
     # ------------------------------------------------------------------ input checks
+
+    def check_streams(self, P: int | None) -> int:  # noqa: N803
+        """`P` (None: the default) if this export serves it, else a ParScaleError naming the P it serves."""
+        if P is None:
+            return self.P
+        if isinstance(P, bool) or not isinstance(P, (int, np.integer)) or P not in self.streams:
+            hint = ("" if len(self.streams) > 1 else
+                    "; it is a single-P export (`parscale export CKPT --P 1,2,4,8` makes one serving several P)")
+            raise ParScaleError(f"{self.path} serves P = {', '.join(map(str, self.streams))}; got P={P!r}{hint}")
+        return int(P)
 
     def _prompts(self, prompt: Prompt | None, prompt_ids: Sequence[int] | None) -> tuple[list[list[int]], bool]:
         """Normalise to a batch of id lists; check them against the vocabulary."""
@@ -205,8 +218,9 @@ class Model:
 
     def _start(self, prompts: list[list[int]], started: float, *, max_new_tokens: int, greedy: bool,
                temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
-               stop: str | Sequence[str] | None, ignore_eos: bool) -> Iterator[Step]:
+               stop: str | Sequence[str] | None, ignore_eos: bool, P: int | None) -> Iterator[Step]:  # noqa: N803
         """Check the options and set up one call: a fresh Engine (never shared between calls) and sampler."""
+        info = self.info.at(self.check_streams(P))
         check_generation(max(len(p) for p in prompts), max_new_tokens, self.context_length)
         check_seed(seed, "seed")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -217,7 +231,7 @@ class Model:
         config = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         return run_generation(
-            Engine(self.session, self.info, self.provider), prompts, max_new_tokens=max_new_tokens,
+            Engine(self.session, info, self.provider), prompts, max_new_tokens=max_new_tokens,
             sampler=Sampler(config, self.vocab_size, len(prompts)), eos_ids=self.eos_ids, stop=stops,
             tokenizer=self.tokenizer, ignore_eos=ignore_eos, started=started,
         )

@@ -21,7 +21,8 @@ from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.modeling.checkpoint import checkpoint_folder, save_checkpoint
 from parscale.modeling.init import make_config
-from parscale.scoring import plan_windows, spread
+from parscale.modeling.model import ParScaleForCausalLM
+from parscale.scoring import Window, plan_windows, spread
 from parscale.train.corpus import SourceFile, collect_sources, join_documents, split_sources, stdlib_root
 from parscale.train.data import WindowSampler, encode_stream
 from parscale.train.stages import (
@@ -177,18 +178,8 @@ def train(
         say(f"stage 1 done in {s1.seconds:.0f}s: held-out loss P=1 {loss1:.4f} on {n_eval} tokens")
 
         cfg_dict = cfg_dict1 | {"parscale_n": recipe.P}
-        model = expand_to_parscale(backbone, ParScaleConfig.from_dict(cfg_dict), recipe.seed + 1,
-                                   recipe.prefix_std)
-        loss_init, _ = held_out_nll(model, held_ids, windows)
-        say(f"stage 2 starts: held-out loss P={recipe.P} {loss_init:.4f}")
-        groups = param_groups(model, recipe.lr2_aggregate, 0.0, {"prefix_": recipe.lr2_prefix})
-        s2 = train_stage(
-            model, groups, WindowSampler(train_ids, recipe.seq_len, recipe.batch2, recipe.seed + 1),
-            steps=recipe.steps2, warmup=recipe.warmup2, min_lr_ratio=recipe.min_lr_ratio,
-            grad_clip=recipe.grad_clip, bf16=recipe.bf16_autocast, name="stage2", log=log,
-        )
-        loss_n, _ = held_out_nll(model, held_ids, windows)
-        say(f"stage 2 done in {s2.seconds:.0f}s: held-out loss P={recipe.P} {loss_n:.4f}")
+        model, s2, loss_init, loss_n = stage2(backbone, ParScaleConfig.from_dict(cfg_dict), recipe, train_ids,
+                                              held_ids, windows, log)
 
         report = TrainReport(
             recipe=dataclasses.asdict(recipe), held_out_loss_p1=loss1, held_out_loss_pn=loss_n,
@@ -217,6 +208,85 @@ def train(
 
             _write_atomically(out, write)
         return report
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def stage2(
+    backbone: ParScaleForCausalLM, cfg: ParScaleConfig, recipe: Recipe, train_ids: np.ndarray,
+    held_ids: np.ndarray, windows: list[Window], log: Log | None,
+) -> tuple[ParScaleForCausalLM, StageResult, float, float]:
+    """Stage 2 at `cfg.P` streams on the frozen `backbone`: (model, result, held-out loss before, after)."""
+    say = log or (lambda _msg: None)
+    model = expand_to_parscale(backbone, cfg, recipe.seed + 1, recipe.prefix_std)
+    loss_init, _ = held_out_nll(model, held_ids, windows)
+    say(f"stage 2 starts: held-out loss P={cfg.P} {loss_init:.4f}")
+    groups = param_groups(model, recipe.lr2_aggregate, 0.0, {"prefix_": recipe.lr2_prefix})
+    result = train_stage(
+        model, groups, WindowSampler(train_ids, recipe.seq_len, recipe.batch2, recipe.seed + 1),
+        steps=recipe.steps2, warmup=recipe.warmup2, min_lr_ratio=recipe.min_lr_ratio,
+        grad_clip=recipe.grad_clip, bf16=recipe.bf16_autocast, name=f"stage2 P={cfg.P}", log=log,
+    )
+    loss_n, _ = held_out_nll(model, held_ids, windows)
+    say(f"stage 2 done in {result.seconds:.0f}s: held-out loss P={cfg.P} {loss_n:.4f}")
+    return model, result, loss_init, loss_n
+
+
+HEADS_REPORT = "heads"  # training_report.json: P -> what `train_heads` measured
+
+
+def train_heads(
+    folder: str | Path, Ps: Sequence[int], *, steps: int | None = None, log: Log | None = None,  # noqa: N803
+    threads: int = 2, sources: Sequence[SourceFile] | None = None,
+) -> dict[int, dict[str, Any]]:
+    """Add stage-2 head sets for more P to the checkpoint `folder`, on its frozen backbone.
+
+    Each P trains with the recipe recorded in the folder's training_report.json (the defaults when
+    there is none) and is written as heads-p{P}.safetensors (`parscale.modeling.heads`); its held-out
+    losses go into training_report.json under "heads". Corpus: `sources`, by default this interpreter's
+    standard library, split and tokenized (with the folder's tokenizer) as when the folder was trained.
+    """
+    from parscale.modeling.heads import Stream, head_sets, load_streams, save_heads, with_streams
+    from parscale.train.tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    say = log or (lambda _msg: None)
+    check_int(threads, "threads", minimum=1)
+    cfg = ParScaleConfig.load(folder)
+    for P in Ps:
+        check_int(P, "P", minimum=1)
+        if P == 1:
+            raise ParScaleError("P=1 is the backbone itself: it needs no head set")
+        if P == cfg.P:
+            raise ParScaleError(f"{folder} was trained at P={P}: its model.safetensors holds that head set")
+    if len(set(Ps)) != len(Ps):
+        raise ParScaleError(f"each P may appear once, got {list(Ps)}")
+    report_path = folder / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    recipe = Recipe(**{k: v for k, v in report.get("recipe", {}).items() if k in known})
+    if steps is not None:
+        recipe = dataclasses.replace(recipe, steps2=check_int(steps, "steps", minimum=1))
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(min(threads, available_cpus()))
+    try:
+        tok = load_tokenizer(folder)
+        train_files, held_files = split_sources(list(sources) if sources is not None else collect_sources())
+        train_ids = encode_stream(tok, train_files)
+        held_ids = np.concatenate([[eos_id(tok)], encode_stream(tok, held_files)]).astype(np.int64)
+        windows = spread(plan_windows(len(held_ids), recipe.seq_len, recipe.seq_len), recipe.eval_windows)
+        _, backbone = load_streams([Stream(folder, 1)])[1]
+        results: dict[int, dict[str, Any]] = {}
+        for P in Ps:
+            model, result, loss_init, loss_n = stage2(backbone, with_streams(cfg, P), recipe, train_ids, held_ids,
+                                                      windows, log)
+            path = save_heads(model, folder)
+            results[P] = {"held_out_loss": loss_n, "held_out_loss_init": loss_init, "stage2": _stage_dict(result),
+                          "file": path.name, "bytes": path.stat().st_size}
+            report.setdefault(HEADS_REPORT, {})[str(P)] = results[P] | {"recipe_steps2": recipe.steps2}
+            report_path.write_text(json.dumps(report, indent=2) + "\n")
+            say(f"wrote {path.name}; {folder} now holds P = {', '.join(map(str, head_sets(folder)))}")
+        return results
     finally:
         torch.set_num_threads(threads_before)
 

@@ -20,20 +20,12 @@ from torch import nn
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.evaluate import torch_nll_fn
+from parscale.modeling.heads import is_head_tensor
 from parscale.modeling.model import ParScaleForCausalLM
 from parscale.scoring import Window, score_windows
 from parscale.train.data import WindowSampler
 
 Log = Callable[[str], None]
-
-# Tensor names that stage 2 trains; everything else is the frozen backbone.
-PARSCALE_ONLY = ("self_attn.prefix_k", "self_attn.prefix_v", "model.aggregate_layer.")
-
-
-def is_parscale_param(name: str) -> bool:
-    """True for the tensors parallel scaling adds (prefixes, aggregation), False for the backbone."""
-    return name.endswith(PARSCALE_ONLY[:2]) or name.startswith(PARSCALE_ONLY[2])
-
 
 def init_backbone(cfg: ParScaleConfig, seed: int) -> ParScaleForCausalLM:
     """A freshly initialised P=1 model: GPT-2 style init (std 0.02, residual outputs scaled down by
@@ -69,7 +61,7 @@ def expand_to_parscale(
         raise ParScaleError("stage 2 starts from a P=1 backbone")
     model = ParScaleForCausalLM(cfg)
     missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
-    if unexpected or any(not is_parscale_param(n) for n in missing):
+    if unexpected or any(not is_head_tensor(n) for n in missing):
         raise ParScaleError(f"backbone does not fit the P={cfg.P} model: {missing=} {unexpected=}")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -82,7 +74,7 @@ def expand_to_parscale(
         last.weight.zero_()
         last.bias.zero_()
     for name, p in model.named_parameters():
-        p.requires_grad_(is_parscale_param(name))
+        p.requires_grad_(is_head_tensor(name))
     return model
 
 

@@ -1,0 +1,244 @@
+"""Head sets: several P over one frozen backbone.
+
+ParScale's two-stage recipe trains, for each P, only what parallel scaling adds (every layer's prefix
+keys/values and the aggregation MLP) on a frozen backbone, so the models it makes share the backbone
+bit for bit. A checkpoint folder holds its own P in `model.safetensors` (config.json's parscale_n)
+and may hold more head sets beside it, one file each: `heads-p{P}.safetensors`, with only those
+tensors. P=1 is the backbone alone and needs no file.
+
+`load_streams` loads several P (from one folder's head sets, or from several checkpoint folders whose
+backbones it checks are identical) with the backbone's tensors in memory once, shared by the modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from parscale.config import ParScaleConfig
+from parscale.errors import ParScaleError
+from parscale.modeling.checkpoint import (
+    _checked,
+    _keys,
+    _read_tensors,
+    check_shapes,
+    sanitize,
+    source_checksum,
+    weight_files,
+)
+from parscale.modeling.model import ParScaleForCausalLM
+
+HEADS_FILE = "heads-p{}.safetensors"
+_HEADS_NAME = re.compile(r"heads-p(\d+)\.safetensors")
+PARSCALE_ONLY = ("self_attn.prefix_k", "self_attn.prefix_v", "model.aggregate_layer.")
+
+
+def is_head_tensor(name: str) -> bool:
+    """True for the tensors parallel scaling adds (prefixes, aggregation), False for the backbone."""
+    return name.endswith(PARSCALE_ONLY[:2]) or name.startswith(PARSCALE_ONLY[2])
+
+
+def with_streams(cfg: ParScaleConfig, P: int) -> ParScaleConfig:  # noqa: N803
+    """The config of the same backbone at P streams (prefix length and smoothing unchanged)."""
+    return dataclasses.replace(cfg, parscale_n=P)
+
+
+def head_sets(folder: str | Path) -> list[int]:
+    """Every P a checkpoint folder can load: 1 (the backbone), its own parscale_n, and its head files."""
+    folder = Path(folder)
+    found = {1, ParScaleConfig.load(folder).P}
+    for path in folder.glob("heads-p*.safetensors"):
+        m = _HEADS_NAME.fullmatch(path.name)
+        if m and int(m.group(1)) > 1:
+            found.add(int(m.group(1)))
+    return sorted(found)
+
+
+def _sources(folder: Path, cfg: ParScaleConfig, P: int) -> dict[str, Path]:  # noqa: N803
+    """Tensor name -> file, for the model of `folder` at P streams."""
+    files = weight_files(folder)
+    if P == cfg.P:
+        return files
+    if P not in head_sets(folder):
+        raise ParScaleError(f"{folder} has no head set for P={P}: it holds P = "
+                            f"{', '.join(map(str, head_sets(folder)))}; train one with "
+                            f"`parscale train-heads {folder} --P {P}`")
+    sources = {n: p for n, p in files.items() if not is_head_tensor(n)}
+    if P > 1:
+        path = folder / HEADS_FILE.format(P)
+        sources |= dict.fromkeys(_keys(path), path)
+    return sources
+
+
+def _read(sources: dict[str, Path], names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted({sources[n] for n in names}):
+        for name, t in _read_tensors(path, [n for n in names if sources[n] == path]):
+            tensors[name] = _checked(name, t).to(dtype, copy=True)
+    return tensors
+
+
+def _module(cfg: ParScaleConfig, state: dict[str, torch.Tensor]) -> ParScaleForCausalLM:
+    with torch.device("meta"):
+        model = ParScaleForCausalLM(cfg)
+    state = sanitize(cfg, state)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One P to load: from `folder`'s own checkpoint or one of its head sets."""
+
+    folder: Path
+    P: int
+
+
+def load_streams(
+    streams: list[Stream], dtype: torch.dtype = torch.float32
+) -> dict[int, tuple[ParScaleConfig, ParScaleForCausalLM]]:
+    """Load each stream count's module; the backbone tensors are read once and shared by all modules.
+
+    Streams from different folders must have identical backbones (same config but parscale_n, same
+    tensors by content): otherwise a ParScaleError names the first config field or tensor that differs.
+    """
+    if not streams:
+        raise ParScaleError("no stream counts to load")
+    Ps = [s.P for s in streams]
+    if len(set(Ps)) != len(Ps):
+        raise ParScaleError(f"each P may appear once, got {Ps}")
+    for s in streams:
+        if not s.folder.is_dir():
+            raise ParScaleError(f"model folder {s.folder} does not exist")
+    first = streams[0]
+    base_cfg = ParScaleConfig.load(first.folder)
+    cfgs = {s.P: with_streams(ParScaleConfig.load(s.folder), s.P) for s in streams}
+    for s in streams[1:]:
+        _check_same_config(first.folder, base_cfg, s.folder, cfgs[s.P])
+    sources = {s.P: _sources(s.folder, ParScaleConfig.load(s.folder), s.P) for s in streams}
+    backbone_names = [n for n in sources[first.P] if not is_head_tensor(n)]
+    backbone = _read(sources[first.P], backbone_names, dtype)
+    for s in streams[1:]:
+        if s.folder.resolve() != first.folder.resolve():
+            _check_same_backbone(first.folder, backbone, s.folder, sources[s.P], backbone_names)
+    out = {}
+    for s in streams:
+        heads = _read(sources[s.P], [n for n in sources[s.P] if is_head_tensor(n)], dtype)
+        state = backbone | heads
+        check_shapes(cfgs[s.P], {n: tuple(t.shape) for n, t in state.items()})
+        out[s.P] = (cfgs[s.P], _module(cfgs[s.P], state))
+    return out
+
+
+_SAME_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                "max_position_embeddings", "tie_word_embeddings", "parscale_n_tokens", "parscale_attn_smooth")
+
+
+def _check_same_config(a: Path, cfg_a: ParScaleConfig, b: Path, cfg_b: ParScaleConfig) -> None:
+    for name in _SAME_FIELDS:
+        if getattr(cfg_a, name) != getattr(cfg_b, name):
+            raise ParScaleError(
+                f"{b} and {a} are not the same backbone: {name} is {getattr(cfg_b, name)!r} in {b}/config.json "
+                f"and {getattr(cfg_a, name)!r} in {a}/config.json; a multi-P export needs head sets trained on one "
+                "frozen backbone"
+            )
+
+
+def _check_same_backbone(a: Path, backbone: dict[str, torch.Tensor], b: Path, sources: dict[str, Path],
+                         names: list[str]) -> None:
+    """Compare `b`'s backbone with the one loaded from `a`, tensor by tensor (one in memory at a time)."""
+    missing = [n for n in names if n not in sources]
+    if missing:
+        raise ParScaleError(f"{b} and {a} are not the same backbone: {b} lacks tensor {missing[0]}")
+    for path in sorted({sources[n] for n in names}):
+        for name, t in _read_tensors(path, [n for n in names if sources[n] == path]):
+            if not torch.equal(t.to(backbone[name].dtype), backbone[name]):
+                raise ParScaleError(
+                    f"{b} and {a} are not the same backbone: tensor {name} differs; a multi-P export needs "
+                    "head sets trained on one frozen backbone (parscale train-heads adds them to one checkpoint)"
+                )
+
+
+def save_heads(model: ParScaleForCausalLM, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `model`'s head set into `folder` as heads-p{P}.safetensors (atomically: a temporary file
+    renamed into place)."""
+    state = {n: t.detach().to(dtype).contiguous() for n, t in model.state_dict().items() if is_head_tensor(n)}
+    return write_heads(folder, model.cfg.P, state)
+
+
+def write_heads(folder: str | Path, P: int, state: dict[str, torch.Tensor]) -> Path:  # noqa: N803
+    """Write one head set (the tensors of P streams that are not the backbone) as heads-p{P}.safetensors,
+    atomically."""
+    if P < 2:
+        raise ParScaleError("P=1 is the backbone alone: it has no head set")
+    folder = Path(folder)
+    path = folder / HEADS_FILE.format(P)
+    tmp = folder / f".{path.name}.partial-{os.getpid()}"
+    try:
+        save_file(state, tmp, metadata={"format": "pt", "parscale_n": str(P)})
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def resolve_streams(folders: Sequence[Path], P: int | Sequence[int] | None) -> list[Stream]:  # noqa: N803
+    """The streams an export asks for, checked before any weight is read.
+
+    One folder: `P` (one or several, from its own checkpoint and head sets; default its parscale_n).
+    Several folders: each gives its own parscale_n, and `P` must be left out.
+    """
+    for folder in folders:
+        if not folder.is_dir():
+            raise ParScaleError(f"model folder {folder} does not exist")
+    if len(folders) > 1:
+        if P is not None:
+            raise ParScaleError("with several checkpoints each gives its own P (its parscale_n): leave --P out")
+        streams = [Stream(f, ParScaleConfig.load(f).P) for f in folders]
+        seen: dict[int, Path] = {}
+        for s in streams:
+            if s.P in seen:
+                raise ParScaleError(f"{seen[s.P]} and {s.folder} both hold P={s.P}: give each P once")
+            seen[s.P] = s.folder
+    else:
+        folder = folders[0]
+        wanted = [ParScaleConfig.load(folder).P] if P is None else [P] if isinstance(P, int) else list(P)
+        if len(set(wanted)) != len(wanted) or not wanted:
+            raise ParScaleError(f"each P may appear once, got {wanted}")
+        have = head_sets(folder)
+        for p in wanted:
+            if p not in have:
+                raise ParScaleError(
+                    f"{folder} has no head set for P={p}: it holds P = {', '.join(map(str, have))}; pass one of "
+                    f"those, or train one on its frozen backbone with `parscale train-heads {folder} --P {p}`")
+        streams = [Stream(folder, p) for p in wanted]
+    return sorted(streams, key=lambda s: s.P)
+
+
+def streams_checksum(streams: Sequence[Stream]) -> str:
+    """sha256 tying an export to its sources: the checkpoint's own (`source_checksum`) for a folder's own P;
+    for head sets or several folders, over each P's folder checksum and head file."""
+    if len(streams) == 1 and streams[0].P == ParScaleConfig.load(streams[0].folder).P:
+        return source_checksum(streams[0].folder)
+    folders = {s.folder.resolve(): source_checksum(s.folder) for s in streams}
+    digest = hashlib.sha256()
+    for s in streams:
+        digest.update(f"P={s.P} {folders[s.folder.resolve()]}\n".encode())
+        heads = s.folder / HEADS_FILE.format(s.P)
+        if s.P != ParScaleConfig.load(s.folder).P and heads.is_file():
+            digest.update(hashlib.sha256(heads.read_bytes()).hexdigest().encode())
+    return digest.hexdigest()

@@ -1,0 +1,206 @@
+"""Several P over one backbone: head sets in a checkpoint, one multi-P export, the runtime's per-call P."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from runtime_helpers import torch_greedy
+from safetensors.torch import load_file, save_file
+from test_runtime_cli import run_cli
+
+from parscale.errors import ParScaleError
+from parscale.exporter.export import export
+from parscale.manifest import EXTERNAL_DATA, MODEL_FILE
+from parscale.modeling.heads import Stream, head_sets, is_head_tensor, load_streams
+from parscale.modeling.init import init_heads
+from parscale.runtime import Model
+from parscale.runtime.bench import bench_streams
+
+STREAMS = [1, 2, 4, 8]
+PROMPTS = [[5, 17, 300, 42, 7, 9, 11], [3, 99, 250]]  # the second is left-padded in the batch
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("streams") / "ckpt"
+    shutil.copytree(tiny.checkpoint(P=4, tokenizer=True), folder)
+    init_heads(folder, [2, 8], seed=1, std=0.5)  # prefixes far from zero: the P really differ
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exports(ckpt, tmp_path_factory) -> dict[str, Path]:
+    """One int8 multi-P export (weights in external data) and a single-P export of each P, validated."""
+    root = tmp_path_factory.mktemp("streams-exports")
+    made = {"multi": export(ckpt, root / "multi", P=STREAMS, quantize=_int8(), external_data_threshold=0).out}
+    for P in STREAMS:
+        made[P] = export(ckpt, root / f"p{P}", P=P, quantize=_int8(), external_data_threshold=0).out
+    return made
+
+
+def _int8():  # type: ignore[no-untyped-def]
+    from parscale.exporter.quantize import default_scheme
+
+    return default_scheme(8, method="rtn")
+
+
+def test_a_checkpoint_lists_and_loads_its_head_sets(ckpt):
+    assert head_sets(ckpt) == STREAMS
+    models = load_streams([Stream(ckpt, P) for P in STREAMS])
+    ptrs = {m.model.layers[0].mlp.down_proj.weight.data_ptr() for _, m in models.values()}
+    assert len(ptrs) == 1  # the backbone's tensors are read once and shared by every module
+    assert [m.model.layers[0].self_attn.prefix_k.shape[0] for P, (_, m) in models.items() if P > 1] == [2, 4, 8]
+    own = load_file(ckpt / "model.safetensors")
+    assert torch.equal(models[4][1].model.layers[1].self_attn.prefix_v, own["model.layers.1.self_attn.prefix_v"])
+
+
+def test_the_multi_p_export_stores_the_backbone_once(ckpt, exports):
+    multi, single = exports["multi"], exports[8]
+    manifest = json.loads((multi / "parscale.json").read_text())
+    assert manifest["format_version"] == 3 and manifest["io"]["cache"]["streams"] == STREAMS
+    assert manifest["model"]["P"] == 8
+    graph = onnx.load(str(multi / MODEL_FILE), load_external_data=False).graph
+    names = [t.name for t in graph.initializer]
+    assert len(names) == len(set(names))
+    quantized = [n.input[1] for n in graph.node if n.op_type == "MatMulNBits"]
+    single_graph = onnx.load(str(single / MODEL_FILE), load_external_data=False).graph
+    assert sorted(quantized) == sorted(n.input[1] for n in single_graph.node if n.op_type == "MatMulNBits")
+    # Every backbone weight is in the outer graph once; the branches hold no initializer of their own.
+    branches = [a.g for n in graph.node if n.op_type == "If" for a in n.attribute
+                if a.type == onnx.AttributeProto.GRAPH]
+    assert branches and not any(b.initializer for b in branches)
+    # The multi-P data file is the P=8 export's plus the other P's own tensors (prefixes, aggregation).
+    models = load_streams([Stream(ckpt, P) for P in (2, 4)])
+    heads = sum(t.numel() * 4 for _, m in models.values() for n, t in m.state_dict().items() if is_head_tensor(n))
+    extra = (multi / EXTERNAL_DATA).stat().st_size - (single / EXTERNAL_DATA).stat().st_size
+    assert 0 < extra <= heads + 64 * 1024, (extra, heads)  # at most the P=2 and P=4 heads, plus page alignment
+
+
+def test_every_p_is_validated_against_its_own_module(exports):
+    validation = json.loads((exports["multi"] / "parscale.json").read_text())["validation"]
+    assert sorted(map(int, validation["by_P"])) == STREAMS
+    for record in validation["by_P"].values():
+        assert record["greedy_match"] and record["max_abs_logit_diff"] < 1e-3
+        assert 0.9 < record["fidelity"]["top1_agreement"] <= 1.0
+
+
+def test_each_p_generates_what_its_single_export_and_pytorch_do(ckpt, exports):
+    multi = Model.load(exports["multi"])
+    assert multi.streams == STREAMS and multi.P == 8
+    models = load_streams([Stream(ckpt, P) for P in STREAMS])
+    for P in STREAMS:
+        ours = [r.generated_ids for r in multi.generate(prompt_ids=PROMPTS, max_new_tokens=8, P=P, ignore_eos=True)]
+        single = Model.load(exports[P]).generate(prompt_ids=PROMPTS, max_new_tokens=8, ignore_eos=True)
+        assert ours == [r.generated_ids for r in single], f"P={P}"
+    float_multi = export(ckpt, exports["multi"].parent / "float", P=STREAMS).out
+    m = Model.load(float_multi)
+    for P in STREAMS:
+        got = m.generate(prompt_ids=PROMPTS[0], max_new_tokens=8, P=P, ignore_eos=True).generated_ids
+        assert got == torch_greedy(models[P][1], [PROMPTS[0]], 8)[0], f"P={P}"
+
+
+def test_calls_with_different_p_share_one_session(exports):
+    m = Model.load(exports["multi"])
+    a = m.generate(prompt_ids=PROMPTS[0], max_new_tokens=6, P=2, ignore_eos=True).generated_ids
+    m.generate(prompt_ids=PROMPTS[0], max_new_tokens=6, P=8, ignore_eos=True)
+    assert m.generate(prompt_ids=PROMPTS[0], max_new_tokens=6, P=2, ignore_eos=True).generated_ids == a
+    results = bench_streams(exports["multi"], [1, 8], prompt_len=8, gen=4, threads=1)
+    assert [r.P for r in results] == [1, 8] and all(r.decode_ms_per_token > 0 for r in results)
+
+
+def test_onnxruntime_genai_runs_every_p_of_the_one_graph(exports):
+    og = pytest.importorskip("onnxruntime_genai")
+    folder = exports["multi"]
+    rows = json.loads((folder / "parscale.json").read_text())["io"]["cache"]["prefix_rows"]
+    m = Model.load(folder)
+    for P in STREAMS:
+        config = og.Config(str(folder))
+        config.overlay((folder / f"genai_overlay.p{P}.json").read_text())
+        model = og.Model(config)
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(PROMPTS[0]) + 8 + rows)
+        gen = og.Generator(model, params)
+        gen.append_tokens(PROMPTS[0])
+        # genai's buffer (max_length rows) also holds the prefix rows: stop by the tokens wanted.
+        while not gen.is_done() and len(gen.get_sequence(0)) < len(PROMPTS[0]) + 8:
+            gen.generate_next_token()
+        theirs = [int(t) for t in gen.get_sequence(0)[len(PROMPTS[0]):]]
+        ours = m.generate(prompt_ids=PROMPTS[0], max_new_tokens=8, P=P, ignore_eos=True).generated_ids
+        assert theirs == ours, f"P={P}"
+
+
+def test_unknown_p_is_refused_with_what_is_there(ckpt, exports, tmp_path):
+    with pytest.raises(ParScaleError, match=r"has no head set for P=3: it holds P = 1, 2, 4, 8; .*train-heads"):
+        export(ckpt, tmp_path / "out", P=[1, 3])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ParScaleError, match=r"serves P = 1, 2, 4, 8; got P=3"):
+        Model.load(exports["multi"]).generate(prompt_ids=[1, 2], max_new_tokens=2, P=3)
+    with pytest.raises(ParScaleError, match=r"serves P = 2; got P=4; it is a single-P export"):
+        Model.load(exports[2]).generate(prompt_ids=[1, 2], max_new_tokens=2, P=4)
+    r = run_cli("generate", str(exports["multi"]), "--prompt-ids", "1,2", "--P", "5")
+    assert r.returncode == 1 and "serves P = 1, 2, 4, 8; got P=5" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_checkpoints_with_different_backbones_are_refused(ckpt, tiny, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    for f in other.glob("heads-p*.safetensors"):
+        f.unlink()
+    weights = load_file(other / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][0, 0] += 1.0
+    save_file(weights, other / "model.safetensors")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"parscale_n": 2}))
+    # other holds P=2 (its own parscale_n): a P=4 tensor layout under a P=2 config fails the shape check,
+    # so give it the P=2 heads of ckpt.
+    heads = load_file(ckpt / "heads-p2.safetensors")
+    save_file({n: t for n, t in weights.items() if "prefix" not in n and "aggregate" not in n} | heads,
+              other / "model.safetensors")
+    differs = r"not the same backbone: tensor model\.layers\.1\.mlp\.up_proj\.weight differs"
+    with pytest.raises(ParScaleError, match=differs):
+        export([ckpt, other], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (other / "config.json").write_text(json.dumps(config | {"parscale_n": 2, "intermediate_size": 64}))
+    other_shape = r"not the same backbone: intermediate_size is 160 in .*ckpt/config.json and 64 in"
+    with pytest.raises(ParScaleError, match=other_shape):
+        export([ckpt, other], tmp_path / "out")
+    with pytest.raises(ParScaleError, match=r"each gives its own P .*leave --P out"):
+        export([ckpt, other], tmp_path / "out", P=[2, 4])
+
+
+def test_two_checkpoint_folders_with_one_backbone_make_one_export(ckpt, exports, tmp_path):
+    other = tmp_path / "p2"
+    shutil.copytree(ckpt, other)
+    for f in other.glob("heads-p*.safetensors"):
+        f.unlink()
+    weights = load_file(ckpt / "model.safetensors")
+    heads = load_file(ckpt / "heads-p2.safetensors")
+    save_file({n: t for n, t in weights.items() if "prefix" not in n and "aggregate" not in n} | heads,
+              other / "model.safetensors")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"parscale_n": 2}))
+    out = export([ckpt, other], tmp_path / "out", quantize=_int8()).out
+    assert Model.load(out).streams == [2, 4]
+    prompt = PROMPTS[0]
+    for P in (2, 4):
+        got = Model.load(out).generate(prompt_ids=prompt, max_new_tokens=6, P=P, ignore_eos=True)
+        want = Model.load(exports[P]).generate(prompt_ids=prompt, max_new_tokens=6, ignore_eos=True)
+        assert got.generated_ids == want.generated_ids
+
+
+def test_eval_scores_each_p(ckpt, exports, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 20)
+    r = run_cli("eval", str(ckpt), "--text", str(text), "--P", "2", "--window", "32", "--stride", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    r2 = run_cli("eval", str(exports["multi"]), "--text", str(text), "--P", "2", "--window", "32", "--stride",
+                 "32", "--json", "--no-verify")
+    assert r2.returncode == 0, r2.stderr
+    a, b = json.loads(r.stdout), json.loads(r2.stdout)
+    assert a["P"] == b["P"] == 2 and np.isclose(a["nll_per_token"], b["nll_per_token"], rtol=2e-2)
