@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-OUT ?= exports/default-p4-int8
+OUT ?= exports/default-int8
 
 .PHONY: install demo test test-fast lint bench web
 
@@ -24,10 +24,12 @@ web/node_modules/.package-lock.json: web/package.json web/package-lock.json
 
 web: web/node_modules/.package-lock.json
 
-# Export the embedded default model (P=4, int8) and generate from it with the torch-free runtime.
+# Export the embedded default model at P = 1, 2, 4 and 8 over its one backbone (int8, every P validated
+# against PyTorch), then generate from the one folder at each P with the torch-free runtime.
 demo: install
-	$(BIN)/parscale export --P 4 --int8 -o $(OUT) --force
-	$(BIN)/parscale generate $(OUT) --prompt "def fibonacci(n):" --max-new-tokens 64
+	$(BIN)/parscale export --P 1,2,4,8 --int8 -o $(OUT) --force
+	for P in 1 2 4 8; do echo "--- P=$$P"; \
+		$(BIN)/parscale generate $(OUT) --P $$P --prompt "def fibonacci(n):" --max-new-tokens 48 || exit 1; done
 
 lint: install
 	$(BIN)/ruff check .
