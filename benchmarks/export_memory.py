@@ -4,9 +4,11 @@
 
 Each case makes (once, cached in --work) a random bf16 checkpoint with `parscale init --preset ...`
 and runs the default command, `parscale export CKPT -o OUT --int8|--int4 --force --verbose`
-(validation on), in a child process. The parent samples the child's resident memory (VmRSS) every
-0.1 s and assigns each sample to the stage the child last printed, so the table shows where the
-peak is. Cases run one after the other; the 1-minute load average is printed beside each.
+(validation on), in a child process. A case with several P (0.5b-p1,2,4,8:int8) exports them as one
+multi-P export (`--P 1,2,4,8`) of the largest P's checkpoint, given random head sets for the others.
+The parent samples the child's resident memory (VmRSS) every 0.1 s and assigns each sample to the
+stage the child last printed, so the table shows where the peak is. Cases run one after the other;
+the 1-minute load average is printed beside each.
 Writes benchmarks/results/export_memory.{json,md}.
 """
 
@@ -25,11 +27,13 @@ from pathlib import Path
 from parscale.config import ParScaleConfig
 from parscale.exporter.budget import param_count, plan
 from parscale.exporter.quantize import default_scheme
+from parscale.modeling.heads import head_sets
+from parscale.modeling.init import init_heads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = {"0.5b": "qwen2.5-0.5b", "1.5b": "qwen2.5-1.5b", "3b": "qwen2.5-3b"}
 DEFAULT_CASES = ["1.5b-p8:int8", "1.5b-p8:int4", "3b-p4:int8", "3b-p4:int4"]
-_CASE = re.compile(r"^(0\.5b|1\.5b|3b)-p(\d+):(fp32|int8|int4)$")
+_CASE = re.compile(r"^(0\.5b|1\.5b|3b)-p(\d+(?:,\d+)*):(fp32|int8|int4)$")
 _STAGE = re.compile(r"^\s*(\d+\.\d)s (.+)$")
 
 
@@ -48,14 +52,20 @@ def run_case(case: str, work: Path) -> dict:
     m = _CASE.match(case)
     if m is None:
         raise SystemExit(f"bad case {case!r}: expected e.g. 3b-p4:int4 (sizes 0.5b, 1.5b, 3b; fp32, int8, int4)")
-    size, P, kind = m.group(1), int(m.group(2)), m.group(3)
+    size, streams, kind = m.group(1), [int(p) for p in m.group(2).split(",")], m.group(3)
+    P = max(streams)
     ckpt = work / f"ckpt-{size}-p{P}"
     cli = [sys.executable, "-m", "parscale"]
     if not (ckpt / "config.json").is_file():
         subprocess.run([*cli, "init", str(ckpt), "--preset", PRESETS[size], "--P", str(P), "--force"], check=True)
+    missing = [p for p in streams if p not in head_sets(ckpt)]
+    if missing:
+        init_heads(ckpt, missing)
     cfg = ParScaleConfig.load(ckpt)
-    out = work / f"out-{size}-p{P}-{kind}"
+    out = work / f"out-{size}-p{m.group(2).replace(',', '-')}-{kind}"
     cmd = [*cli, "export", str(ckpt), "-o", str(out), "--force", "--verbose"]
+    if len(streams) > 1:
+        cmd += ["--P", m.group(2)]
     if kind != "fp32":
         cmd.append(f"--{kind}")
     scheme = default_scheme(int(kind[3:])) if kind != "fp32" else None
