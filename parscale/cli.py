@@ -454,7 +454,8 @@ def inspect(model: RuntimeModelArg, no_verify: NoVerifyOpt = False) -> None:
     m = _load_checks(model, not no_verify)
     info = m.model
     out.print(f"{model}: parscale export (format {m.format_version}, tool {m.tool.get('version', '?')})")
-    out.print(f"  P={info.P}  prefix tokens {info.prefix_tokens}  dtype {m.dtype}  "
+    streams = f" (default; serves P = {', '.join(map(str, m.streams))})" if len(m.streams) > 1 else ""
+    out.print(f"  P={info.P}{streams}  prefix tokens {info.prefix_tokens}  dtype {m.dtype}  "
               f"quantization {m.quantization}  opset {m.opset}")
     for key in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
                 "num_key_value_heads", "cache_heads", "head_dim", "vocab_size", "max_position_embeddings",

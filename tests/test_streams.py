@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from parscale.errors import ParScaleError
 from parscale.exporter.export import export
 from parscale.manifest import EXTERNAL_DATA, MODEL_FILE
 from parscale.modeling.heads import Stream, head_sets, is_head_tensor, load_streams
-from parscale.modeling.init import init_heads
+from parscale.modeling.init import init_checkpoint, init_heads
 from parscale.runtime import Model
 from parscale.runtime.bench import bench_streams
 
@@ -204,3 +207,39 @@ def test_eval_scores_each_p(ckpt, exports, tmp_path):
     assert r2.returncode == 0, r2.stderr
     a, b = json.loads(r.stdout), json.loads(r2.stdout)
     assert a["P"] == b["P"] == 2 and np.isclose(a["nll_per_token"], b["nll_per_token"], rtol=2e-2)
+
+
+# A backbone whose int8 weights (about 80 MB) outweigh what Python, numpy and ONNX Runtime hold before
+# loading, so that a second copy of them would show in the process's memory.
+MEMORY_SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=3072, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
+MEMORY_CHILD = """
+import sys
+from parscale.runtime import Model
+from parscale.runtime.bench import peak_rss_mb
+m = Model.load(sys.argv[1], threads=1, verify=False)
+for P in [int(p) for p in sys.argv[2].split(",")]:
+    m.generate(prompt_ids=list(range(1, 65)), max_new_tokens=16, ignore_eos=True, P=P if len(m.streams) > 1 else None)
+print(peak_rss_mb())
+"""
+
+
+@pytest.mark.slow
+def test_serving_every_p_costs_at_most_a_tenth_more_memory_than_the_largest_alone(tmp_path):
+    ckpt = init_checkpoint(tmp_path / "ckpt", P=8, prefix=16, dtype="float32", overrides=MEMORY_SHAPE)
+    init_heads(ckpt, [2, 4])
+    multi = export(ckpt, tmp_path / "multi", P=STREAMS, quantize=_int8(), validate=False).out
+    single = export(ckpt, tmp_path / "p8", P=8, quantize=_int8(), validate=False).out
+
+    def peak(folder: Path, streams: str) -> float:
+        r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(folder), streams], capture_output=True,
+                           text=True, timeout=300, check=True)
+        return float(r.stdout.strip().splitlines()[-1])
+
+    weights = sum(p.stat().st_size for p in single.iterdir()) / 1e6
+    os.sync()  # the exports were just written: a load as an app sees it reads clean page-cache pages
+    # The lower of two loads of each, interleaved: one load's peak varies by a few MB.
+    runs = [(peak(single, "8"), peak(multi, "1,2,4,8")) for _ in range(2)]
+    alone, every = min(a for a, _ in runs), min(e for _, e in runs)
+    assert weights > 0.4 * alone  # the weights are a large part of the process: a copy per P would show
+    assert every <= 1.10 * alone, (every, alone, weights)
