@@ -108,6 +108,18 @@ def test_each_p_generates_what_its_single_export_and_pytorch_do(ckpt, exports):
         assert got == torch_greedy(models[P][1], [PROMPTS[0]], 8)[0], f"P={P}"
 
 
+def test_a_gptq_int4_multi_p_export_calibrates_once_on_the_largest_p(ckpt, exports, tmp_path):
+    from parscale.exporter.quantize import default_scheme
+
+    result = export(ckpt, tmp_path / "int4", P=[1, 4], quantize=default_scheme(4))
+    assert result.manifest.quantization["scheme"]["method"] == "gptq"
+    assert sorted(result.validations) == sorted(result.fidelities) == [1, 4]
+    assert all(v.ok for v in result.validations.values())
+    m = Model.load(result.out)
+    for P in (1, 4):
+        assert len(m.generate(prompt_ids=PROMPTS, max_new_tokens=4, P=P, ignore_eos=True)[0].generated_ids) == 4
+
+
 def test_calls_with_different_p_share_one_session(exports):
     m = Model.load(exports["multi"])
     a = m.generate(prompt_ids=PROMPTS[0], max_new_tokens=6, P=2, ignore_eos=True).generated_ids
