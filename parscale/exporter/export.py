@@ -164,9 +164,8 @@ def export(
         if quantize is not None:
             proto, steps.quantization = _quantize(job, model, tokens, float_dir, cfg.num_hidden_layers)
             manifest = manifest.replace(quantization=steps.quantization.to_dict())
-        for m in models.values():
-            release(m)  # the modules' memory goes back before ONNX Runtime needs its own
-        del model, models
+        _release(models)  # the modules' memory goes back before ONNX Runtime needs its own
+        del model, models  # the last references: weights the graph's writer pinned go with the modules
         job.stage("writing model")
         _write_graph(job, tmp, float_dir, proto, manifest)
         del proto
@@ -284,10 +283,15 @@ def _build(job: _Job, float_dir: Path, metadata: dict[str, str], streams: list[S
     build_decoder(models if len(models) > 1 else next(iter(models.values())), float_dir, dtype=job.dtype.torch,
                   opset=job.opset, external_threshold=job.external_data_threshold, metadata=metadata)
     if not (job.validate or job.gptq):  # the float32 modules are the references and calibrate GPTQ
-        for m in models.values():
-            release(m)
+        _release(models)
         return {}
     return models
+
+
+def _release(models: dict[int, Any]) -> None:
+    """`release` every module (a function, so that no loop variable keeps one alive in the caller)."""
+    for m in models.values():
+        release(m)
 
 
 def _quantize(
