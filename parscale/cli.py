@@ -422,7 +422,7 @@ def bench(
     P: Annotated[Optional[str], typer.Option("--P", help=(  # noqa: N803, UP045
         "Streams to measure, in order, from one process: e.g. 1,2,4,8 for a multi-P export (default: its largest)."
     ))] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list with several --P).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list of them with --P).")] = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """Measure prefill tok/s, decode ms/token, time to first token and peak RSS (greedy; batch 1 by default)."""
