@@ -187,26 +187,29 @@ def test_unknown_p_is_refused_with_what_is_there(ckpt, exports, tmp_path):
     assert r.returncode == 1 and "serves P = 1, 2, 4, 8; got P=5" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_checkpoints_with_different_backbones_are_refused(ckpt, tiny, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(ckpt, other)
-    for f in other.glob("heads-p*.safetensors"):
+def p2_checkpoint(ckpt: Path, dest: Path, edit=None) -> Path:  # type: ignore[no-untyped-def]
+    """A checkpoint folder of its own at P=2: ckpt's backbone (changed by `edit`, if given) with its P=2 heads."""
+    shutil.copytree(ckpt, dest)
+    for f in dest.glob("heads-p*.safetensors"):
         f.unlink()
-    weights = load_file(other / "model.safetensors")
-    weights["model.layers.1.mlp.up_proj.weight"][0, 0] += 1.0
-    save_file(weights, other / "model.safetensors")
+    weights = {n: t for n, t in load_file(ckpt / "model.safetensors").items() if not is_head_tensor(n)}
+    if edit is not None:
+        edit(weights)
+    save_file(weights | load_file(ckpt / "heads-p2.safetensors"), dest / "model.safetensors")
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps(config | {"parscale_n": 2}))
+    return dest
+
+
+def test_checkpoints_with_different_backbones_are_refused(ckpt, tmp_path):
+    other = p2_checkpoint(ckpt, tmp_path / "other",
+                          lambda w: w["model.layers.1.mlp.up_proj.weight"][0].add_(1.0))
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps(config | {"parscale_n": 2}))
-    # other holds P=2 (its own parscale_n): a P=4 tensor layout under a P=2 config fails the shape check,
-    # so give it the P=2 heads of ckpt.
-    heads = load_file(ckpt / "heads-p2.safetensors")
-    save_file({n: t for n, t in weights.items() if "prefix" not in n and "aggregate" not in n} | heads,
-              other / "model.safetensors")
     differs = r"not the same backbone: tensor model\.layers\.1\.mlp\.up_proj\.weight differs"
     with pytest.raises(ParScaleError, match=differs):
         export([ckpt, other], tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    (other / "config.json").write_text(json.dumps(config | {"parscale_n": 2, "intermediate_size": 64}))
+    (other / "config.json").write_text(json.dumps(config | {"intermediate_size": 64}))
     other_shape = r"not the same backbone: intermediate_size is 160 in .*ckpt/config.json and 64 in"
     with pytest.raises(ParScaleError, match=other_shape):
         export([ckpt, other], tmp_path / "out")
@@ -215,16 +218,7 @@ def test_checkpoints_with_different_backbones_are_refused(ckpt, tiny, tmp_path):
 
 
 def test_two_checkpoint_folders_with_one_backbone_make_one_export(ckpt, exports, tmp_path):
-    other = tmp_path / "p2"
-    shutil.copytree(ckpt, other)
-    for f in other.glob("heads-p*.safetensors"):
-        f.unlink()
-    weights = load_file(ckpt / "model.safetensors")
-    heads = load_file(ckpt / "heads-p2.safetensors")
-    save_file({n: t for n, t in weights.items() if "prefix" not in n and "aggregate" not in n} | heads,
-              other / "model.safetensors")
-    config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps(config | {"parscale_n": 2}))
+    other = p2_checkpoint(ckpt, tmp_path / "p2")
     out = export([ckpt, other], tmp_path / "out", quantize=_int8()).out
     assert Model.load(out).streams == [2, 4]
     prompt = PROMPTS[0]

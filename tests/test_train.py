@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -86,13 +87,16 @@ def test_tokenizer_round_trips_and_saves(tmp_path: Path, sources: list[SourceFil
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
+TINY_RECIPE = Recipe(
+    vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, P=2,
+    prefix_tokens=4, seq_len=32, steps1=4, batch1=2, warmup1=1, steps2=3, batch2=2, warmup2=1,
+    eval_windows=4, bf16_autocast=False,
+)
+
+
 def test_tiny_recipe_freezes_the_backbone(tmp_path: Path, sources: list[SourceFile]) -> None:
-    recipe = Recipe(
-        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, P=2,
-        prefix_tokens=4, seq_len=32, steps1=4, batch1=2, warmup1=1, steps2=3, batch2=2, warmup2=1,
-        eval_windows=4, bf16_autocast=False,
-    )
+    recipe = TINY_RECIPE
     out, backbone_dir = tmp_path / "model", tmp_path / "backbone"
     report = train(out, recipe, sources=_small(sources, 30), backbone_out=backbone_dir)
 
@@ -119,12 +123,7 @@ def test_tiny_recipe_freezes_the_backbone(tmp_path: Path, sources: list[SourceFi
 
 
 def test_train_heads_adds_head_sets_on_the_frozen_backbone(tmp_path: Path, sources: list[SourceFile]) -> None:
-    recipe = Recipe(
-        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, P=2,
-        prefix_tokens=4, seq_len=32, steps1=2, batch1=2, warmup1=1, steps2=2, batch2=2, warmup2=1,
-        eval_windows=4, bf16_autocast=False,
-    )
+    recipe = dataclasses.replace(TINY_RECIPE, steps1=2, steps2=2)
     out = tmp_path / "model"
     train(out, recipe, sources=_small(sources, 30))
     before = load_file(out / "model.safetensors")
