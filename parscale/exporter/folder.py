@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from parscale import contract
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.manifest import MODEL_FILE
+from parscale.modeling.heads import with_streams
 
 # Copied from the checkpoint when present: configs and every tokenizer file format we know.
 SOURCE_FILES = (
@@ -77,7 +77,7 @@ def write_genai_configs(out: Path, cfg: ParScaleConfig, eos: list[int], Ps: list
     """
     written = []
     for P in Ps if len(Ps) > 1 else []:
-        decoder = genai_config(dataclasses.replace(cfg, parscale_n=P), eos, context_length=1)["model"]["decoder"]
+        decoder = genai_config(with_streams(cfg, P), eos, context_length=1)["model"]["decoder"]
         fields = {k: decoder[k] for k in ("num_attention_heads", "num_key_value_heads")}
         (out / GENAI_OVERLAY.format(P)).write_text(json.dumps({"model": {"decoder": fields}}, indent=2) + "\n")
         written.append(GENAI_OVERLAY.format(P))
