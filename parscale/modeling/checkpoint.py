@@ -113,24 +113,34 @@ def load_model(
         raise ParScaleError(f"model folder {model_dir} does not exist")
     cfg = ParScaleConfig.load(model_dir)
     files = weight_files(model_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(set(files.values())):
-        wanted = [name for name in _keys(path) if files.get(name) == path]  # safe_open checks the file's layout
-        for name, t in _read_tensors(path, wanted):
-            # One at a time: the checkpoint's own copy of the whole model never exists in memory.
-            tensors[name] = _checked(name, t).to(dtype, copy=True)  # a copy `release` can free
+    tensors = read_weights(files, list(files), dtype)
     check_shapes(cfg, {n: tuple(t.shape) for n, t in tensors.items()})
+    return cfg, module_from_state(cfg, tensors)
 
+
+def read_weights(files: dict[str, Path], names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors `names` (name -> file in `files`), each read, checked and converted to `dtype` one at a
+    time: the checkpoint's own copy of the whole model never exists in memory."""
+    wanted = set(names)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted({files[n] for n in wanted}):
+        here = [name for name in _keys(path) if name in wanted and files[name] == path]  # safe_open checks the layout
+        for name, t in _read_tensors(path, here):
+            tensors[name] = _checked(name, t).to(dtype, copy=True)  # a copy `release` can free
+    return tensors
+
+
+def module_from_state(cfg: ParScaleConfig, tensors: dict[str, torch.Tensor]) -> ParScaleForCausalLM:
+    """The module of `cfg` holding `tensors` (shapes already checked) without copying them, eval mode."""
     with torch.device("meta"):
         model = ParScaleForCausalLM(cfg)
     state = sanitize(cfg, tensors)
-    del tensors
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return cfg, model.eval()
+    return model.eval()
 
 
 def stored_dtype(model_dir: str | Path) -> torch.dtype:

@@ -25,12 +25,13 @@ from safetensors.torch import save_file
 
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
+from parscale.manifest import file_digest
 from parscale.modeling.checkpoint import (
-    _checked,
     _keys,
     _read_tensors,
     check_shapes,
-    sanitize,
+    module_from_state,
+    read_weights,
     source_checksum,
     weight_files,
 )
@@ -67,35 +68,15 @@ def _sources(folder: Path, cfg: ParScaleConfig, P: int) -> dict[str, Path]:  # n
     files = weight_files(folder)
     if P == cfg.P:
         return files
-    if P not in head_sets(folder):
-        raise ParScaleError(f"{folder} has no head set for P={P}: it holds P = "
-                            f"{', '.join(map(str, head_sets(folder)))}; train one with "
-                            f"`parscale train-heads {folder} --P {P}`")
+    have = head_sets(folder)
+    if P not in have:
+        raise ParScaleError(f"{folder} has no head set for P={P}: it holds P = {', '.join(map(str, have))}; "
+                            f"train one with `parscale train-heads {folder} --P {P}`")
     sources = {n: p for n, p in files.items() if not is_head_tensor(n)}
     if P > 1:
         path = folder / HEADS_FILE.format(P)
         sources |= dict.fromkeys(_keys(path), path)
     return sources
-
-
-def _read(sources: dict[str, Path], names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted({sources[n] for n in names}):
-        for name, t in _read_tensors(path, [n for n in names if sources[n] == path]):
-            tensors[name] = _checked(name, t).to(dtype, copy=True)
-    return tensors
-
-
-def _module(cfg: ParScaleConfig, state: dict[str, torch.Tensor]) -> ParScaleForCausalLM:
-    with torch.device("meta"):
-        model = ParScaleForCausalLM(cfg)
-    state = sanitize(cfg, state)
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
 
 
 @dataclass(frozen=True)
@@ -123,22 +104,22 @@ def load_streams(
         if not s.folder.is_dir():
             raise ParScaleError(f"model folder {s.folder} does not exist")
     first = streams[0]
-    base_cfg = ParScaleConfig.load(first.folder)
-    cfgs = {s.P: with_streams(ParScaleConfig.load(s.folder), s.P) for s in streams}
+    own = {s.P: ParScaleConfig.load(s.folder) for s in streams}  # each folder's config.json, as written
+    cfgs = {s.P: with_streams(own[s.P], s.P) for s in streams}
     for s in streams[1:]:
-        _check_same_config(first.folder, base_cfg, s.folder, cfgs[s.P])
-    sources = {s.P: _sources(s.folder, ParScaleConfig.load(s.folder), s.P) for s in streams}
+        _check_same_config(first.folder, own[first.P], s.folder, own[s.P])
+    sources = {s.P: _sources(s.folder, own[s.P], s.P) for s in streams}
     backbone_names = [n for n in sources[first.P] if not is_head_tensor(n)]
-    backbone = _read(sources[first.P], backbone_names, dtype)
+    backbone = read_weights(sources[first.P], backbone_names, dtype)
     for s in streams[1:]:
         if s.folder.resolve() != first.folder.resolve():
             _check_same_backbone(first.folder, backbone, s.folder, sources[s.P], backbone_names)
     out = {}
     for s in streams:
-        heads = _read(sources[s.P], [n for n in sources[s.P] if is_head_tensor(n)], dtype)
+        heads = read_weights(sources[s.P], [n for n in sources[s.P] if is_head_tensor(n)], dtype)
         state = backbone | heads
         check_shapes(cfgs[s.P], {n: tuple(t.shape) for n, t in state.items()})
-        out[s.P] = (cfgs[s.P], _module(cfgs[s.P], state))
+        out[s.P] = (cfgs[s.P], module_from_state(cfgs[s.P], state))
     return out
 
 
@@ -240,5 +221,5 @@ def streams_checksum(streams: Sequence[Stream]) -> str:
         digest.update(f"P={s.P} {folders[s.folder.resolve()]}\n".encode())
         heads = s.folder / HEADS_FILE.format(s.P)
         if s.P != ParScaleConfig.load(s.folder).P and heads.is_file():
-            digest.update(hashlib.sha256(heads.read_bytes()).hexdigest().encode())
+            digest.update(file_digest(heads).encode())
     return digest.hexdigest()

@@ -152,8 +152,7 @@ def train(
         t0 = time.perf_counter()
         tok = train_tokenizer([f.text for f in train_files], recipe.vocab_size)
         tok_seconds = time.perf_counter() - t0
-        train_ids = encode_stream(tok, train_files)
-        held_ids = np.concatenate([[eos_id(tok)], encode_stream(tok, held_files)]).astype(np.int64)
+        train_ids, held_ids, windows = token_streams(tok, train_files, held_files, recipe)
         corpus = {
             "root": str(stdlib_root()) if sources is None else "custom",
             "files_train": len(train_files), "files_held_out": len(held_files),
@@ -163,7 +162,6 @@ def train(
             "vocab_size": tok.get_vocab_size(),
         }
         say(f"corpus: {corpus}")
-        windows = spread(plan_windows(len(held_ids), recipe.seq_len, recipe.seq_len), recipe.eval_windows)
 
         cfg_dict1 = recipe.config(1) | _special_ids(tok)
         cfg_dict1["vocab_size"] = tok.get_vocab_size()
@@ -210,6 +208,16 @@ def train(
         return report
     finally:
         torch.set_num_threads(threads_before)
+
+
+def token_streams(
+    tok: Any, train_files: Sequence[SourceFile], held_files: Sequence[SourceFile], recipe: Recipe,
+) -> tuple[np.ndarray, np.ndarray, list[Window]]:
+    """(training stream, held-out stream behind one EOS, the held-out windows every model is scored on)."""
+    train_ids = encode_stream(tok, train_files)
+    held_ids = np.concatenate([[eos_id(tok)], encode_stream(tok, held_files)]).astype(np.int64)
+    windows = spread(plan_windows(len(held_ids), recipe.seq_len, recipe.seq_len), recipe.eval_windows)
+    return train_ids, held_ids, windows
 
 
 def stage2(
@@ -271,10 +279,8 @@ def train_heads(
     torch.set_num_threads(min(threads, available_cpus()))
     try:
         tok = load_tokenizer(folder)
-        train_files, held_files = split_sources(list(sources) if sources is not None else collect_sources())
-        train_ids = encode_stream(tok, train_files)
-        held_ids = np.concatenate([[eos_id(tok)], encode_stream(tok, held_files)]).astype(np.int64)
-        windows = spread(plan_windows(len(held_ids), recipe.seq_len, recipe.seq_len), recipe.eval_windows)
+        train_ids, held_ids, windows = token_streams(
+            tok, *split_sources(list(sources) if sources is not None else collect_sources()), recipe)
         _, backbone = load_streams([Stream(folder, 1)])[1]
         results: dict[int, dict[str, Any]] = {}
         for P in Ps:
