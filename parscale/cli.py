@@ -122,6 +122,10 @@ def export(
     )] = None,
     accuracy_level: Annotated[Optional[int], typer.Option(help="MatMulNBits accuracy_level 0-4.")] = None,  # noqa: UP045
     method: Annotated[Optional[str], typer.Option(help="gptq or rtn (round-to-nearest; fast).")] = None,  # noqa: UP045
+    kernel: Annotated[Optional[str], typer.Option(help=(  # noqa: UP045
+        "The gate/up projections' kernel: MatMulNBits (block-wise weights) or, with --int8, "
+        "MatMulIntegerToFloat (int8 weights per output channel, activations per row; the int8 default on "
+        "fp32)."))] = None,
     calibration_text: Annotated[Optional[Path], typer.Option(help="Text for GPTQ (default: model samples).")] = None,  # noqa: UP045
     eval_text: Annotated[Optional[Path], typer.Option(help="Text for the quantized export's check.")] = None,  # noqa: UP045
     ort_format: Annotated[bool, typer.Option(
@@ -146,10 +150,11 @@ def export(
     scheme = None
     if int8 or int4:
         scheme = default_scheme(8 if int8 else 4, block_size=block_size, symmetric=symmetric,
-                                accuracy_level=accuracy_level, method=method)
-    elif any(o is not None for o in (block_size, symmetric, accuracy_level, method, calibration_text, eval_text)):
+                                accuracy_level=accuracy_level, method=method, kernel=kernel, dtype=dtype)
+    elif any(o is not None for o in (block_size, symmetric, accuracy_level, method, kernel, calibration_text,
+                                     eval_text)):
         raise ParScaleError("quantization options (--block-size, --symmetric/--asymmetric, --accuracy-level, "
-                            "--method, --calibration-text, --eval-text) need --int8 or --int4")
+                            "--method, --kernel, --calibration-text, --eval-text) need --int8 or --int4")
     with tempfile.TemporaryDirectory() as tmp:
         if scheme is not None and eval_text is None and not model and not no_validate:
             # The embedded model's fidelity is judged on its held-out text, as `parscale eval` does.
@@ -182,7 +187,8 @@ def export(
 
 def _print_quantization(q: dict) -> None:  # type: ignore[type-arg]
     s, bpw = q["scheme"], q["bits_per_weight"]
-    out.print(f"quantization: int{s['bits']} {s['method']} (embeddings int{s['embedding_bits']}), block "
+    kernel = "MatMulNBits" if s["kernel"] == "MatMulNBits" else f"gate/up {s['kernel']}, the rest MatMulNBits"
+    out.print(f"quantization: int{s['bits']} {s['method']}, {kernel} (embeddings int{s['embedding_bits']}), block "
               f"{s['block_size']}, {'symmetric' if s['symmetric'] else 'asymmetric'}, accuracy_level "
               f"{s['accuracy_level']}; "
               f"{bpw['quantized']:.3f} bits/weight over {q['quantized_tensors']} quantized tensors, "
@@ -332,6 +338,10 @@ def evaluate(
 
 RuntimeModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Export folder (from `parscale export`).")]
 ProviderOpt = Annotated[str, typer.Option(help="Execution provider: auto, cpu or cuda.")]
+SpinOpt = Annotated[Optional[bool], typer.Option(  # noqa: UP045
+    "--spin/--no-spin", show_default=False,
+    help="Idle ONNX Runtime workers spin (faster on a quiet machine) or sleep (kinder to a busy one); "
+         "default: the measured choice (README: Runtime).")]
 
 
 # Decimal ids separated by commas, spaces allowed around the commas only: "1 2 3" is not "123".
@@ -374,6 +384,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     P: Annotated[Optional[int], typer.Option(  # noqa: N803, UP045
         "--P", help="Streams, for a multi-P export (default: its largest).")] = None,
+    spin: SpinOpt = None,
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """Generate text from an export, streaming it to the terminal."""
@@ -386,7 +397,7 @@ def generate(
         raise ParScaleError("pass exactly one of --prompt and --prompt-ids")
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     check_seed(seed)
-    m = Model.load(model, provider=provider, threads=check_threads(threads), verify=not no_verify)
+    m = Model.load(model, provider=provider, threads=check_threads(threads), verify=not no_verify, spin=spin)
     m.check_streams(P)
     options = dict(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
                    top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or None, P=P)
@@ -423,6 +434,7 @@ def bench(
         "Streams to measure, in order, from one process: e.g. 1,2,4,8 for a multi-P export (default: its largest)."
     ))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list of them with --P).")] = False,
+    spin: SpinOpt = None,
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """Measure prefill tok/s, decode ms/token, time to first token and peak RSS (greedy; batch 1 by default)."""
@@ -431,7 +443,7 @@ def bench(
     from parscale.runtime.bench import bench_streams
 
     results = bench_streams(model, _parse_streams(P) if P is not None else None, prompt_len=prompt_len, gen=gen,
-                            threads=threads, provider=provider, verify=not no_verify, batch=batch)
+                            threads=threads, provider=provider, verify=not no_verify, batch=batch, spin=spin)
     if as_json:
         print(json.dumps(results[0].as_dict() if P is None else [r.as_dict() for r in results]))
         return

@@ -10,12 +10,17 @@ from __future__ import annotations
 INPUT_IDS = "input_ids"  # int64 [batch, seq]
 ATTENTION_MASK = "attention_mask"  # int64 [batch, past+seq]; 1 = real token, 0 = padding
 POSITION_IDS = "position_ids"  # int64 [batch, seq]; counts real tokens only
-NUM_LOGITS_TO_KEEP = "num_logits_to_keep"  # int64 scalar, optional (default 0 = all positions)
-LOGITS = "logits"  # float32 [batch, seq or k, vocab]
+# int64 scalar, optional (an initializer supplies the default, 1): the positions whose logits come back in
+# KEPT_LOGITS, the last k (0 = every position). Generation needs 1; a scorer asks for 0.
+NUM_LOGITS_TO_KEEP = "num_logits_to_keep"
+# float32 [batch, 1, vocab]: the last position's logits, all a generating runtime reads. Its static 1 is
+# what onnxruntime-genai looks for to skip the LM head on every prompt position but the last.
+LOGITS = "logits"
+KEPT_LOGITS = "kept_logits"  # float32 [batch, k, vocab]: the last num_logits_to_keep positions (0: all)
 
 # The batch axis has the name optimum gives it: transformers.js sizes the empty first-step cache from
 # the graph's input shapes and knows only "batch_size" (any other symbolic axis becomes 0).
-BATCH, SEQ, PAST, TOTAL = "batch_size", "seq", "past", "total"
+BATCH, SEQ, PAST, TOTAL, KEPT = "batch_size", "seq", "past", "total", "kept"
 # A graph serving several P (one backbone, head sets) has a symbolic cache-heads axis: P * Hkv, with
 # P chosen by the runtime through the cache it binds (cache_info's "streams" lists the P it serves).
 CACHE_HEADS = "kv_heads"
@@ -72,19 +77,20 @@ def input_names(num_layers: int) -> list[str]:
 
 
 def output_names(num_layers: int) -> list[str]:
-    return [LOGITS, *present_names(num_layers)]
+    return [LOGITS, KEPT_LOGITS, *present_names(num_layers)]
 
 
-def axes(num_layers: int, cache_heads: str | None = None) -> dict[str, list[str]]:
+def axes(num_layers: int, cache_heads: str | None = None) -> dict[str, list[str | int]]:
     """Symbolic axes of every input and output (a cache is [batch, P*Hkv, length, head_dim]).
 
     `cache_heads`: the name of the cache-heads axis where it is symbolic (a graph serving several P)."""
-    a: dict[str, list[str]] = {
+    a: dict[str, list[str | int]] = {
         INPUT_IDS: [BATCH, SEQ],
         ATTENTION_MASK: [BATCH, TOTAL],
         POSITION_IDS: [BATCH, SEQ],
         NUM_LOGITS_TO_KEEP: [],
-        LOGITS: [BATCH, SEQ, "vocab"],
+        LOGITS: [BATCH, 1, "vocab"],
+        KEPT_LOGITS: [BATCH, KEPT, "vocab"],
     }
     for n in past_names(num_layers):
         a[n] = [BATCH, cache_heads or "kv_heads", PAST, "head_dim"]

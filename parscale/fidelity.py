@@ -137,8 +137,11 @@ def _vocab(session: ort.InferenceSession) -> int:
 def compare_exports(
     a: str | Path, b: str | Path, *, text: str | Path | None = None, window: int = 128,
     max_windows: int | None = 8, decode_steps: int = 8, seed: int = 0, threads: int | None = None,
+    P: int | None = None,  # noqa: N803
 ) -> Fidelity:
-    """Compare export folder `b` against the reference folder `a` on a text file or random tokens."""
+    """Compare export folder `b` against the reference folder `a` on a text file or random tokens.
+
+    `P`: the streams both run at, for exports serving several P (None: each its largest)."""
     a, b = Path(a), Path(b)
     for folder in (a, b):
         if not (folder / MODEL_FILE).is_file():
@@ -158,4 +161,4 @@ def compare_exports(
         return session
 
     return compare_sessions(opened.pop, open_b, tokens, window=window, max_windows=max_windows,
-                            decode_steps=decode_steps, source=source, text=text is not None)
+                            decode_steps=decode_steps, source=source, text=text is not None, P=P)

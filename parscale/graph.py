@@ -43,7 +43,12 @@ def resolve_provider(provider: str) -> str:
     raise ParScaleError(f"provider must be auto, cpu or cuda, got {provider!r}")
 
 
-def session_options(threads: int | None, *, prepack: bool = True) -> ort.SessionOptions:
+# Whether idle intra-op workers spin (ONNX Runtime's default) or sleep. Chosen by measurement
+# (benchmarks/README.md, "spinning"); `spin=` on Model.load and --spin/--no-spin on the CLI override it.
+SPIN_DEFAULT = False
+
+
+def session_options(threads: int | None, *, prepack: bool = True, spin: bool | None = None) -> ort.SessionOptions:
     """Options chosen by measurement (benchmarks/README.md has the figures).
 
     - Graph optimizations ALL: ORT fuses RMSNorm (SimplifiedLayerNormalization) and the
@@ -52,7 +57,7 @@ def session_options(threads: int | None, *, prepack: bool = True) -> ort.Session
       BFC arena rounded them up and kept the peak; plain malloc returns memory and costs no speed.
     - One intra-op pool of `threads` threads (default: ORT's choice, the physical cores); no
       inter-op parallelism, because the graph is one chain of layers.
-    - Worker threads do not spin while waiting (PARSCALE_SPIN=1 restores ORT's default).
+    - `spin`: idle worker threads spin (ORT's default) or sleep; None takes SPIN_DEFAULT.
     - `prepack=False` leaves the weights where ONNX Runtime mapped them instead of also keeping a
       copy packed for its matrix kernels: a float reference graph then needs memory for its
       weights once, not twice, and computes the same products a little more slowly.
@@ -68,9 +73,7 @@ def session_options(threads: int | None, *, prepack: bool = True) -> ort.Session
             raise ParScaleError(f"threads must be >= 1, got {threads}")
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    if os.environ.get("PARSCALE_SPIN") != "1":
-        # Idle workers sleep instead of spinning: on a loaded machine spinning workers took the cores
-        # the busy ones needed (int8 P=1 decode 186 -> 121 ms/token at load 7 on 2 cores).
+    if not (SPIN_DEFAULT if spin is None else spin):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -79,13 +82,14 @@ def session_options(threads: int | None, *, prepack: bool = True) -> ort.Session
 
 def open_session(
     model_path: str | Path, *, provider: str = CPU, threads: int | None = None, prepack: bool = True,
+    spin: bool | None = None,
 ) -> ort.InferenceSession:
     """An ONNX Runtime session of `model_path` with `session_options`; a load failure is a ParScaleError.
 
     `provider` is an ONNX Runtime provider name (`resolve_provider` maps the user's choice); CUDA
     falls back to CPU for the nodes it lacks.
     """
-    opts = session_options(threads, prepack=prepack)
+    opts = session_options(threads, prepack=prepack, spin=spin)
     providers = [provider] if provider == CPU else [provider, CPU]
     try:
         return ort.InferenceSession(str(model_path), opts, providers=providers)
@@ -108,7 +112,6 @@ class GraphInfo:
     head_dim: int
     vocab_size: int
     cache_dtype: type  # numpy dtype of the cache (float16 for an fp16 export)
-    has_keep: bool  # the graph takes `num_logits_to_keep`
     prefix_rows: int | None = None  # cache rows the graph writes before the tokens (None: not recorded)
     streams: tuple[int, ...] = ()  # the P a graph serving several P runs (empty: the graph's one P)
     kv_heads: int = 0  # KV heads per stream, for a graph serving several P
@@ -148,7 +151,7 @@ class GraphInfo:
             raise ParScaleError(f"the graph's cache has type {past.type}; expected float or float16")
         rows = cache.get("prefix_rows")
         return cls(num_layers=num_layers, cache_heads=heads, head_dim=head_dim, vocab_size=vocab,
-                   cache_dtype=CACHE_DTYPES[past.type], has_keep=contract.NUM_LOGITS_TO_KEEP in inputs,
+                   cache_dtype=CACHE_DTYPES[past.type],
                    prefix_rows=rows if _count(rows, minimum=0) else None,
                    streams=tuple(sorted(streams)) if multi else (), kv_heads=kv if multi else 0)
 
@@ -185,13 +188,12 @@ def step(
         contract.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
         contract.ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
         contract.POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
+        contract.NUM_LOGITS_TO_KEEP: np.array(keep, dtype=np.int64),  # overrides the graph's default (1)
         **(past if past is not None else info.empty_past(len(input_ids))),
     }
-    if info.has_keep:
-        feed[contract.NUM_LOGITS_TO_KEEP] = np.array(keep, dtype=np.int64)
+    names = [contract.KEPT_LOGITS, *contract.present_names(info.num_layers)]
     try:
-        out = session.run(contract.output_names(info.num_layers), feed)
+        out = session.run(names, feed)
     except Exception as e:  # ORT's own exception types: a damaged graph or weights fail here
         raise ParScaleError(f"onnxruntime failed running the graph: {str(e).splitlines()[0]}") from None
-    logits = out[0] if keep == 0 or info.has_keep else out[0][:, -keep:]
-    return logits, dict(zip(contract.past_names(info.num_layers), out[1:], strict=True))
+    return out[0], dict(zip(contract.past_names(info.num_layers), out[1:], strict=True))

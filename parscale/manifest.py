@@ -19,9 +19,10 @@ MODEL_FILE = "model.onnx"
 EXTERNAL_DATA = MODEL_FILE + ".data"  # the weights of graphs above the external-data threshold
 FORMAT = "parscale-export"
 # 2: the fused graph (GroupQueryAttention, prefix rows in the KV cache, shared past/present buffer).
-FORMAT_VERSION = 2
-# 3: one graph serving several P over one backbone (io.cache.streams); a format-2 reader cannot size its cache.
-MULTI_FORMAT_VERSION = 3
+# 3: one graph serving several P over one backbone (io.cache.streams).
+# 4: `logits` holds the last position only, `kept_logits` the last num_logits_to_keep (default 1), for
+#    one graph serving one P or several (io.cache.streams tells); formats 2 and 3 are re-exported.
+FORMAT_VERSION = 4
 
 
 def file_digest(path: Path) -> str:
@@ -189,11 +190,11 @@ def _load_json(folder: Path) -> dict[str, Any]:
     version = manifest.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise ParScaleError(f"{path}: format_version must be an integer, got {version!r}; re-export the model")
-    if version > MULTI_FORMAT_VERSION:
+    if version > FORMAT_VERSION:
         raise ParScaleError(f"{folder} was written by a newer parscale (format {version}); upgrade parscale")
     if version < FORMAT_VERSION:
-        raise ParScaleError(f"{folder} was written by an older parscale (format {version}, whose graph kept the "
-                            f"cache differently); re-export it with this version (format {FORMAT_VERSION})")
+        raise ParScaleError(f"{folder} was written by an older parscale (format {version}, whose graph drives "
+                            f"differently); re-export it with this version (format {FORMAT_VERSION})")
     return manifest
 
 

@@ -131,3 +131,37 @@ def greedy_graph(session: ort.InferenceSession, ids: np.ndarray, mask: np.ndarra
         mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
         pos = pos[:, -1:] + 1
     return tokens
+
+
+def all_nodes(graph: Any) -> list[Any]:
+    """Every node of an ONNX graph, those inside `If` branches included."""
+    import onnx
+
+    nodes = []
+    for n in graph.node:
+        nodes.append(n)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                nodes.extend(all_nodes(a.g))
+    return nodes
+
+
+def decode_step_ops(path: Path, P: int | None = None, prompt: int = 5) -> list[str]:  # noqa: N803
+    """The op types ONNX Runtime runs in one decode step (after a prefill), read from its profile."""
+    from parscale.graph import CPU, session_options
+
+    opts = session_options(1)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(path.parent / "decode-profile")
+    session = ort.InferenceSession(str(path), opts, providers=[CPU])
+    info = GraphInfo.of(session).at(P)
+    ids = np.arange(1, prompt + 1)[None]
+    logits, past = step(session, info, ids, np.ones_like(ids), np.arange(prompt)[None], keep=1)
+    nxt = logits[:, -1].argmax(-1)[:, None]
+    step(session, info, nxt, np.ones((1, prompt + 1), np.int64), np.array([[prompt]]), past, keep=1)
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    assert len(runs) == 2
+    return [e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+            and e["ts"] >= runs[1]["ts"]]

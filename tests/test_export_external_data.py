@@ -44,7 +44,7 @@ CASES = [
     pytest.param(Dtype.fp32, default_scheme(4), True, False, False, id="fp32-int4-gptq-untied"),
     pytest.param(Dtype.fp32, default_scheme(4, method="rtn"), True, True, True, id="fp32-int4-rtn-tied-ort"),
     pytest.param(Dtype.fp16, default_scheme(4), True, True, False, id="fp16-int4-gptq-tied"),
-    pytest.param(Dtype.fp16, default_scheme(8), False, False, False, id="fp16-int8-untied-novalidate"),
+    pytest.param(Dtype.fp16, default_scheme(8, dtype="fp16"), False, False, False, id="fp16-int8-untied-novalidate"),
 ]
 
 

@@ -215,8 +215,9 @@ def test_no_verify_flag_skips_hashing(export):
 
 
 @pytest.mark.parametrize(("version", "message"), [
-    (1, r"written by an older parscale \(format 1, whose graph kept the cache differently\); re-export it"),
-    (4, r"written by a newer parscale \(format 4\); upgrade parscale"),
+    (1, r"written by an older parscale \(format 1, whose graph drives differently\); re-export it .*\(format 4\)"),
+    (3, r"written by an older parscale \(format 3, whose graph drives differently\); re-export it .*\(format 4\)"),
+    (5, r"written by a newer parscale \(format 5\); upgrade parscale"),
 ])
 def test_exports_of_another_format_are_refused(export, version, message):
     edit_manifest(export, lambda m: m.update(format_version=version))

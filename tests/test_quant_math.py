@@ -212,3 +212,52 @@ def test_row_chunks_give_the_same_result(method: str, monkeypatch: pytest.Monkey
     np.testing.assert_array_equal(whole.q, chunked.q)
     np.testing.assert_array_equal(whole.scales, chunked.scales)
     np.testing.assert_array_equal(whole.zero_points, chunked.zero_points)
+
+
+def test_per_channel_round_trip_error_is_at_most_half_a_step() -> None:
+    w = _matrix()
+    cq = qm.quantize_per_channel(w)
+    assert cq.codes.dtype == np.int8 and cq.scales.shape == (w.shape[0],)
+    err = np.abs(qm.dequantize_per_channel(cq) - w)
+    assert (err <= cq.scales[:, None] / 2 + 1e-9).all()
+    assert (qm.dequantize_per_channel(cq)[3] == 0).all()  # the all-zero row stays zero (scale 0)
+    assert qm.channel_stored_bytes(cq) == w.size + 4 * w.shape[0]
+
+
+def test_activation_codes_round_trip_per_row() -> None:
+    x = np.random.default_rng(2).normal(size=(2, 5, 64)).astype(np.float32)
+    x[0, 1] *= 100  # an outlier row does not coarsen the others
+    x[1, 2] = 0.0  # an all-zero row: codes 128, max 0
+    codes, amax = qm.activation_codes(x)
+    back = (codes.astype(np.float32) - 128) * amax / 127
+    assert (np.abs(back - x) <= amax / 254 + 1e-6).all()
+    assert (codes[1, 2] == 128).all() and amax[1, 2, 0] == 0
+
+
+def test_the_integer_gemm_nodes_compute_the_per_row_emulation() -> None:
+    """The quantizer's MatMulIntegerToFloat chain equals (codes - 128) * max|row| / 127 @ (W codes * scales),
+    an all-zero input row gives zero (not NaN), and the output is x @ W within the two roundings."""
+    import onnx
+
+    from parscale.exporter.quantize import QuantReport, QuantScheme, _matmul_integer
+
+    n, k = 40, 96
+    w = _matrix(n, k, seed=7)
+    cq = qm.quantize_per_channel(w)
+    graph = helper.make_graph([], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, n])])
+    matmul = helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")
+    graph.node.extend(_matmul_integer(graph, matmul, cq, "proj", QuantReport(QuantScheme(bits=8))))
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).normal(size=(2, 3, k)).astype(np.float32)
+    x[0, 1] *= 50
+    x[1, 0] = 0.0
+    y = sess.run(None, {"x": x})[0]
+    codes, amax = qm.activation_codes(x)
+    emulated = ((codes.astype(np.float32) - 128) * amax / 127) @ qm.dequantize_per_channel(cq).T
+    np.testing.assert_allclose(y, emulated, rtol=1e-4, atol=1e-6)
+    assert np.isfinite(y).all() and (y[1, 0] == 0).all()
+    np.testing.assert_allclose(y, x @ w.T, atol=0.02 * np.abs(x @ w.T).max())

@@ -20,7 +20,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from runtime_helpers import greedy_graph
+from runtime_helpers import all_nodes, greedy_graph
 from typer.testing import CliRunner
 
 from parscale.cli import app
@@ -72,6 +72,10 @@ def graph_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     inits = {t.name: t for t in proto.graph.initializer}
     out = {}
     for node in proto.graph.node:
+        if node.op_type == "MatMulIntegerToFloat":  # (K, N) int8 codes, scales / 127 per column
+            codes, scales = (numpy_helper.to_array(inits[node.input[i]]) for i in (1, 3))
+            out[node.input[1].rsplit(".", 1)[0]] = (codes.astype(np.float32) * scales * 127).T
+            continue
         codes_name = node.input[1] if node.op_type == "MatMulNBits" else node.input[0]
         if node.op_type not in ("MatMulNBits", "GatherBlockQuantized") or codes_name not in inits:
             continue  # (a shared table's Gather reads it through a Reshape: decoded via the LM head)
@@ -210,7 +214,7 @@ def test_no_dead_or_float_copies_of_quantized_weights(
 ) -> None:
     _, proto, report = quantize_copy(float_exports[which], tmp_path / "q", scheme, hessians[which])
     graph = proto.graph
-    used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input}
+    used = {i for n in all_nodes(graph) for i in n.input} | {i.name for i in graph.input}  # If branches too
     assert [t.name for t in graph.initializer if t.name not in used] == []
     big_float = [list(t.dims) for t in graph.initializer
                  if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and min(t.dims) >= 64]
@@ -236,7 +240,7 @@ def test_export_records_scheme_bits_and_fidelity(int4_tied) -> None:
     m = Manifest.read(int4_tied.out)
     q = m.quantization
     assert q["scheme"] == {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 4, "embedding_bits": 4,
-                           "method": "gptq"}
+                           "method": "gptq", "kernel": "MatMulNBits"}
     assert q["calibration"].startswith("sampled from the model (float32): 16 x 128 tokens")
     assert q["shared_embedding"] is True
     assert 5.0 < q["bits_per_weight"]["quantized"] < 5.2  # 4 + 32/32 + 4/32 with fp32 scales
@@ -291,6 +295,53 @@ def test_compare_float_and_quantized_on_text(int4_tied, float_exports: dict[str,
     f = compare_exports(a, int4_tied.out, text=tmp_path / "t.txt", window=64, max_windows=None)
     assert f.perplexity_a is not None and f.perplexity_b is not None and f.perplexity_a > 1
     assert f.source == "text t.txt" and f.windows >= 2
+
+
+@pytest.mark.parametrize("which", ["tied", "p1"])
+def test_the_int8_default_graph_equals_module_with_its_weights_and_row_quantized_inputs(
+    which: str, checkpoints: dict[str, Path], float_exports: dict[str, Path], tmp_path: Path,
+) -> None:
+    """The int8 default (MatMulIntegerToFloat for gate/up): the graph equals the module carrying its
+    weights whose gate/up inputs are quantized per row as `quant_math.activation_codes` says (the other
+    projections at accuracy_level 0, float activations, so that the gate/up rounding is all there is)."""
+    assert default_scheme(8).kernel == "MatMulIntegerToFloat"
+    scheme = default_scheme(8, accuracy_level=0)
+    _, proto, report = quantize_copy(float_exports[which], tmp_path / "q", scheme)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 2 and ops.count("MatMulNBits") == 3 * 2 + 1  # per layer
+    assert {t["kind"] for name, t in report.tensors.items() if "gate_up" in name} == {"MatMulIntegerToFloat"}
+    assert report.to_dict()["ops"][0] == "com.microsoft.MatMulIntegerToFloat"
+    module = graph_module(checkpoints[which], proto)
+
+    def row_quantized(_mod: torch.nn.Module, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+        codes, amax = qm.activation_codes(inputs[0].detach().numpy())
+        return (torch.from_numpy((codes.astype(np.float32) - 128) * amax / 127),)
+
+    for layer in module.model.layers:
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            proj.register_forward_pre_hook(row_quantized)
+    r = compare(open_session(tmp_path / "q" / MODEL_FILE), module, tolerance=1e-3)
+    assert r.ok, r
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"bits": 4}, "use it with --int8"), ({"bits": 8, "method": "gptq"}, "use it with --int8"),
+])
+def test_the_integer_kernel_takes_int8_round_to_nearest_only(kwargs: dict, message: str) -> None:
+    with pytest.raises(ParScaleError, match=message):
+        QuantScheme(kernel="MatMulIntegerToFloat", **kwargs)
+    with pytest.raises(ParScaleError, match="kernel must be one of MatMulNBits, MatMulIntegerToFloat"):
+        QuantScheme(bits=8, kernel="DynamicQuantizeMatMul")
+
+
+def test_the_integer_kernel_is_refused_for_fp16_and_fp16_defaults_to_matmulnbits(
+    checkpoints: dict[str, Path], tmp_path: Path,
+) -> None:
+    assert default_scheme(8, dtype="fp16").kernel == "MatMulNBits"
+    res = CliRunner().invoke(app, ["export", str(checkpoints["tied"]), "-o", str(tmp_path / "x"), "--int8",
+                                   "--kernel", "MatMulIntegerToFloat", "--dtype", "fp16"])
+    assert res.exit_code == 1 and "runs in float32 graphs" in str(res.exception)
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_int8_untied_fp16(checkpoints: dict[str, Path], tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from runtime_helpers import TEXTS, byte_level_tokenizer, torch_greedy
+from runtime_helpers import TEXTS, all_nodes, byte_level_tokenizer, decode_step_ops, torch_greedy
 
 from parscale.errors import ParScaleError
 from parscale.graph import CPU, CUDA
@@ -347,7 +347,8 @@ def test_streams_take_one_prompt_and_check_input_at_the_call(models):
 
 def test_exports_are_the_fused_graph(tiny_exports):
     """Per layer: one packed QKV and one packed gate/up projection, GroupQueryAttention with the P
-    streams as heads, fused norms; the cache's prefix rows are recorded for the runtime."""
+    streams as heads (in an `If` on the first step when there is a prefix), fused norms; the cache's
+    prefix rows are recorded for the runtime."""
     import onnx
 
     from parscale.graph import GraphInfo, open_session
@@ -356,14 +357,32 @@ def test_exports_are_the_fused_graph(tiny_exports):
         path = tiny_exports[P][1] / "model.onnx"
         proto = onnx.load(str(path), load_external_data=False)
         ops = [n.op_type for n in proto.graph.node]
+        everywhere = [n.op_type for n in all_nodes(proto.graph)]
         layers = 2
-        assert ops.count("GroupQueryAttention") == layers
+        assert everywhere.count("GroupQueryAttention") == layers * (2 if P > 1 else 1)  # first step, decode
+        assert ops.count("If") == (layers + 1 if P > 1 else 0)  # each layer's attention; the first step's values
         assert ops.count("MatMul") == 4 * layers + 1 + 3 * (P > 1)  # qkv, o, gate_up, down; LM head; mixing
         assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers  # the first norm has no residual yet
-        assert ops.count("Softmax") == (P > 1)  # the aggregation weights only: attention is fused
-        gqa = next(n for n in proto.graph.node if n.op_type == "GroupQueryAttention")
+        assert everywhere.count("Softmax") == (P > 1)  # the aggregation weights only: attention is fused
+        gqa = next(n for n in all_nodes(proto.graph) if n.op_type == "GroupQueryAttention")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
         assert (attrs["num_heads"], attrs["kv_num_heads"], attrs["do_rotary"]) == (P * 4, P * 2, 1)
-        assert len(proto.graph.node) <= 30 * layers + 60  # the traced graph had about 50 per layer
+        assert len(everywhere) <= 40 * layers + 60  # the traced graph had about 50 per layer
         info = GraphInfo.of(open_session(path))
         assert info.prefix_rows == (8 if P > 1 else 0)  # TinyFactory: prefix 8
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_a_decode_step_does_no_prefix_work(tiny_exports, P):  # noqa: N803
+    """After the first step no node touches the prefix: no prefix rows expanded, rotated or concatenated
+    in front of the keys, values and queries, no zero rows sliced off the attention output. What a
+    layer runs at decode: norm, QKV projection, (at P > 1: split into q/k/v, three views, the `If`)
+    GroupQueryAttention, (a view,) output projection, norm, gate/up projection, split, SiLU, down."""
+    ops = decode_step_ops(tiny_exports[P][1] / "model.onnx")
+    layers = 2
+    assert ops.count("GroupQueryAttention") == layers
+    assert "RotaryEmbedding" not in ops
+    # What remains is computed once per step for every layer (the embedded model's 4 layers run the
+    # same counts): the padding bias, the GQA lengths, the streams' fan-out, the kept positions and
+    # the last position's logits.
+    assert ops.count("Concat") <= 4 and ops.count("Expand") <= 4 and ops.count("Slice") <= 3, ops

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -144,3 +145,21 @@ def test_onnxruntime_genai_gives_the_same_greedy_tokens(tiny_exports, P):  # noq
     assert theirs == ours.generated_ids
     reference = torch_greedy(load_model(ckpt)[1], [prompt], n)[0]
     assert ours.generated_ids == reference[:len(ours.generated_ids)]  # both stop at an EOS; torch does not
+
+
+def test_onnxruntime_genai_runs_the_lm_head_on_the_last_prompt_position_only(tiny_exports):
+    """genai reads our `logits` output's static length 1 and takes its trimmed-prefill path: the prompt's
+    logits come back as (1, 1, vocab), not one row per prompt token (genai's own log says which)."""
+    pytest.importorskip("onnxruntime_genai")
+    script = (
+        "import sys, onnxruntime_genai as og\n"
+        "og.set_log_options(enabled=True, model_output_shapes=True)\n"
+        "m = og.Model(sys.argv[1]); p = og.GeneratorParams(m); p.set_search_options(max_length=40)\n"
+        "g = og.Generator(m, p); g.append_tokens([5, 17, 300, 42, 7, 9, 11]); g.generate_next_token()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(tiny_exports[4][1])], capture_output=True, text=True,
+                       timeout=120)
+    log = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)  # genai colours its log
+    assert r.returncode == 0, log[-2000:]
+    assert "Using Trimmed Prefill Logits" in log
+    assert re.search(r"Name: logits ShapeDims\[ 3\]Shape\[ 1 1 \d+ \]", log), log[-2000:]

@@ -66,7 +66,7 @@ def test_a_checkpoint_lists_and_loads_its_head_sets(ckpt):
 def test_the_multi_p_export_stores_the_backbone_once(ckpt, exports):
     multi, single = exports["multi"], exports[8]
     manifest = json.loads((multi / "parscale.json").read_text())
-    assert manifest["format_version"] == 3 and manifest["io"]["cache"]["streams"] == STREAMS
+    assert manifest["format_version"] == 4 and manifest["io"]["cache"]["streams"] == STREAMS
     assert manifest["model"]["P"] == 8
     graph = onnx.load(str(multi / MODEL_FILE), load_external_data=False).graph
     names = [t.name for t in graph.initializer]

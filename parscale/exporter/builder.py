@@ -99,28 +99,38 @@ class GraphBuilder:
                                            **attrs))
         return outputs
 
+    def branch(self, cond: str, then_body: Callable[[], list[str]], else_body: Callable[[], list[str]],
+               outputs: list[str]) -> list[str]:
+        """An `If` node: `then_body()`'s nodes run when `cond` (a one-element bool) holds, else `else_body()`'s.
+
+        Each branch is a subgraph holding only the nodes its body adds; the weights and constants it
+        uses stay in the outer graph. Its outputs are named by `outputs`.
+        """
+        graphs = []
+        for body in (then_body, else_body):
+            saved, self.nodes = self.nodes, []
+            try:
+                results = body()
+                graphs.append(helper.make_graph(self.nodes, self.fresh("branch"), [],
+                                                [helper.make_empty_tensor_value_info(r) for r in results]))
+            finally:
+                self.nodes = saved
+        return self.ops("If", cond, outputs=outputs, then_branch=graphs[0], else_branch=graphs[1])
+
     def switch(self, key: str, cases: list[int], body: Callable[[int], list[str]], outputs: list[str]) -> list[str]:
         """Nested `If` nodes that run `body(case)`'s nodes for the case equal to `key` (an int64 [1]).
 
-        Each branch is a subgraph holding only the nodes `body` adds; the weights and constants it
-        uses stay in the outer graph. The last case is the final else: a key matching no case runs it.
+        The last case is the final else: a key matching no case runs it.
         """
         if len(cases) == 1:
             return [self.op("Identity", o, outputs=[name]) for o, name in zip(body(cases[0]), outputs, strict=True)]
-        branches = []
-        for part in ([cases[0]], cases[1:]):
-            saved, self.nodes = self.nodes, []
-            try:
-                if len(part) == 1:
-                    results = body(part[0])
-                else:
-                    results = self.switch(key, part, body, [self.fresh("case") for _ in outputs])
-                branches.append(helper.make_graph(self.nodes, self.fresh(f"case_{part[0]}"), [],
-                                                  [helper.make_empty_tensor_value_info(r) for r in results]))
-            finally:
-                self.nodes = saved
-        cond = self.op("Equal", key, self.const([cases[0]]))
-        return self.ops("If", cond, outputs=outputs, then_branch=branches[0], else_branch=branches[1])
+        first, rest = cases[0], cases[1:]
+        return self.branch(
+            self.op("Equal", key, self.const([first])),
+            lambda: body(first),
+            lambda: body(rest[0]) if len(rest) == 1 else self.switch(key, rest, body,
+                                                                        [self.fresh("case") for _ in outputs]),
+            outputs)
 
     # ------------------------------------------------------------------ writing
 

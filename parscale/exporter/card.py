@@ -183,7 +183,7 @@ def _plain(m: Manifest, name: str) -> str:
         "plain.md", layers=info.num_hidden_layers, heads=info.cache_heads, head_dim=info.head_dim,
         vocab=info.vocab_size, float_type="float16" if m.dtype == "fp16" else "float32",
         input_ids=contract.INPUT_IDS, attention_mask=contract.ATTENTION_MASK, position_ids=contract.POSITION_IDS,
-        num_logits_to_keep=contract.NUM_LOGITS_TO_KEEP, logits=contract.LOGITS,
+        num_logits_to_keep=contract.NUM_LOGITS_TO_KEEP, logits=contract.LOGITS, kept_logits=contract.KEPT_LOGITS,
         loop=_greedy_loop(m, name, MODEL_FILE),
     )
 

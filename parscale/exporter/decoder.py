@@ -84,7 +84,6 @@ class _Decoder:
         c = self.cfg
         self.P, self.H, self.Hkv, self.D = c.P, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.h, self.N = c.hidden_size, c.n_prefix
-        self.zero_queries: dict[int, str] = {}  # P -> (b, n, P*H*D)
 
     # ------------------------------------------------------------------ helpers
 
@@ -121,7 +120,7 @@ class _Decoder:
             b.input(name, fdt, [contract.BATCH, heads, contract.PAST, cfg.head_dim])
         keep = contract.NUM_LOGITS_TO_KEEP
         b.inputs.append(helper.make_tensor_value_info(keep, TensorProto.INT64, []))
-        b.initializers.append(numpy_helper.from_array(np.array(0, np.int64), keep))  # optional: 0 = all positions
+        b.initializers.append(numpy_helper.from_array(np.array(1, np.int64), keep))  # optional: 1 = the last
 
         self.common(ids, mask)
         x = self.embed(ids)  # (b, s*P, h)
@@ -141,64 +140,75 @@ class _Decoder:
                                               f"{prefix}.post_attention_layernorm.weight")
             delta = self.mlp(normed, layer.mlp, prefix)
         assert delta is not None
-        delta, residual = self.keep_last(delta, keep), self.keep_last(residual, keep)
         y, _ = self.skip_norm(delta, residual, self.m.model.norm.weight, "model.norm.weight")
+        y = self.keep_last(y, keep)  # (b, k*P, h)
         if self.multi:
             y = self.switch(lambda p: [self.aggregate(y, p) if p > 1 else b.op("Identity", y)], [b.fresh("mixed")])[0]
         elif self.P > 1:
             y = self.aggregate(y, self.P)
-        logits = self.lm_head(y)
+        kept = self.lm_head(y)  # (b, k, vocab): one LM head over the kept positions only
         if self.dtype != torch.float32:
-            logits = self.cast(logits, TensorProto.FLOAT)
-        b.nodes[-1].output[0] = contract.LOGITS
-        b.outputs.insert(0, helper.make_tensor_value_info(contract.LOGITS, TensorProto.FLOAT,
-                                                          [contract.BATCH, contract.SEQ, cfg.vocab_size]))
+            kept = self.cast(kept, TensorProto.FLOAT)
+        b.nodes[-1].output[0] = kept = contract.KEPT_LOGITS
+        b.op("Slice", kept, b.const([-1]), b.const([_INT_MAX]), b.const([1]), outputs=[contract.LOGITS])
+        axes = contract.axes(n)
+        b.outputs[:0] = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [*axes[name][:2], cfg.vocab_size])
+                         for name in (contract.LOGITS, contract.KEPT_LOGITS)]
 
     def common(self, ids: str, mask: str) -> None:
-        """Values every layer shares: prefix rows this step, GQA lengths, positions, padding bias."""
+        """Values every layer shares this step: GQA lengths, the padding bias, rotary caches; and the
+        first step's prefix values (`self.first`), computed inside an `If` so that decode steps skip them."""
         b, N = self.b, self.N
         if self.multi:  # P from the cache the runtime binds: (b, P*Hkv, rows, D)
             self.P_t = b.op("Div", self.shape_of(contract.past_key(0), 1, 2), b.const([self.Hkv]))  # [P]
         self.batch = self.shape_of(ids, 0, 1)  # [b]
         seq = self.shape_of(ids, 1, 2)  # [s]
         mask_len = self.shape_of(mask, 1, 2)  # [T]
-        if N:
-            first = b.op("Equal", mask_len, seq)  # the first step writes the prefix rows
-            self.n_pre = b.op("Where", first, b.const([N]), b.const([0]))  # [n]
         total = b.op("Add", mask_len, b.const([N])) if N else mask_len
         total32 = self.cast(total, TensorProto.INT32)
         self.total = b.op("Squeeze", total32, b.const([0]))  # scalar
         self.seqlens = b.op("Expand", b.op("Sub", total32, b.const([1], np.int32)), self.batch)  # (b,)
-        if N:
-            # Prefix row j of sequence i is stored rotated by RoPE(N + pad_i - j) (pad_i: its left
-            # padding), so that GroupQueryAttention's rotation by cache index leaves every prefix
-            # score as the reference's (no RoPE on the prefix, real tokens at positions from 0).
-            pads = b.op("Sub", seq, b.op("ReduceSum", mask, b.const([1]), keepdims=1))  # (b, 1) on the first step
-            j = b.const(np.arange(N)[None])  # (1, N)
-            rot = b.op("Max", b.op("Sub", b.op("Add", pads, b.const(N)), j), b.const(0))  # (b, N)
-            self.prefix_pos = b.op("Slice", rot, b.const([0]), self.n_pre, b.const([1]))  # (b, n)
-        # Additive bias over keys (b, 1, 1, N+T): 0 for prefix rows and real tokens, a large negative
+        # Additive bias over keys (b, 1, s, N+T): 0 for prefix rows and real tokens, a large negative
         # for padding (finite: a padded row with no visible key stays finite).
         neg = float(np.finfo(self.np_dtype).min)
         padded = b.op("Equal", mask, b.const(0))
-        bias = b.op("Where", padded, b.const(neg, self.np_dtype), b.const(0.0, self.np_dtype))  # (b, T)
-        queries = b.op("Add", seq, self.n_pre) if N else seq  # query rows this step
-        self.bias = self.key_bias(bias, queries, 0.0)
+        pad_bias = b.op("Where", padded, b.const(neg, self.np_dtype), b.const(0.0, self.np_dtype))  # (b, T)
+        self.bias = self.key_bias(pad_bias, seq, 0.0)
         if N and 1 in self.Ps:  # P=1 beside prefixed P: its N rows exist but are masked
-            self.bias_p1 = self.key_bias(bias, queries, neg)
+            self.bias_p1 = self.key_bias(pad_bias, seq, neg)
         # GroupQueryAttention rotates by cache index (N prefix rows, then left padding and tokens).
         positions = torch.arange(self.cfg.max_position_embeddings + N)[None]
         cos, sin = rope_cos_sin(positions, self.D, self.cfg.rope_theta)  # (1, rows, D)
         self.cos = self.b.weight("rope.cos_cache", cos[0, :, : self.D // 2].to(self.dtype).numpy())
         self.sin = self.b.weight("rope.sin_cache", sin[0, :, : self.D // 2].to(self.dtype).numpy())
         if N:
-            self.expand_rows = b.op("Concat", self.batch, b.const([1, 1]), axis=0)  # [b, 1, 1]
-            # The zero query rows put in front of the first step's queries (their outputs are dropped);
-            # made here, in the outer graph, since every layer's branches use them.
-            for P in self.Ps:
-                zeros = b.const(np.zeros((1, N, P * self.H * self.D)), self.np_dtype)
-                self.zero_queries[P] = b.op("Expand", b.op("Slice", zeros, b.const([0]), self.n_pre, b.const([1])),
-                                            self.expand_rows)
+            self.first = b.op("Equal", mask_len, seq)  # the first step (no past) writes the prefix rows
+            names = ["expand_rows", "prefix_pos", "bias_first", *(["bias_first_p1"] if 1 in self.Ps else []),
+                     *(f"zero_queries_p{P}" for P in self.Ps)]
+            values = b.branch(self.first, lambda: self.first_step_values(mask, seq, pad_bias, neg),
+                              lambda: [b.op("Identity", b.const(np.zeros(0), dt)) for dt in
+                                       [np.int64, np.int64] + [self.np_dtype] * (len(names) - 2)],
+                              [b.fresh(n) for n in names])
+            self.first_values = dict(zip(names, values, strict=True))
+
+    def first_step_values(self, mask: str, seq: str, pad_bias: str, neg: float) -> list[str]:
+        """The first step's shared prefix values (the `then` branch of common's `If`)."""
+        b, N = self.b, self.N
+        expand_rows = b.op("Concat", self.batch, b.const([1, 1]), axis=0)  # [b, 1, 1]
+        # Prefix row j of sequence i is stored rotated by RoPE(N + pad_i - j) (pad_i: its left
+        # padding), so that GroupQueryAttention's rotation by cache index leaves every prefix
+        # score as the reference's (no RoPE on the prefix, real tokens at positions from 0).
+        pads = b.op("Sub", seq, b.op("ReduceSum", mask, b.const([1]), keepdims=1))  # (b, 1)
+        j = b.const(np.arange(N)[None])  # (1, N)
+        prefix_pos = b.op("Max", b.op("Sub", b.op("Add", pads, b.const(N)), j), b.const(0))  # (b, N)
+        queries = b.op("Add", seq, b.const([N]))  # N zero query rows in front of the tokens
+        biases = [self.key_bias(pad_bias, queries, 0.0)]
+        if 1 in self.Ps:
+            biases.append(self.key_bias(pad_bias, queries, neg))
+        # The zero query rows put in front of the first step's queries (their outputs are dropped).
+        zeros = [b.op("Expand", b.const(np.zeros((1, N, P * self.H * self.D)), self.np_dtype), expand_rows)
+                 for P in self.Ps]
+        return [expand_rows, prefix_pos, *biases, *zeros]
 
     def key_bias(self, pad_bias: str, queries: str, prefix_value: float) -> str:
         """(b, 1, queries, N+T): `prefix_value` over the N prefix columns, then the padding bias (b, T)."""
@@ -236,18 +246,18 @@ class _Decoder:
         return out[0], out[3]
 
     def prefix_rows(self, param: torch.Tensor | None, name: str, *, rotate: bool) -> str:
-        """(b, n, P*Hkv*D): the prefix rows put in front of this step's keys or values (n = N or 0).
+        """(b, N, P*Hkv*D): the prefix rows put in front of the first step's keys or values.
 
         `param` None: P=1 beside prefixed P, whose N rows are zeros (and masked)."""
-        b = self.b
+        b, first = self.b, self.first_values
         if param is None:
             table = b.const(np.zeros((1, self.N, self.Hkv * self.D)), self.np_dtype)
         else:
             rows = param.detach().permute(2, 0, 1, 3).reshape(1, self.N, -1)  # (1, N, P*Hkv*D), head p*Hkv + h
             table = self.tensor(name, rows)
-        rows = b.op("Expand", b.op("Slice", table, b.const([0]), self.n_pre, b.const([1])), self.expand_rows)
+        rows = b.op("Expand", table, first["expand_rows"])
         if rotate and param is not None:
-            rows = b.op("RotaryEmbedding", rows, self.prefix_pos, self.cos, self.sin, domain=MS_DOMAIN,
+            rows = b.op("RotaryEmbedding", rows, first["prefix_pos"], self.cos, self.sin, domain=MS_DOMAIN,
                         num_heads=param.shape[0] * self.Hkv)
         return rows
 
@@ -266,36 +276,58 @@ class _Decoder:
         return self.linear(out, attn.o_proj.weight, f"{prefix}.self_attn.o_proj", f"{prefix}.self_attn.o_proj")
 
     def attention_core(self, qkv: str, i: int, prefix: str, P: int, presents: list[str]) -> list[str]:  # noqa: N803
-        """GroupQueryAttention over the P streams as heads: [(b, s*P, H*D), present key, present value]."""
+        """GroupQueryAttention over the P streams as heads: [(b, s*P, H*D), present key, present value].
+
+        With a prefix, an `If` on the first step: its `then` branch puts the prefix rows in front of
+        the keys and values (and zero rows in front of the queries); decode steps run the bare
+        GroupQueryAttention of the `else` branch."""
         b, H, Hkv, D = self.b, self.H, self.Hkv, self.D
-        attn = self.models[P].model.layers[i].self_attn
-        tag = f".p{P}" if self.multi else ""  # each P's own prefix tensors
         if P == 1 and not self.N:  # the projection's output is already GroupQueryAttention's packed QKV layout
-            q, k, v = qkv, "", ""
+            return self.gqa(qkv, "", "", i, P, self.bias, presents)
+        q, k, v = b.ops("Split", qkv, b.const([H * D, Hkv * D, Hkv * D]), outputs=3, axis=-1)
+        if P > 1:
+            q = b.op("Reshape", q, b.const([0, -1, P * H * D]))  # (b, s, P*H*D): head p*H + h
+            k = b.op("Reshape", k, b.const([0, -1, P * Hkv * D]))  # (b, s, P*Hkv*D)
+            v = b.op("Reshape", v, b.const([0, -1, P * Hkv * D]))
+        if not self.N:
+            out, key, value = self.gqa(q, k, v, i, P, self.bias, presents)
         else:
-            q, k, v = b.ops("Split", qkv, b.const([H * D, Hkv * D, Hkv * D]), outputs=3, axis=-1)
-            if P > 1:
-                q = b.op("Reshape", q, b.const([0, -1, P * H * D]))  # (b, s, P*H*D): head p*H + h
-                k = b.op("Reshape", k, b.const([0, -1, P * Hkv * D]))  # (b, s, P*Hkv*D)
-                v = b.op("Reshape", v, b.const([0, -1, P * Hkv * D]))
-        bias = self.bias
-        if self.N:
-            q = b.op("Concat", self.zero_queries[P], q, axis=1)
-            pk, pv = (attn.prefix_k, attn.prefix_v) if P > 1 else (None, None)
-            k = b.op("Concat", self.prefix_rows(pk, f"{prefix}.self_attn.prefix_k{tag}", rotate=True), k, axis=1)
-            v = b.op("Concat", self.prefix_rows(pv, f"{prefix}.self_attn.prefix_v{tag}", rotate=False), v, axis=1)
             bias = self.bias if P > 1 else self.bias_p1
-        out, key, value = b.ops(
-            "GroupQueryAttention", q, k, v, contract.past_key(i), contract.past_value(i), self.seqlens, self.total,
-            self.cos, self.sin, "", bias,  # no position_ids: rotation by cache index
-            outputs=[b.fresh("attn"), *presents], domain=MS_DOMAIN,
-            num_heads=P * H, kv_num_heads=P * Hkv, do_rotary=1, name=f"{prefix}.self_attn.gqa{tag}",
-        )
-        if self.N:
-            out = b.op("Slice", out, self.n_pre, b.const([_INT_MAX]), b.const([1]))  # drop the prefix rows
+
+            def fresh() -> list[str]:
+                return [b.fresh("present_k"), b.fresh("present_v")]
+
+            out, key, value = b.branch(self.first, lambda: self.first_attention(q, k, v, i, prefix, P, fresh()),
+                                       lambda: self.gqa(q, k, v, i, P, bias, fresh()), [b.fresh("attn"), *presents])
         if P > 1:
             out = b.op("Reshape", out, b.const([0, -1, H * D]))  # (b, s*P, H*D)
         return [out, key, value]
+
+    def first_attention(self, q: str, k: str, v: str, i: int, prefix: str, P: int,  # noqa: N803
+                        presents: list[str]) -> list[str]:
+        """The first step: the N prefix rows in front of keys and values, N zero rows in front of the
+        queries (their outputs dropped)."""
+        b, first = self.b, self.first_values
+        attn = self.models[P].model.layers[i].self_attn
+        tag = f".p{P}" if self.multi else ""  # each P's own prefix tensors
+        pk, pv = (attn.prefix_k, attn.prefix_v) if P > 1 else (None, None)
+        q = b.op("Concat", first[f"zero_queries_p{P}"], q, axis=1)
+        k = b.op("Concat", self.prefix_rows(pk, f"{prefix}.self_attn.prefix_k{tag}", rotate=True), k, axis=1)
+        v = b.op("Concat", self.prefix_rows(pv, f"{prefix}.self_attn.prefix_v{tag}", rotate=False), v, axis=1)
+        bias = first["bias_first"] if P > 1 else first["bias_first_p1"]
+        out, key, value = self.gqa(q, k, v, i, P, bias, presents)
+        return [b.op("Slice", out, b.const([self.N]), b.const([_INT_MAX]), b.const([1])), key, value]
+
+    def gqa(self, q: str, k: str, v: str, i: int, P: int, bias: str, presents: list[str]) -> list[str]:  # noqa: N803
+        """One GroupQueryAttention node, the P streams as heads, rotary inside, writing the cache in place:
+        [(b, s*P or s, heads*D), present key, present value]."""
+        tag = f".p{P}" if self.multi else ""
+        return self.b.ops(
+            "GroupQueryAttention", q, k, v, contract.past_key(i), contract.past_value(i), self.seqlens, self.total,
+            self.cos, self.sin, "", bias,  # no position_ids: rotation by cache index
+            outputs=[self.b.fresh("attn"), *presents], domain=MS_DOMAIN, num_heads=P * self.H,
+            kv_num_heads=P * self.Hkv, do_rotary=1, name=f"model.layers.{i}.self_attn.gqa{tag}",
+        )
 
     def mlp(self, x: str, mlp: torch.nn.Module, prefix: str) -> str:
         b, inter = self.b, self.cfg.intermediate_size

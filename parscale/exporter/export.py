@@ -34,14 +34,13 @@ from parscale.exporter.graphfile import (
     save_graph,
     set_metadata,
 )
-from parscale.exporter.quantize import QuantReport, QuantScheme, quantize_graph
+from parscale.exporter.quantize import NBITS_KERNEL, QuantReport, QuantScheme, quantize_graph
 from parscale.exporter.validate import ValidationReport, reference_run
 from parscale.fidelity import Fidelity, text_tokens
 from parscale.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     MODEL_FILE,
-    MULTI_FORMAT_VERSION,
     Manifest,
     ModelInfo,
     describe_files,
@@ -239,6 +238,9 @@ def _preflight(
     streams = resolve_streams(dirs, P)
     cfg = with_streams(ParScaleConfig.load(model_dir), streams[-1].P)
     check_supported(cfg.head_dim)
+    if job.quantize is not None and job.quantize.kernel != NBITS_KERNEL and job.dtype != Dtype.fp32:
+        raise ParScaleError(f"the {job.quantize.kernel} kernel runs in float32 graphs (a CPU kernel): export with "
+                            f"--dtype fp32, or use --kernel {NBITS_KERNEL} for fp16")
     if len(streams) > 1 and job.ort_format:
         raise ParScaleError("ort_format (--ort-format) is for single-P exports: export each P for ONNX Runtime Mobile")
     eos = folder.eos_ids(model_dir, cfg)  # a malformed generation_config.json fails now, not after writing the graph
@@ -362,7 +364,7 @@ def _manifest(
             contract.CACHE_INFO: cache},
         source={"name": model_dir.resolve().name, "sha256": checksum},
         tool={"name": "parscale", "version": __version__},
-        format_version=MULTI_FORMAT_VERSION if multi else FORMAT_VERSION,
+        format_version=FORMAT_VERSION,
     )
 
 

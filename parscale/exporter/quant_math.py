@@ -219,6 +219,57 @@ def packed_weight_nbytes(N: int, k_blocks: int, block_size: int, bits: int) -> i
     return N * k_blocks * block_size * bits // 8
 
 
+@dataclass(frozen=True)
+class ChannelQuantized:
+    """An (N, K) matrix as symmetric int8 codes with one scale per output row (channel):
+
+        w[n, k] ~= codes[n, k] * scales[n]
+
+    the layout of ONNX Runtime's integer GEMM (`MatMulIntegerToFloat`, B stored (K, N) int8 with a
+    per-column scale), which multiplies it by int8 activations quantized per row (`activation_codes`).
+    """
+
+    codes: np.ndarray  # int8 (N, K), in [-127, 127]
+    scales: np.ndarray  # float32 (N,)
+
+    @property
+    def N(self) -> int:  # noqa: N802
+        return int(self.codes.shape[0])
+
+    @property
+    def K(self) -> int:  # noqa: N802
+        return int(self.codes.shape[1])
+
+
+def quantize_per_channel(w: np.ndarray, scale_dtype: np.dtype | type = np.float32) -> ChannelQuantized:
+    """Round-to-nearest symmetric int8 codes of a 2-D matrix, one scale per row (its largest magnitude / 127)."""
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {w.shape}")
+    w = w.astype(np.float32, copy=False)
+    scales = _round_to(np.abs(w).max(axis=1) / 127, scale_dtype)
+    codes = np.clip(np.round(w * _inverse(scales)[:, None]), -127, 127).astype(np.int8)
+    return ChannelQuantized(codes=codes, scales=scales)
+
+
+def dequantize_per_channel(cq: ChannelQuantized) -> np.ndarray:
+    return cq.codes.astype(np.float32) * cq.scales[:, None]
+
+
+def activation_codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the graph does to the activations of a `ChannelQuantized` product, per row of x (..., K):
+    uint8 codes round(127 x / max|x|) + 128 and the row's max|x| (x ~= (codes - 128) * max|x| / 127)."""
+    x = x.astype(np.float32, copy=False)
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):  # an all-zero row: 0/0, as in the graph; its scale is 0
+        unit = np.nan_to_num(x / amax)  # float32 division, then QuantizeLinear's division by 1/127, as ORT does
+    codes = np.clip(np.round(unit / np.float32(1 / 127)) + 128, 0, 255)
+    return codes.astype(np.uint8), amax
+
+
+def channel_stored_bytes(cq: ChannelQuantized, scale_bytes: int = 4) -> int:
+    return cq.N * cq.K + cq.N * scale_bytes
+
+
 def gptq_factor(hessian: np.ndarray, damp: float = 0.01) -> np.ndarray:
     """Upper Cholesky factor (float32) of the damped inverse Hessian, as `gptq_quantize` consumes it.
 

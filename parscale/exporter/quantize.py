@@ -1,7 +1,18 @@
-"""Weight-only quantization policy: which tensors of a traced export become which ONNX Runtime nodes.
+"""Quantization policy: which tensors of an export become which ONNX Runtime nodes.
 
-Quantized: every decoder projection (q/k/v/o, gate/up/down) and the LM head, as
-`com.microsoft.MatMulNBits`, and the embedding table, as `com.microsoft.GatherBlockQuantized`.
+Quantized: every decoder projection (packed q/k/v, o, packed gate/up, down), the LM head and the
+embedding table. The `kernel` decides the packed gate/up projection (`INTEGER_TARGETS`):
+
+- `MatMulNBits` (the int4 default, and every other projection): block-wise weights, activations
+  quantized per block of 32 inside the kernel, which re-reads each weight block for every pair of
+  rows (at batch 1 the P streams are the rows);
+- `MatMulIntegerToFloat` (the int8 default, CPU only): int8 weights per output channel through ONNX
+  Runtime's integer GEMM, which reads each weight once for up to 6 rows, with the activations
+  quantized per row by four nodes in front (Abs, ReduceMax, Div, QuantizeLinear).
+
+The LM head and the embedding are block-wise whatever the kernel (one tied table serves both);
+README "Quantization" has the measurements behind every choice.
+
 Kept in floating point: ParScale's own parameters (prefix keys/values, the aggregation MLP), which
 decide how the streams mix (0.9% of the weights of a 0.5B P=4 model, 7.7% of the small embedded
 model); norms and biases.
@@ -40,6 +51,16 @@ _EMBED_SCOPE = re.compile(r"(?:^|\.)embed_tokens$")
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # module path of each node, recorded by torch.onnx (dynamo)
 
 
+NBITS_KERNEL, INTEGER_KERNEL = "MatMulNBits", "MatMulIntegerToFloat"
+KERNELS = (NBITS_KERNEL, INTEGER_KERNEL)
+# The projections the integer kernel takes: the packed gate/up (named by its first half), 69% of a layer's
+# weights. q/k/v and o would add 12% more at three times the activation-quantization nodes, which cost
+# more time than their weights save at P=1, and fidelity; down_proj's input, SiLU(gate) * up, has rows
+# whose largest value is 10-24x their RMS on the embedded model, where one int8 scale per row loses
+# most of the fidelity (README: quantization has the measurements).
+INTEGER_TARGETS = (".mlp.gate_proj",)
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """How weights are quantized. Defaults were chosen by measurement (see the README's table)."""
@@ -50,10 +71,16 @@ class QuantScheme:
     accuracy_level: int = 0  # MatMulNBits: 0 unset (float A), 1 fp32, 2 fp16, 3 bf16, 4 int8 A
     embedding_bits: int | None = None  # None: same as `bits` (needed to share a tied table)
     method: str = "rtn"  # "gptq": GPTQ on calibration statistics; "rtn": round-to-nearest
+    kernel: str = "MatMulNBits"  # the projections' kernel: one of KERNELS
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "rtn"):
             raise ParScaleError(f"quantization method must be gptq or rtn, got {self.method!r}")
+        if self.kernel not in KERNELS:
+            raise ParScaleError(f"quantization kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.kernel != NBITS_KERNEL and (self.bits != 8 or self.method != "rtn"):
+            raise ParScaleError(f"the {self.kernel} kernel takes int8 weights quantized per output channel by "
+                                "round-to-nearest: use it with --int8 (and --method rtn, the int8 default)")
         if self.bits not in (4, 8):
             raise ParScaleError(f"quantization bits must be 4 or 8, got {self.bits}")
         if self.embedding_bits not in (None, 4, 8):
@@ -75,19 +102,25 @@ class QuantScheme:
 
 # Per bit width, the defaults measured best on the trained embedded model (README: quantization).
 DEFAULTS: dict[int, dict[str, Any]] = {
-    8: {"block_size": 32, "symmetric": False, "accuracy_level": 4, "method": "rtn"},
-    4: {"block_size": 32, "symmetric": False, "accuracy_level": 4, "method": "gptq"},
+    8: {"block_size": 32, "symmetric": False, "accuracy_level": 4, "method": "rtn", "kernel": INTEGER_KERNEL},
+    4: {"block_size": 32, "symmetric": False, "accuracy_level": 4, "method": "gptq", "kernel": NBITS_KERNEL},
 }
 
 
 def default_scheme(
     bits: int, *, block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int | None = None,
-    method: str | None = None,
+    method: str | None = None, kernel: str | None = None, dtype: str = "fp32",
 ) -> QuantScheme:
-    """The scheme for `bits` with the measured defaults, overridden where an argument is given."""
+    """The scheme for `bits` with the measured defaults, overridden where an argument is given.
+
+    An fp16 graph (`dtype`) is for GPUs, where the integer-GEMM kernels do not run: its default
+    kernel is MatMulNBits."""
     if bits not in DEFAULTS:
         raise ParScaleError(f"quantization bits must be 4 or 8, got {bits}")
-    given = {"block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level, "method": method}
+    if kernel is None and dtype != "fp32":
+        kernel = NBITS_KERNEL
+    given = {"block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level, "method": method,
+             "kernel": kernel}
     return QuantScheme(bits=bits, **{**DEFAULTS[bits], **{k: v for k, v in given.items() if v is not None}})
 
 
@@ -121,9 +154,13 @@ class QuantReport:
         return 8 * (self.quantized_bytes + self.float_bytes) / max(self.quantized_weights + self.float_weights, 1)
 
     def to_dict(self) -> dict[str, Any]:
+        integer = self.scheme.kernel == INTEGER_KERNEL
         return {
-            "method": f"int{self.scheme.bits} weight-only, block-wise",
-            "ops": ["com.microsoft.MatMulNBits", "com.microsoft.GatherBlockQuantized"],
+            "method": ("int8: gate/up projections per output channel with int8 activations per row "
+                       f"({INTEGER_KERNEL}), the other projections, LM head and embedding block-wise") if integer
+            else f"int{self.scheme.bits} weight-only, block-wise",
+            "ops": [f"{MS_DOMAIN}.{op}" for op in ([INTEGER_KERNEL] if integer else []) +
+                    [NBITS_KERNEL, "GatherBlockQuantized"]],
             "scheme": self.scheme.to_dict(),
             "bits_per_weight": {"quantized": round(self.bits_per_weight, 4),
                                 "model": round(self.model_bits_per_weight, 4)},
@@ -260,13 +297,18 @@ def quantize_graph(
             layer = here
             progress(f"layer {int(here) + 1}/{num_layers}")
         w = read_tensor(inits[node.input[1]], base_dir)  # (K, N): the exporter stores W transposed
-        add = _bias_add(node, consumers, inits, w.shape[1])
-        q = _matmul_nbits(graph, node, quantizer(path, w.T, scheme.bits), name, scheme, report,
-                          bias=add.input[1] if add is not None else None)
-        new_nodes[id(node)] = [q]
-        if add is not None:  # the bias moves into MatMulNBits: one node less per projection
-            q.output[0] = add.output[0]
-            dropped.add(id(add))
+        if scheme.kernel == INTEGER_KERNEL and path.endswith(INTEGER_TARGETS):
+            # The bias stays a separate Add: ONNX Runtime's kernel adds its bias input before applying a
+            # per-row activation scale, which would scale the bias too.
+            new_nodes[id(node)] = _matmul_integer(graph, node, qm.quantize_per_channel(w.T, w.dtype), name, report)
+        else:
+            add = _bias_add(node, consumers, inits, w.shape[1])
+            q = _matmul_nbits(graph, node, quantizer(path, w.T, scheme.bits), name, scheme, report,
+                              bias=add.input[1] if add is not None else None)
+            new_nodes[id(node)] = [q]
+            if add is not None:  # the bias moves into MatMulNBits: one node less per projection
+                q.output[0] = add.output[0]
+                dropped.add(id(add))
         replaced.add(node.input[1])
 
     lm, table_name, transpose = targets.lm_head
@@ -357,6 +399,41 @@ def _matmul_nbits(
         "MatMulNBits", [node.input[0], *names], list(node.output), name=node.name + "_q", domain=MS_DOMAIN,
         K=bq.K, N=bq.N, bits=scheme.bits, block_size=scheme.block_size, accuracy_level=scheme.accuracy_level,
     )
+
+
+def _matmul_integer(
+    graph: onnx.GraphProto, node: onnx.NodeProto, cq: qm.ChannelQuantized, name: str, report: QuantReport,
+) -> list[onnx.NodeProto]:
+    """x @ W as MatMulIntegerToFloat: x's rows quantized to uint8 (zero point 128, scale max|row| / 127),
+    W int8 (K, N) with one scale per column; 1/127 is folded into the weight scales."""
+    names = [f"{name}.q8", f"{name}.scales"]
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(cq.codes.T), names[0]))  # (K, N)
+    graph.initializer.append(numpy_helper.from_array((cq.scales / 127).astype(np.float32), names[1]))
+    report.tensors[name] = {"kind": INTEGER_KERNEL, "shape": [cq.N, cq.K], "bits": 8, "weights": cq.N * cq.K,
+                            "algorithm": "rtn", "bytes": qm.channel_stored_bytes(cq), "initializers": names}
+    axes, step, zero = _shared_constants(graph)
+    x, base = node.input[0], node.name + "_q"
+    amax, xq = base + "/amax", base + "/codes"
+    return [
+        helper.make_node("Abs", [x], [base + "/abs"], name=base + "/Abs"),
+        helper.make_node("ReduceMax", [base + "/abs", axes], [amax], name=base + "/ReduceMax", keepdims=1),
+        helper.make_node("Div", [x, amax], [base + "/unit"], name=base + "/Div"),  # in [-1, 1]; 0/0 rows: amax 0
+        helper.make_node("QuantizeLinear", [base + "/unit", step, zero], [xq], name=base + "/QuantizeLinear"),
+        helper.make_node("MatMulIntegerToFloat", [xq, names[0], amax, names[1], zero], list(node.output), name=base,
+                         domain=MS_DOMAIN),
+    ]
+
+
+_QUANT_AXES, _QUANT_STEP, _QUANT_ZERO = "quant.last_axis", "quant.step", "quant.zero_point"
+
+
+def _shared_constants(graph: onnx.GraphProto) -> tuple[str, str, str]:
+    """The activation quantization's constants, added once: the reduced axis, 1/127 and zero point 128."""
+    if not any(t.name == _QUANT_AXES for t in graph.initializer):
+        graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), _QUANT_AXES),
+                                  numpy_helper.from_array(np.array(1 / 127, np.float32), _QUANT_STEP),
+                                  numpy_helper.from_array(np.array(128, np.uint8), _QUANT_ZERO)])
+    return _QUANT_AXES, _QUANT_STEP, _QUANT_ZERO
 
 
 def _gather_quantized(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import resource
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from parscale.args import check_generation, check_int, check_threads
+from parscale.graph import SPIN_DEFAULT
 from parscale.runtime.model import Model
 
 
@@ -41,6 +43,7 @@ class BenchResult:
     files_mb: float  # the export's files on disk
     kv_cache_mb: float  # the cache at its largest (prompt + generated tokens, all B sequences)
     batch: int = 1
+    spin: bool = False  # idle ONNX Runtime workers spun
 
     @property
     def rss_ratio(self) -> float:
@@ -79,22 +82,23 @@ def max_rss_mb() -> float:
 
 def bench(model: str | Path, *, prompt_len: int = 128, gen: int = 64, threads: int | None = None,
           provider: str = "auto", warmup: int = 1, seed: int = 0, verify: bool = True,
-          batch: int = 1, P: int | None = None) -> BenchResult:  # noqa: N803
+          batch: int = 1, P: int | None = None, spin: bool | None = None) -> BenchResult:  # noqa: N803
     """Load the export, warm up, then time one greedy generation from a random prompt of `prompt_len` ids.
 
     With `batch` B > 1, B random prompts of `prompt_len` ids (the first is batch 1's prompt) generate together.
     `P`: the streams to run a multi-P export at (default: the manifest's P, its largest).
 
-    `threads` is clamped to the CPUs available (the result records the count used); `verify`: see `Model.load`.
+    `threads` is clamped to the CPUs available (the result records the count used); `verify` and
+    `spin`: see `Model.load`.
     """
     return bench_streams(model, None if P is None else [P], prompt_len=prompt_len, gen=gen, threads=threads,
-                         provider=provider, warmup=warmup, seed=seed, verify=verify, batch=batch)[0]
+                         provider=provider, warmup=warmup, seed=seed, verify=verify, batch=batch, spin=spin)[0]
 
 
 def bench_streams(
     model: str | Path, Ps: Sequence[int] | None, *, prompt_len: int = 128, gen: int = 64,  # noqa: N803
     threads: int | None = None, provider: str = "auto", warmup: int = 1, seed: int = 0, verify: bool = True,
-    batch: int = 1,
+    batch: int = 1, spin: bool | None = None,
 ) -> list[BenchResult]:
     """`bench` at each P of `Ps` (None: the manifest's P) from one process and one loaded export, in order.
 
@@ -106,7 +110,7 @@ def bench_streams(
     check_int(batch, "--batch", minimum=1)
     threads = check_threads(threads)
     t0 = time.perf_counter()
-    m = Model.load(model, provider=provider, threads=threads, verify=verify)
+    m = Model.load(model, provider=provider, threads=threads, verify=verify, spin=spin)
     check_generation(prompt_len, gen, m.context_length, "--gen")
     for p in Ps or []:
         m.check_streams(p)
@@ -114,8 +118,9 @@ def bench_streams(
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, m.vocab_size, size=prompt_len).tolist() for _ in range(batch)]
     ids: list[int] | list[list[int]] = prompts[0] if batch == 1 else prompts
-    return [_measure(m, str(model), P, ids, prompt_len=prompt_len, gen=gen, threads=threads, warmup=warmup,
-                     batch=batch, load_s=load_s) for P in (Ps or [m.P])]
+    return [dataclasses.replace(_measure(m, str(model), P, ids, prompt_len=prompt_len, gen=gen, threads=threads,
+                                         warmup=warmup, batch=batch, load_s=load_s),
+                                spin=SPIN_DEFAULT if spin is None else spin) for P in (Ps or [m.P])]
 
 
 def _measure(m: Model, model: str, P: int, ids: list[int] | list[list[int]], *, prompt_len: int, gen: int,  # noqa: N803

@@ -42,21 +42,24 @@ class ExportFolder:
 
     @classmethod
     def open(cls, path: str | Path, *, provider: str = "auto", threads: int | None = None,
-             verify: bool = True) -> ExportFolder:
+             verify: bool = True, spin: bool | None = None) -> ExportFolder:
         """Open an export folder on 'auto', 'cpu' or 'cuda'.
 
         Before ONNX Runtime reads anything: the manifest's fields are type-checked and every file it
         lists must have its size; with `verify` (the default) also its sha256, and no floating-point
         weight may hold NaN/Inf (`verify=False` skips both, for folders too large to read twice).
         After the session is created, P, cache heads, head_dim, vocabulary, layers and context are
-        compared with the graph and config.json. `threads` is clamped to the CPUs available.
+        compared with the graph and config.json. `threads` is clamped to the CPUs available; `spin`:
+        whether idle worker threads spin (None: `graph.SPIN_DEFAULT`).
         """
         path = Path(path)
         manifest, config = _checked(path, verify)
         name = resolve_provider(provider)
         threads = check_threads(threads if threads is not None else default_threads(), "threads")
         limit_malloc_retention()
-        session = open_session(path / MODEL_FILE, provider=name, threads=threads)
+        if spin is not None and not isinstance(spin, bool):
+            raise ParScaleError(f"spin must be True, False or None, got {spin!r}")
+        session = open_session(path / MODEL_FILE, provider=name, threads=threads, spin=spin)
         info = check_against_graph(path, manifest.model.runtime_fields(), session)
         if name == CUDA and CUDA not in session.get_providers():  # onnxruntime-gpu without a usable GPU
             if provider == "cuda":

@@ -52,17 +52,19 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None,
-             verify: bool = True, verify_checksums: bool | None = None) -> Model:
+             verify: bool = True, verify_checksums: bool | None = None, spin: bool | None = None) -> Model:
         """Open an export folder (made by `parscale export`) on 'auto', 'cpu' or 'cuda'.
 
         The checks are `ExportFolder.open`'s: manifest types and file sizes always; with `verify`
         (the default) sha256 and NaN/Inf weights too; then the manifest against the graph and
-        config.json. `threads` is clamped to the CPUs available. `verify_checksums` is the old name
-        of `verify`.
+        config.json. `threads` is clamped to the CPUs available. `spin`: whether ONNX Runtime's idle
+        worker threads spin between operators (faster on a quiet machine) or sleep (kinder to a busy
+        one); None takes the measured default (`parscale.graph.SPIN_DEFAULT`). `verify_checksums` is
+        the old name of `verify`.
         """
         if verify_checksums is not None:
             verify = verify_checksums
-        return cls(ExportFolder.open(path, provider=provider, threads=threads, verify=verify))
+        return cls(ExportFolder.open(path, provider=provider, threads=threads, verify=verify, spin=spin))
 
     @property
     def device(self) -> str:

@@ -5,10 +5,10 @@ new tokens, head_dim), zero-filled, on the execution device, and binds it as bot
 `past_key_values.*` input and the `present.*` output (I/O binding): GroupQueryAttention then writes
 each step's keys and values in place, and nothing is copied from step to step (contract.py has the
 buffer layout). On the CPU the zeroed buffer is mapped lazily, so a long `max_new_tokens` costs memory
-only for the rows written. Only the logits come back to the host. Our exports make
-`num_logits_to_keep` an optional input (an overridable initializer, so that onnxruntime-genai need
-not feed it), which I/O binding cannot bind: `GraphInfo.has_keep` is False for them, and prefill
-returns the logits of every prompt position (the runtime keeps the last).
+only for the rows written. Only the logits come back to the host: the graph's `logits` output
+holds the last position's alone (the LM head runs on that position only, prefill included), so one
+(batch, 1, vocab) buffer is bound for the whole call, as is one for `kept_logits`, which holds the
+same position at the graph's default `num_logits_to_keep` (1).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class Engine:
         self.device = "cuda" if provider == CUDA else "cpu"
         self.past_names = contract.past_names(info.num_layers)
         self.present_names = contract.present_names(info.num_layers)
-        self.keep_one = np.array(1, dtype=np.int64)
         self.cache: list[ort.OrtValue] = []
         self._host_cache: list[np.ndarray] = []  # the CPU buffers the OrtValues wrap
         if info.prefix_rows is None:
@@ -58,13 +57,12 @@ class Engine:
             self._host_cache = []
         if self.logits.shape[0] != batch:
             self.logits = np.empty((batch, 1, self.info.vocab_size), dtype=np.float32)
-            self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # shares memory
+            self._logits_values = [ort.OrtValue.ortvalue_from_numpy(self.logits),  # shares memory
+                                   ort.OrtValue.ortvalue_from_numpy(np.empty_like(self.logits))]
         # Bound once per call: every step reads and writes the same buffers.
         b = self.binding
-        if self.info.has_keep:
-            b.bind_ortvalue_output(contract.LOGITS, self._logits_value)
-        else:  # bound first, so that it is get_outputs()[0]; rebound (same place) each step
-            b.bind_output(contract.LOGITS, "cpu")
+        for name, value in zip((contract.LOGITS, contract.KEPT_LOGITS), self._logits_values, strict=True):
+            b.bind_ortvalue_output(name, value)
         for past, present, value in zip(self.past_names, self.present_names, self.cache, strict=True):
             b.bind_ortvalue_input(past, value)
             b.bind_ortvalue_output(present, value)  # the same buffer: written in place
@@ -75,15 +73,11 @@ class Engine:
         b.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         b.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         b.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
-        if self.info.has_keep:
-            b.bind_cpu_input(contract.NUM_LOGITS_TO_KEEP, self.keep_one)
-        else:  # every position comes back, so its shape changes per step: ORT sizes it each run
-            b.bind_output(contract.LOGITS, "cpu")
         try:
             self.session.run_with_iobinding(b)
         except Exception as e:  # ORT's own exception types: a damaged graph or weights fail here
             raise ParScaleError(f"onnxruntime failed running the graph: {str(e).splitlines()[0]}") from None
-        logits = self.logits[:, -1] if self.info.has_keep else b.get_outputs()[0].numpy()[:, -1]
+        logits = self.logits[:, -1]
         if not np.isfinite(logits).all():  # cheap (one row per sequence); NaN would decode as token 0 forever
             raise ParScaleError("the model produced NaN/Inf logits: its weights or inputs are damaged; "
                                 "load it with verification on (the default) to find the tensor, or re-export")
