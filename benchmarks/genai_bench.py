@@ -1,7 +1,7 @@
 """onnxruntime-genai baseline: its own model builder on a plain Qwen2 folder, then its runtime.
 
     python -m benchmarks.genai_bench hf CKPT_P1 HF_DIR          # P=1 checkpoint -> plain HF Qwen2 folder
-    python -m benchmarks.genai_bench build HF_DIR OUT --precision int8|int4|fp32
+    python -m benchmarks.genai_bench build HF_DIR OUT --precision int8|int4|fp32|fp16 [--ep cpu|cuda]
     python -m benchmarks.genai_bench run OUT --prompt-len 128 --gen 64 --threads 2 [--batch 4] [--no-spin]
 
 With --batch B, B random prompts (the first is batch 1's) go in as one 2-D append_tokens with the
@@ -38,11 +38,12 @@ def make_hf_qwen2(ckpt: Path, out: Path) -> Path:
     return out
 
 
-def build(hf_dir: Path, out: Path, precision: str, threads: int) -> Path:
-    """Run genai's builder (CPU), then pin its session to `threads` intra-op threads."""
+def build(hf_dir: Path, out: Path, precision: str, threads: int, ep: str = "cpu") -> Path:
+    """Run genai's builder for execution provider `ep` (cpu, cuda), then pin its session to `threads`
+    intra-op threads."""
     cache = out.parent / (out.name + ".cache")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", hf_dir.name, "-i", str(hf_dir),
-           "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
+           "-o", str(out), "-p", precision, "-e", ep, "-c", str(cache)]
     subprocess.run(cmd, check=True)
     shutil.rmtree(cache, ignore_errors=True)
     set_threads(out, threads)
@@ -120,6 +121,7 @@ def main() -> None:
     a.add_argument("out", type=Path)
     a.add_argument("--precision", default="int8")
     a.add_argument("--threads", type=int, default=2)
+    a.add_argument("--ep", default="cpu", help="genai's execution provider: cpu or cuda.")
     a = sub.add_parser("run")
     a.add_argument("model_dir", type=Path)
     a.add_argument("--prompt-len", type=int, default=128)
@@ -132,7 +134,7 @@ def main() -> None:
     if args.cmd == "hf":
         make_hf_qwen2(args.ckpt, args.out)
     elif args.cmd == "build":
-        build(args.hf_dir, args.out, args.precision, args.threads)
+        build(args.hf_dir, args.out, args.precision, args.threads, args.ep)
     else:
         emit(run(args.model_dir, args.prompt_len, args.gen, args.threads, spin=not args.no_spin,
                  batch=args.batch), args.out)

@@ -30,6 +30,11 @@ HERE = Path(__file__).resolve().parent
 PY = sys.executable
 PARSCALE = [PY, "-m", "parscale"]
 GGUF_TYPE = {"int8": "q8_0", "int4": "q4_0"}  # llama.cpp's yardstick for each of our precisions
+# --variants: our exports with a non-default setting, shown beside the defaults: name -> (precision, flags).
+VARIANTS = {
+    "int8-nbits": ("int8", ["--kernel", "MatMulNBits"]),
+    "int8-integer": ("int8", ["--kernel", "MatMulIntegerToFloat"]),
+}
 MEDIAN_KEYS = ("decode_ms_per_token", "prefill_tokens_per_s", "time_to_first_token_s", "generate_peak_rss_mb",
                "peak_rss_mb", "rss_ratio", "load_avg_1min_before", "load_s")
 
@@ -90,6 +95,14 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, dict], list[str]]:
                 sh([*PARSCALE, "export", str(ckpt), "-o", str(out), "--P", str(P), "--force", *quant],
                    log=work / f"export_p{P}_{prec}.log")
             systems[f"parscale P={P} {label}"] = {"kind": "ours", "path": out, "P": P, "precision": prec}
+        for variant in args.variants:
+            prec, flags = VARIANTS[variant]
+            out = work / f"export_p{P}_{variant}"
+            if not (out / "parscale.json").is_file():
+                sh([*PARSCALE, "export", str(ckpt), "-o", str(out), "--P", str(P), "--force", f"--{prec}", *flags],
+                   log=work / f"export_p{P}_{variant}.log")
+            systems[f"parscale P={P} {prec} ({flags[-1]})"] = {"kind": "ours", "path": out, "P": P,
+                                                               "precision": prec, "variant": variant}
     hf = work / "hf_qwen2_p1"
     if not (hf / "config.json").is_file():
         sh([PY, "-m", "benchmarks.genai_bench", "hf", str(work / "ckpt_p1"), str(hf)])
@@ -98,7 +111,7 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, dict], list[str]]:
         if not (out / "genai_config.json").is_file():
             sh([PY, "-m", "benchmarks.genai_bench", "build", str(hf), str(out), "--precision", prec,
                 "--threads", str(args.threads)], log=work / f"genai_{prec}.log")
-        # One configuration: idle workers sleep (--no-spin), as our runtime's default does.
+        # genai as its users get it: its own defaults (idle workers spin), threads pinned like every system's.
         systems[f"onnxruntime-genai P=1 {prec}"] = {"kind": "genai", "path": out, "P": 1, "precision": prec}
     llama_precs = [p for p in precisions if p in GGUF_TYPE]
     if llama_precs and not args.no_llama:
@@ -127,7 +140,7 @@ def measure(system: dict, args: argparse.Namespace, batch: int) -> dict:
     elif system["kind"] == "torch":
         cmd = [PY, "-m", "benchmarks.torch_eager", path, *common]
     elif system["kind"] == "genai":
-        cmd = [PY, "-m", "benchmarks.genai_bench", "run", path, *common, "--batch", str(batch), "--no-spin"]
+        cmd = [PY, "-m", "benchmarks.genai_bench", "run", path, *common, "--batch", str(batch)]
     else:
         # --reps 1: one timed run after llama.cpp's own warm-up, as for the others.
         cmd = [PY, "-m", "benchmarks.llamacpp", "run", path, *common, "--batch", str(batch), "--reps", "1",
@@ -166,12 +179,16 @@ def main() -> None:
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
                     help="Batch sizes (comma-separated).")
     ap.add_argument("--precisions", default="int8,int4", help="Precisions (int8, int4, fp32; comma-separated).")
+    ap.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=[],
+                    help=f"Our exports with another setting, beside the defaults ({', '.join(VARIANTS)}).")
     ap.add_argument("--torch", action="store_true", help="Add PyTorch eager fp32 (batch 1).")
     ap.add_argument("--no-llama", action="store_true", help="Leave llama.cpp out.")
     ap.add_argument("--only", default="", help="Comma-separated substrings: run only matching systems.")
     ap.add_argument("--preset", default="qwen2.5-0.5b", help="Backbone of the random checkpoints.")
     ap.add_argument("--results", type=Path, default=HERE / "results")
     args = ap.parse_args()
+    if unknown := [v for v in args.variants if v not in VARIANTS]:
+        ap.error(f"unknown --variants {', '.join(unknown)}: known are {', '.join(VARIANTS)}")
     if args.llama_work is None:
         args.llama_work = args.work / "llamacpp"
 
@@ -196,7 +213,7 @@ def main() -> None:
                 print(f"  FAILED {failures[-1]}", flush=True)
                 continue
             record.update(name=name, batch=batch, P=system["P"], precision=system["precision"],
-                          kind=system["kind"], round=rnd + 1)
+                          kind=system["kind"], round=rnd + 1, variant=system.get("variant"))
             runs[(name, batch)].append(record)
             print(f"  {name} batch {batch}: decode {record['decode_ms_per_token']:.2f} ms/token, "
                   f"prefill {record['prefill_tokens_per_s']:.1f} tok/s, "
