@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import secrets
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +39,7 @@ from parscale.serve.protocol import response as full_response
 
 log = logging.getLogger("parscale.serve")
 MAX_BODY_BYTES = 1 << 20
+DRAIN_FACTOR = 8
 RETRY_AFTER_S = 1
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -65,7 +67,7 @@ def create_app(model: Model, *, name: str | None = None, max_batch: int = 8, max
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": names.name, "streams": list(names.streams),
-                             **batcher.counts()})
+                             **batcher.counts(), "stats": dict(batcher.stats)})
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_model(i, started) for i in names.ids()]})
@@ -142,15 +144,19 @@ def _check_key(request: Request, api_key: str) -> None:
 
 
 async def _json_body(request: Request, limit: int) -> dict[str, Any]:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body ({int(length)} bytes) exceeds the limit of {limit} bytes",
-                       code="request_too_large")
     body = bytearray()
+    seen = 0
+    # Past the limit the rest is read and dropped (up to DRAIN_FACTOR times the limit), so that a client
+    # still sending gets the 413 instead of a reset connection; beyond that the connection is dropped.
     async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
+        seen += len(part)
+        if seen <= limit:
+            body += part
+        elif seen > DRAIN_FACTOR * limit:
+            break
+    if seen > limit:
+        raise APIError(413, f"the request body exceeds the limit of {limit} bytes (--max-body-bytes)",
+                       code="request_too_large")
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:
@@ -304,7 +310,12 @@ def serve(export: str | Path, *, host: str = "127.0.0.1", port: int = 8000, thre
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's Server, which also drains the batcher when a shutdown signal arrives."""
+    """uvicorn's Server, which also drains the batcher when a shutdown signal arrives.
+
+    A graceful stop is the end of the command's work, so it exits 0: uvicorn's own handler would
+    raise the signal again once stopped, ending the process by the signal. A second Ctrl-C forces
+    the exit, as in uvicorn.
+    """
 
     def __init__(self, config: uvicorn.Config, batcher: Batcher, grace: float) -> None:
         super().__init__(config)
@@ -312,4 +323,6 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.batcher.drain(self.grace)  # what runs may finish for `grace` seconds, then is cancelled
-        super().handle_exit(sig, frame)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True

@@ -26,6 +26,8 @@ from parscale.runtime.generate import GenerationResult
 from parscale.runtime.session import Engine
 
 log = logging.getLogger("parscale.serve")
+STATS = ("admitted", "joined_running", "steps", "tokens", "cancelled", "cancelled_waiting", "drains",
+         "refused_queue_full")
 
 
 class QueueFullError(Exception):
@@ -81,7 +83,8 @@ class Batcher:
         self._closed = False  # no new requests
         self._deadline: float | None = None  # when what still runs is cancelled
         self._thread: threading.Thread | None = None
-        self.stats = collections.Counter[str]()
+        # Every key exists from the start, so that a reader copying it meanwhile never sees it change size.
+        self.stats = collections.Counter[str](dict.fromkeys(STATS, 0))
 
     # ------------------------------------------------------------------ the event loop's side
 
@@ -158,14 +161,16 @@ class Batcher:
             batch = self._batches[P] = DecodeBatch(engine, slots=self.max_batch,
                                                    context_length=self.model.context_length)
         for t in self._running[P]:
-            if t.cancelled and t.row is not None:
-                t.row.cancelled = True
+            if t.cancelled and t.row is not None and not t.row.done:
+                t.row.cancelled = True  # its slot is freed at this step
+                self.stats["cancelled"] += 1
         running = bool(batch.live)
         joining: list[Ticket] = []
         with self._cond:
             waiting = self._waiting[P]
             for t in [t for t in waiting if t.cancelled]:
                 waiting.remove(t)
+                self.stats["cancelled_waiting"] += 1
             if not running:
                 self._draining.discard(P)
             for t in list(waiting) if P not in self._draining else []:
@@ -193,6 +198,7 @@ class Batcher:
             self._running[P] = [t for t in self._running[P] if t.row is not None and not t.row.done]
 
     def _deliver(self, P: int, events: list[RowEvent]) -> None:  # noqa: N803
+        self.stats["tokens"] += len(events)
         for e in events:
             t: Ticket = e.row.tag  # type: ignore[assignment]
             if t.cancelled:
