@@ -74,24 +74,24 @@ def run(export: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replic
     Ctrl-C; then shut Serve and the local cluster down."""
     import ray
 
+    if address is None:
+        ray.init(num_cpus=replicas * threads, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1" if host in ("127.0.0.1", "localhost") else None)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    # After ray.init, which installs a SIGTERM handler of its own that aborts the process.
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if address is None:
-            ray.init(num_cpus=replicas * threads, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-        try:
-            serve.start(http_options={"host": host, "port": port})
-            serve.run(deployment(export, replicas=replicas, threads=threads, shutdown_timeout=shutdown_timeout,
-                                 **options), name=APP_NAME, route_prefix="/")
-            if on_ready is not None:
-                on_ready(f"http://{host}:{port}", None)
-            stop.wait()
-            serve.delete(APP_NAME)  # replicas finish what they run (for shutdown_timeout) before they go
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(export, replicas=replicas, threads=threads, shutdown_timeout=shutdown_timeout,
+                             **options), name=APP_NAME, route_prefix="/")
+        if on_ready is not None:
+            on_ready(f"http://{host}:{port}", None)
+        stop.wait()
+        serve.delete(APP_NAME)  # replicas finish what they run (for shutdown_timeout) before they go
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        serve.shutdown()
+        ray.shutdown()
