@@ -72,7 +72,7 @@ def serving(export: Path, *args: str) -> Iterator[Server]:
 
 def http(url: str, body: bytes | str | dict | None = None, *, method: str | None = None,
          headers: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, dict[str, str], Any]:
-    """(status, headers (lower-case names), JSON body) of one request; `body` a dict is sent as JSON, bytes as they are."""
+    """(status, headers by lower-case name, JSON body) of one request; a dict body is sent as JSON."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body.encode() if isinstance(body, str) else body
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
