@@ -13,7 +13,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,15 +40,19 @@ class Server:
         return self.proc.wait(timeout=timeout)
 
 
-@contextmanager
-def serving(export: Path, *args: str) -> Iterator[Server]:
+def serving(export: Path, *args: str) -> AbstractContextManager[Server]:
     """`python -m parscale serve EXPORT --port 0 --threads 1 ARGS` until the block ends (then SIGTERM)."""
+    return running(["serve", str(export), "--port", "0", "--threads", "1", *args])
+
+
+@contextmanager
+def running(argv: list[str], cwd: Path | None = None) -> Iterator[Server]:
+    """`python -m parscale ARGV` (a `serve` command on a free port) until the block ends (then SIGTERM)."""
     with tempfile.TemporaryDirectory() as tmp:
         stderr = Path(tmp) / "stderr.txt"
         with open(stderr, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "parscale", "serve", str(export), "--port", "0",
-                                     "--threads", "1", *args], stdout=subprocess.PIPE, stderr=err, text=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen([sys.executable, "-m", "parscale", *argv], stdout=subprocess.PIPE, stderr=err,
+                                    text=True, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
             line = proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
