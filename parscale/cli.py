@@ -482,7 +482,10 @@ def serve(
     check_float(shutdown_timeout, "--shutdown-timeout", minimum=0, maximum=3600)
     if api_key is not None and not api_key:
         raise ParScaleError("--api-key is empty: give a key, or leave the option out")
-    _load_checks(model, not no_verify)  # a clear error before anything starts
+    if ray:
+        if provider not in ("auto", "cpu"):
+            raise ParScaleError(f"--ray runs its replicas on the CPU; --provider {provider} is not supported with it")
+        _load_checks(model, not no_verify)  # a clear error before a cluster starts (replicas load it again)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it may use it")
     options = dict(max_batch=max_batch, max_queue=max_queue, api_key=api_key, name=name, chat_template=chat_template,

@@ -74,6 +74,7 @@ def run(export: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replic
     Ctrl-C; then shut Serve and the local cluster down."""
     import ray
 
+    ChatTemplate.load(Path(export), Path(options["chat_template"]) if options.get("chat_template") else None)
     if address is None:
         ray.init(num_cpus=replicas * threads, include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1" if host in ("127.0.0.1", "localhost") else None)
