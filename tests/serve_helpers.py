@@ -76,12 +76,15 @@ def running(argv: list[str], cwd: Path | None = None) -> Iterator[Server]:
 
 def http(url: str, body: bytes | str | dict | None = None, *, method: str | None = None,
          headers: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, dict[str, str], Any]:
-    """(status, headers by lower-case name, JSON body) of one request; a dict body is sent as JSON."""
+    """(status, headers by lower-case name, body) of one request: the body parsed from JSON (or the text of
+    a stream of server-sent events); a dict body is sent as JSON."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body.encode() if isinstance(body, str) else body
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
+            raw = r.read()
+            events = r.headers.get("content-type", "").startswith("text/event-stream")
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, raw.decode() if events else json.loads(raw)
     except urllib.error.HTTPError as e:
         raw = e.read()
         return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(raw) if raw else None

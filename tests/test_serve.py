@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from serve_helpers import Server, http, serving
 from test_runtime_cli import run_cli
 
@@ -310,3 +312,32 @@ def test_serve_refuses_bad_options_and_a_busy_port(default_int8_export: Path, se
     assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
     r = run_cli("serve", str(default_int8_export), "--port", "0", "--chat-template", "/nonexistent.jinja")
     assert r.returncode == 1 and "cannot read the chat template" in r.stderr, r.stderr
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=6)
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream",
+          "stream_options", "n", "parscale_p", "repetition_penalty", "ignore_eos", "logprobs", "echo"]
+VALUES = {"model": st.sampled_from([NAME, f"{NAME}:p1", f"{NAME}:p3", "x"]) | JSON,
+          "prompt": st.sampled_from(["def f", [1, 2, 3], ["a", "b"]]) | JSON,
+          "max_tokens": st.integers(-5, 2000) | JSON}
+
+
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_no_body_makes_a_server_error(server: Server, data):
+    """Generated bodies (known fields with any JSON, sometimes plausible values): never a 5xx, always
+    OpenAI's error body when refused."""
+    keys = data.draw(st.lists(st.sampled_from(FIELDS), unique=True, max_size=6))
+    body = {k: data.draw(VALUES.get(k, JSON)) for k in keys}
+    if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool):
+        body["max_tokens"] = min(body["max_tokens"], 24)  # keep the valid ones short
+    route = data.draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    status, _, answer = http(server.url + route, body)
+    assert status < 500, (body, answer)
+    if status == 200 and isinstance(answer, str):  # a stream: it ends with [DONE], errors included
+        assert answer.endswith("data: [DONE]\n\n") and '"error"' not in answer, answer[-500:]
+    elif status != 200:
+        assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
