@@ -6,7 +6,7 @@ the same logits to about 1e-5; but quantized exports quantize activations to int
 matrix products (accuracy_level 4), which turns those ~1e-7 rounding differences into an occasional
 one-step change of a quantized value: up to ~3e-2 on a logit. Where two tokens are that close, a
 batched row may take the other one (on the embedded model's int8 export, 1 row of 120 differed within
-32 greedy tokens, at a near-tie of 4e-4; none on the float32 export). So a served greedy completion
+32 greedy tokens, at a near-tie of 4e-4; none of 80 on a float32 export). So a served greedy completion
 is checked token by token: each token must be the top one, or within `tolerance` of it, given the
 prompt and the tokens before it (all fed at once, batch 1, no padding).
 """
