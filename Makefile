@@ -9,7 +9,7 @@ OUT ?= exports/default-int8
 $(BIN)/parscale: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[export,dev,bench]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[export,dev,bench,serve,serve-ray]"
 	touch $@
 
 install: $(BIN)/parscale

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import numpy as np
 
 from parscale.runtime.bench import max_rss_mb, peak_rss_mb, reset_peak_rss
 
-__all__ = ["emit", "max_rss_mb", "peak_rss_mb", "prompt_ids", "reset_peak_rss"]
+__all__ = ["commit", "emit", "max_rss_mb", "peak_rss_mb", "prompt_ids", "reset_peak_rss"]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def prompt_ids(vocab_size: int, length: int, seed: int = 0) -> list[int]:
@@ -24,3 +27,12 @@ def emit(record: dict, out: Path | None) -> None:
     if out is not None:
         out.write_text(line + "\n")
     sys.stdout.write(line + "\n")
+
+
+def commit(*paths: str) -> str:
+    """The commit measured: HEAD's short hash, marked when `paths` (what the figures depend on) have changes."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+uncommitted changes" if git("status", "--porcelain", "--", *paths) else "")

@@ -14,9 +14,9 @@ import onnxruntime as ort
 
 from parscale.graph import CPU, session_options
 from parscale.manifest import MODEL_FILE
-from parscale.runtime.generate import run_generation
+from parscale.runtime.batch import run_generation
 from parscale.runtime.model import Model
-from parscale.runtime.sampling import Sampler, SamplingConfig
+from parscale.runtime.sampling import SamplingConfig
 from parscale.runtime.session import Engine
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     session = ort.InferenceSession(f"{args.export}/{MODEL_FILE}", opts, providers=[CPU])
     ids = [np.random.default_rng(0).integers(0, m.vocab_size, args.prompt_len).tolist()]
     steps = run_generation(Engine(session, m.info, CPU), ids, max_new_tokens=args.steps + 1,
-                           sampler=Sampler(SamplingConfig(), m.vocab_size, 1), eos_ids=[], stop=[],
+                           sampling=SamplingConfig(), eos_ids=[], stop=[],
                            tokenizer=None, ignore_eos=True)
     *_, last = steps
     assert last.results is not None

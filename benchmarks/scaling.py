@@ -27,14 +27,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import run
+from benchmarks import common, run
 from benchmarks.report import machine
 from benchmarks.run import HERE, PARSCALE, PY
 from benchmarks.scaling_law import (
@@ -144,14 +143,8 @@ def run_measure(path: Path, batch: int, prompt_len: int, gen: int, threads: int)
 
 
 def commit() -> str:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=HERE.parent).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
     # The code a measurement depends on: the library, the study's modules, and the shared helpers they use.
-    dirty = git("status", "--porcelain", "--", "parscale", "benchmarks/scaling*.py", "benchmarks/common.py",
-                "benchmarks/run.py")
-    return head + ("+uncommitted changes" if dirty else "")
+    return common.commit("parscale", "benchmarks/scaling*.py", "benchmarks/common.py", "benchmarks/run.py")
 
 
 def study(args: argparse.Namespace) -> None:

@@ -461,6 +461,71 @@ def bench(
 
 
 @app.command()
+def serve(
+    model: RuntimeModelArg,
+    host: Annotated[str, typer.Option(help="Address to listen on (default loopback; 0.0.0.0: all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = 8000,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,  # noqa: UP045
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together at most (per P).")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting at most; more are answered 503.")] = 64,
+    api_key: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        envvar="PARSCALE_API_KEY", help="Require 'Authorization: Bearer KEY' (or set PARSCALE_API_KEY).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name clients use (default: the folder's name).")] = None,  # noqa: UP045
+    chat_template: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Jinja2 chat template file (default: the export's tokenizer_config.json chat_template).")] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 beyond).")] = 1 << 20,
+    shutdown_timeout: Annotated[float, typer.Option(
+        help="On SIGTERM/Ctrl-C, seconds running requests may finish before they are cancelled.")] = 10.0,
+    provider: ProviderOpt = "auto",
+    ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve (needs ray[serve]) instead.")] = False,
+    replicas: Annotated[int, typer.Option(help="With --ray: replicas, each holding the model.")] = 2,
+    ray_address: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="With --ray: a running cluster's address (default: start a local one).")] = None,
+    no_verify: NoVerifyOpt = False,
+) -> None:
+    """Serve an export over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)."""
+    from parscale.args import check_float, check_int, check_threads
+
+    check_int(port, "--port", minimum=0, maximum=65535)
+    check_int(max_batch, "--max-batch", minimum=1, maximum=256)
+    check_int(max_queue, "--max-queue", minimum=1)
+    check_int(max_body_bytes, "--max-body-bytes", minimum=1024)
+    check_int(replicas, "--replicas", minimum=1)
+    check_float(shutdown_timeout, "--shutdown-timeout", minimum=0, maximum=3600)
+    if api_key is not None and not api_key:
+        raise ParScaleError("--api-key is empty: give a key, or leave the option out")
+    if ray:
+        if provider not in ("auto", "cpu"):
+            raise ParScaleError(f"--ray runs its replicas on the CPU; --provider {provider} is not supported with it")
+        _load_checks(model, not no_verify)  # a clear error before a cluster starts (replicas load it again)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it may use it")
+    options = dict(max_batch=max_batch, max_queue=max_queue, api_key=api_key, name=name, chat_template=chat_template,
+                   max_body_bytes=max_body_bytes, verify=not no_verify)
+
+    def ready(url: str, app: object = None) -> None:
+        names = getattr(getattr(app, "state", None), "names", None)
+        models = f" as {', '.join(names.ids())}" if names is not None else ""
+        out.print(f"serving {model}{models} on {url}/v1 (Ctrl-C to stop)", markup=False)
+
+    try:
+        if ray:
+            from parscale.serve.ray_app import run as run_ray
+        else:
+            from parscale.serve.app import serve as run_server
+    except ImportError as e:
+        extra = "serve-ray" if ray else "serve"
+        raise ParScaleError(f"parscale serve needs the {extra} extra ({e.name} is missing): "
+                            f"pip install 'parscale[{extra}]'") from None
+    if ray:
+        run_ray(model, host=host, port=port, replicas=replicas, threads=check_threads(threads) or 1,
+                address=ray_address, shutdown_timeout=shutdown_timeout, on_ready=ready, **options)
+    else:
+        run_server(model, host=host, port=port, threads=check_threads(threads), provider=provider,
+                   shutdown_timeout=shutdown_timeout, on_ready=ready, **options)
+
+
+@app.command()
 def inspect(model: RuntimeModelArg, no_verify: NoVerifyOpt = False) -> None:
     """Print an export's manifest: P, dtype, quantization, sizes and graph inputs/outputs."""
     m = _load_checks(model, not no_verify)

@@ -51,3 +51,13 @@ def tiny_exports(tiny: TinyFactory) -> dict[int, tuple[Path, Path]]:
         ckpt = tiny.checkpoint(P=P, seed=P, tokenizer=True)
         made[P] = (ckpt, tiny.export(ckpt, P=P, validate=False))
     return made
+
+
+@pytest.fixture(scope="session")
+def default_int8_export(tiny: TinyFactory) -> Path:
+    """The embedded default model exported at P = 1, 2, 4 and 8 in one int8 folder (as `make demo` does,
+    without validation): what `parscale serve` tests run against."""
+    from parscale.cli import DEFAULT_MODEL
+    from parscale.exporter.quantize import default_scheme
+
+    return tiny.export(DEFAULT_MODEL, P=[1, 2, 4, 8], quantize=default_scheme(8, method="rtn"), validate=False)

@@ -149,6 +149,27 @@ def test_python_snippets_run_as_written(carded_export):
         assert tokens[len(PROMPT_IDS):][: len(ours)] == ours
 
 
+def test_the_serve_line_serves_the_export(carded_export):
+    """The card's `parscale serve NAME --port 8000` line, run from the folder's parent (on a free port
+    instead of 8000): it answers to the model name the card gives, with what the runtime generates."""
+    pytest.importorskip("uvicorn", reason="parscale serve needs the serve extra (pip install -e '.[serve]')")
+    from serve_helpers import http, running
+
+    from parscale.runtime import Model
+
+    (line,) = re.findall(r"`(parscale serve [^`]+)`", (carded_export / CARD).read_text())
+    argv = shlex.split(line)
+    assert argv[-2:] == ["--port", "8000"]
+    with running([*argv[1:-1], "0"], cwd=carded_export.parent) as server:
+        status, _, models = http(server.url + "/v1/models")
+        assert status == 200 and [m["id"] for m in models["data"]] == [carded_export.name, f"{carded_export.name}:p2"]
+        status, _, answer = http(server.url + "/v1/completions", {"model": carded_export.name, "prompt": PROMPT,
+                                                                  "max_tokens": NEW_TOKENS, "temperature": 0})
+        want = Model.load(carded_export).generate(PROMPT, max_new_tokens=NEW_TOKENS).text
+        assert status == 200 and answer["choices"][0]["text"] == want
+        assert server.stop() == 0
+
+
 def test_python_snippets_without_a_tokenizer_run_as_written(carded_export, tmp_path):
     """A folder without tokenizer files gets the token-id variants of the snippets, which run too."""
     from parscale.runtime import Model

@@ -1,7 +1,7 @@
 """The model card: a README.md in every export folder, generated from the manifest.
 
 It says what the model is (P, prefix, sizes, dtype, quantization and its measured fidelity) and how
-to run it: `parscale.runtime`, onnxruntime-genai (Python; a pointer to its other languages),
+to run it: `parscale.runtime` (and `parscale serve`), onnxruntime-genai (Python; a pointer to its other languages),
 transformers.js, ONNX Runtime Mobile, and plain ONNX Runtime through the graph contract. The text
 and the code snippets are templates in `card_templates/` (templates.py). Every snippet the card
 shows is run by a test as written (tests/test_card.py, tests/test_web.py), from the folder that
@@ -51,9 +51,9 @@ def write_card(folder: Path, manifest: Manifest, name: str) -> str:
 def model_card(manifest: Manifest, name: str, files: dict[str, int]) -> str:
     """The card's Markdown. `files`: name -> bytes of the folder's other files."""
     parts = [
-        _summary(manifest, name), _streams(manifest, name, files), _files(files), _python(name, files),
-        _genai(name, files, manifest.model.prefix_tokens), _web(name, files), _mobile(manifest, name, files),
-        _plain(manifest, name),
+        _summary(manifest, name), _streams(manifest, name, files), _files(files),
+        _python(name, files, manifest.streams), _genai(name, files, manifest.model.prefix_tokens), _web(name, files),
+        _mobile(manifest, name, files), _plain(manifest, name),
     ]
     return "\n".join(p for p in parts if p)
 
@@ -140,14 +140,16 @@ def _has_tokenizer(files: dict[str, int]) -> bool:
     return "tokenizer.json" in files and "tokenizer_config.json" in files
 
 
-def _python(name: str, files: dict[str, int]) -> str:
+def _python(name: str, files: dict[str, int], streams: list[int]) -> str:
     if "tokenizer.json" in files:
         call = f'result = model.generate("{PROMPT}", max_new_tokens={NEW_TOKENS})\nprint(result.text)'
     else:
         call = (f"result = model.generate(prompt_ids={PROMPT_IDS}, max_new_tokens={NEW_TOKENS})\n"
                 "print(result.generated_ids)")
     prompt = f'--prompt "{PROMPT}"' if "tokenizer.json" in files else f"--prompt-ids {','.join(map(str, PROMPT_IDS))}"
-    return fill("runtime.md", name=name, call=call, prompt=prompt, new_tokens=NEW_TOKENS)
+    models = "" if len(streams) < 2 else (" (its default P) or " + ", ".join(f"`{name}:p{P}`" for P in streams)
+                                         + " for one P")
+    return fill("runtime.md", name=name, call=call, prompt=prompt, new_tokens=NEW_TOKENS, models=models)
 
 
 def _genai(name: str, files: dict[str, int], prefix_rows: int) -> str:

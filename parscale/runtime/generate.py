@@ -1,15 +1,13 @@
-"""The generation loop: left-padded prefill, cached decode steps, stopping, streaming text, timings."""
+"""What a generation yields: results, timings, token events and steps; streaming text with stop strings.
+
+The loop itself is `parscale.runtime.batch` (`DecodeBatch`, `run_generation`).
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
-from parscale.runtime.sampling import Sampler
-from parscale.runtime.session import Engine
 from parscale.text import IncrementalDecoder, Tokenizer
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
@@ -118,85 +116,3 @@ class Step:
     tokens: list[int | None]  # None for rows that finished at an earlier step
     pieces: list[str]  # '' where nothing new is ready
     results: list[GenerationResult] | None = None  # one per prompt, on the last step only
-
-
-def run_generation(
-    engine: Engine, prompts: list[list[int]], *, max_new_tokens: int, sampler: Sampler,
-    eos_ids: Sequence[int], stop: Sequence[str], tokenizer: Tokenizer | None, ignore_eos: bool,
-    started: float | None = None,
-) -> Iterator[Step]:
-    """Run one generation on `engine` (which must not be in use elsewhere); yield a `Step` per new token.
-
-    The last step carries the results. Rows that finish early keep being fed (their outputs
-    ignored) until every row has finished, so shapes stay rectangular. The engine's cache is
-    released when the iteration ends, however it ends.
-    """
-    started = time.perf_counter() if started is None else started
-    eos = frozenset() if ignore_eos else frozenset(int(e) for e in eos_ids)
-    texts = [_RowText(tokenizer, stop) for _ in prompts] if tokenizer else None
-    try:
-        yield from _steps(engine, prompts, max_new_tokens, sampler, eos, texts, started)
-    finally:
-        engine.release()
-
-
-def _steps(engine: Engine, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler,
-           eos: frozenset[int], texts: list[_RowText] | None, started: float) -> Iterator[Step]:
-    b, longest = len(prompts), max(len(p) for p in prompts)
-    total = longest + max_new_tokens
-    ids = np.full((b, longest), PAD_ID, dtype=np.int64)
-    mask = np.zeros((b, total), dtype=np.int64)  # grows by one column per step, preallocated
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = p
-        mask[i, longest - len(p):longest] = 1
-    n_real = mask.sum(axis=1, keepdims=True)  # (b, 1): position of each row's next token
-    pos = np.clip(mask[:, :longest].cumsum(axis=1) - 1, 0, None)
-    sampler.observe(ids, mask[:, :longest])
-    t = Timings(prefill_tokens=int(n_real.sum()))
-
-    engine.reset(b, total)
-    t0 = time.perf_counter()
-    token = sampler(engine.step(ids, mask[:, :longest], pos))
-    t.prefill_s = time.perf_counter() - t0
-    t.time_to_first_token_s = time.perf_counter() - started
-
-    generated: list[list[int]] = [[] for _ in range(b)]
-    reason: list[str | None] = [None] * b
-    length = longest
-    for step in range(max_new_tokens):
-        pieces = [""] * b
-        tokens: list[int | None] = [None] * b
-        for i in range(b):
-            if reason[i] is not None:
-                continue
-            tok = tokens[i] = int(token[i])
-            generated[i].append(tok)
-            if tok in eos:
-                reason[i] = FINISH_EOS
-            elif texts is not None:
-                pieces[i], hit = texts[i].push(tok)
-                if hit:
-                    reason[i] = FINISH_STOP
-            if reason[i] is None and step == max_new_tokens - 1:
-                reason[i] = FINISH_LENGTH
-            if reason[i] is not None and reason[i] != FINISH_STOP and texts is not None:
-                pieces[i] += texts[i].finish()
-        if all(r is not None for r in reason):
-            # Every decode step has run, so the timings are final when the results are made.
-            results = [
-                GenerationResult(generated_ids=generated[i], text=texts[i].text if texts is not None else None,
-                                 finish_reason=str(reason[i]), prompt_tokens=len(prompts[i]), timings=t)
-                for i in range(b)
-            ]
-            yield Step(tokens, pieces, results)
-            return
-        yield Step(tokens, pieces)
-        sampler.observe(token[:, None])
-        mask[:, length] = 1
-        length += 1
-        t0 = time.perf_counter()
-        logits = engine.step(token[:, None], mask[:, :length], n_real)
-        token = sampler(logits)
-        t.decode_s += time.perf_counter() - t0
-        t.decode_steps += 1
-        n_real = n_real + 1

@@ -21,9 +21,10 @@ import numpy as np
 from parscale.args import check_generation, check_seed
 from parscale.errors import ParScaleError
 from parscale.graph import CPU
+from parscale.runtime.batch import run_generation
 from parscale.runtime.folder import ExportFolder
-from parscale.runtime.generate import GenerationResult, Step, TokenEvent, run_generation
-from parscale.runtime.sampling import Sampler, SamplingConfig
+from parscale.runtime.generate import GenerationResult, Step, TokenEvent
+from parscale.runtime.sampling import SamplingConfig
 from parscale.runtime.session import Engine
 from parscale.text import TOKENIZER_FILE
 
@@ -102,7 +103,8 @@ class Model:
         - greedy / temperature: greedy=True or temperature 0 (the default) take the most likely
           token; temperature > 0 samples, after top_k (0 = off) and top_p (1.0 = off) filtering.
         - repetition_penalty: > 1 discourages tokens already in the prompt or output (1.0 = off).
-        - seed: makes sampling reproducible (None: a fresh random state).
+        - seed: makes sampling reproducible (None: a fresh random state); in a batch each row draws from
+          its own generator, spawned from the seed.
         - stop: a string or strings that end generation; they are cut from the text (needs a tokenizer).
         - ignore_eos: keep going past the EOS ids of generation_config.json.
         - P: the parallel streams to run, for a multi-P export (one of `streams`; default `self.P`,
@@ -233,9 +235,8 @@ class Model:
         config = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         return run_generation(
-            Engine(self.session, info, self.provider), prompts, max_new_tokens=max_new_tokens,
-            sampler=Sampler(config, self.vocab_size, len(prompts)), eos_ids=self.eos_ids, stop=stops,
-            tokenizer=self.tokenizer, ignore_eos=ignore_eos, started=started,
+            Engine(self.session, info, self.provider), prompts, max_new_tokens=max_new_tokens, sampling=config,
+            eos_ids=self.eos_ids, stop=stops, tokenizer=self.tokenizer, ignore_eos=ignore_eos, started=started,
         )
 
 

@@ -84,9 +84,11 @@ def nucleus(probs: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
 class Sampler:
     """Picks one token per row; keeps the per-row set of seen tokens for the repetition penalty."""
 
-    def __init__(self, config: SamplingConfig, vocab_size: int, batch: int) -> None:
+    def __init__(self, config: SamplingConfig, vocab_size: int, batch: int,
+                 rng: np.random.Generator | None = None) -> None:
+        """`rng`: the generator to draw from (default: one seeded with `config.seed`)."""
         self.config = config
-        self.rng = np.random.default_rng(config.seed)
+        self.rng = rng if rng is not None else np.random.default_rng(config.seed)
         self.seen = np.zeros((batch, vocab_size), dtype=bool) if config.repetition_penalty != 1.0 else None
 
     def observe(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:

@@ -26,7 +26,9 @@ class Engine:
 
     An Engine is one generation's state (its I/O binding, KV cache and logits buffer) and serves
     one call at a time: `Model` makes a new one for every call, so concurrent calls share only the
-    session, whose runs are thread-safe with separate bindings.
+    session, whose runs are thread-safe with separate bindings. `reset` binds a cache for a fixed
+    batch; `reserve` and `use` (with `move` and `grow` on the CPU) serve a batch whose rows join and
+    leave between steps (`parscale.runtime.batch`).
     """
 
     def __init__(self, session: ort.InferenceSession, info: GraphInfo, provider: str) -> None:
@@ -41,13 +43,20 @@ class Engine:
                                 "written by this parscale version; re-export the model")
         self.logits = np.empty((0, 1, info.vocab_size), dtype=np.float32)
         self.binding = session.io_binding()
+        self.slots = self.max_tokens = 0
 
     def reset(self, batch: int, max_tokens: int) -> None:
         """Zeroed cache buffers for `batch` sequences of up to `max_tokens` tokens (prompt, padding and
-        new tokens), and the logits buffer for that batch size."""
+        new tokens), all of them bound, and the logits buffer for that batch size."""
+        self.reserve(batch, max_tokens)
+        self.use(0, batch)
+
+    def reserve(self, slots: int, max_tokens: int) -> None:
+        """Zeroed cache buffers with room for `slots` sequences of up to `max_tokens` tokens each; `use`
+        then binds the slots the next steps run (a batch whose rows join and leave between steps)."""
         info = self.info
         assert info.prefix_rows is not None
-        shape = (batch, info.cache_heads, info.prefix_rows + max_tokens, info.head_dim)
+        shape = (slots, info.cache_heads, info.prefix_rows + max_tokens, info.head_dim)
         self.release()
         self._host_cache = [np.zeros(shape, dtype=info.cache_dtype) for _ in self.past_names]
         if self.device == "cpu":
@@ -55,17 +64,51 @@ class Engine:
         else:
             self.cache = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in self._host_cache]
             self._host_cache = []
+        self.slots, self.max_tokens = slots, max_tokens
+
+    @property
+    def rearranges(self) -> bool:
+        """Whether slots can be bound in any range, moved and grown (`use`, `move`, `grow`): the cache
+        then lives in host memory (CPU). A device cache is bound whole."""
+        return self.device == "cpu"
+
+    def use(self, start: int, stop: int) -> None:
+        """Bind slots start..stop-1 as the cache of the next steps (a contiguous view: nothing is copied)."""
+        if self.rearranges:
+            self.cache = [ort.OrtValue.ortvalue_from_numpy(a[start:stop]) for a in self._host_cache]  # shares memory
+        elif (start, stop) != (0, self.slots):
+            raise ValueError(f"a {self.device} cache is bound whole (slots 0..{self.slots}), not {start}..{stop}")
+        batch = stop - start
         if self.logits.shape[0] != batch:
             self.logits = np.empty((batch, 1, self.info.vocab_size), dtype=np.float32)
             self._logits_values = [ort.OrtValue.ortvalue_from_numpy(self.logits),  # shares memory
                                    ort.OrtValue.ortvalue_from_numpy(np.empty_like(self.logits))]
-        # Bound once per call: every step reads and writes the same buffers.
+        # Bound until the slots change: every step reads and writes the same buffers.
         b = self.binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
         for name, value in zip((contract.LOGITS, contract.KEPT_LOGITS), self._logits_values, strict=True):
             b.bind_ortvalue_output(name, value)
         for past, present, value in zip(self.past_names, self.present_names, self.cache, strict=True):
             b.bind_ortvalue_input(past, value)
             b.bind_ortvalue_output(present, value)  # the same buffer: written in place
+
+    def move(self, src: int, dst: int, tokens: int) -> None:
+        """Copy slot `src`'s cache (prefix rows and `tokens` token rows) into slot `dst` (host cache only)."""
+        assert self.info.prefix_rows is not None
+        rows = self.info.prefix_rows + tokens
+        for a in self._host_cache:
+            a[dst, :, :rows] = a[src, :, :rows]
+
+    def grow(self, max_tokens: int, slots_used: int, tokens: int) -> None:
+        """Room for `max_tokens` tokens per slot, keeping the first `slots_used` slots' prefix rows and
+        `tokens` token rows (host cache only); bind again with `use`."""
+        assert self.info.prefix_rows is not None
+        rows = self.info.prefix_rows + tokens
+        old = self._host_cache
+        self.reserve(self.slots, max_tokens)
+        for a, b in zip(self._host_cache, old, strict=True):
+            a[:slots_used, :, :rows] = b[:slots_used, :, :rows]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Run the graph on new tokens; returns last-position logits (batch, vocab), a view reused next step."""

@@ -1,0 +1,331 @@
+"""The generation loop: sequences that decode together, joining between steps and leaving when done.
+
+`DecodeBatch` is the one loop of the runtime. `Model.generate` admits all its prompts at once and
+steps until every row has finished (`run_generation`); the server's scheduler
+(`parscale.serve.batcher`) admits requests as they arrive, each row with its own sampling settings,
+seed, stop strings and token budget (`RowSpec`).
+
+How a row joins a running batch: all rows of a batch hold the same number of token columns in the
+cache, because the graph takes one attention-mask length for the whole batch; left padding makes up
+the difference. A row that joins at length L is prefilled on its own (or with the others joining at
+that step), left-padded to L, straight into a free slot of the batch's cache buffers. Its prefix
+rows, which the graph writes on the first step according to the padding it sees in the attention
+mask, and its token rows are then exactly those it would have had had it been in the batch from the
+start, so it decodes with the others from the next step on. A row can therefore join only once its
+prompt is no longer than L, and a short prompt pays for a prefill of L positions: past a bound on
+that padding the batch drains instead (`fits`).
+
+On the CPU a finished row's slot is freed at once (the last row's cache is moved into it), and the
+buffers grow when a joining row needs more tokens than they hold. A device cache (CUDA) is bound
+whole: there rows start together only, and finished rows stay, fed and ignored, until the batch
+ends (rows arriving meanwhile start the next batch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from parscale.runtime.generate import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    PAD_ID,
+    GenerationResult,
+    Step,
+    Timings,
+    _RowText,
+)
+from parscale.runtime.sampling import Sampler, SamplingConfig
+from parscale.runtime.session import Engine
+from parscale.text import Tokenizer
+
+JOIN, WAIT, DRAIN = "join", "wait", "drain"  # what `DecodeBatch.fits` says of a row that would join
+# A joining row is prefilled over the batch's whole length. Up to this much left padding, or this many
+# times the steps the batch still needs at most, that beats waiting for the batch to end; beyond it
+# the batch takes no one until it has drained (and starts afresh, short).
+PAD_FREE = 64
+PAD_PER_STEP = 4
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What one sequence asks for: its prompt ids and the options of `Model.generate` for it alone."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class RowEvent:
+    """One new token of one row: its id and the text it completes ('' while unfinished)."""
+
+    row: Row
+    token: int
+    text: str
+
+
+class Row:
+    """One sequence's decoding state: its sampler, streaming text, generated tokens and finish reason.
+
+    `timings` may be shared by rows admitted together (`Model.generate`'s batch): prefill and each
+    decode step then count once for all of them. `tag` is the caller's (an index, a request).
+    """
+
+    def __init__(self, spec: RowSpec, *, vocab_size: int, eos_ids: Sequence[int], tokenizer: Tokenizer | None,
+                 timings: Timings | None = None, started: float | None = None,
+                 rng: np.random.Generator | None = None, tag: object = None) -> None:
+        self.spec, self.tag = spec, tag
+        self.sampler = Sampler(spec.sampling, vocab_size, 1, rng)
+        self.text = _RowText(tokenizer, spec.stop) if tokenizer is not None else None
+        self.eos = frozenset() if spec.ignore_eos else frozenset(int(e) for e in eos_ids)
+        self.generated: list[int] = []
+        self.reason: str | None = None  # FINISH_* once finished
+        self.cancelled = False  # set by the caller: the row leaves at the next step, without a result
+        self.timings = timings if timings is not None else Timings()
+        self.started = time.perf_counter() if started is None else started
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None or self.cancelled
+
+    @property
+    def remaining(self) -> int:
+        """Tokens this row may still generate."""
+        return self.spec.max_new_tokens - len(self.generated)
+
+    def accept(self, token: int) -> RowEvent:
+        """Record a sampled token; decide whether it ends the row (EOS, a stop string, the budget)."""
+        self.generated.append(token)
+        piece = ""
+        if token in self.eos:
+            self.reason = FINISH_EOS
+        elif self.text is not None:
+            piece, hit = self.text.push(token)
+            if hit:
+                self.reason = FINISH_STOP
+        if self.reason is None and self.remaining == 0:
+            self.reason = FINISH_LENGTH
+        if self.reason is not None and self.reason != FINISH_STOP and self.text is not None:
+            piece += self.text.finish()
+        return RowEvent(self, token, piece)
+
+    def result(self) -> GenerationResult:
+        if self.reason is None:
+            raise RuntimeError("the row has not finished")
+        return GenerationResult(generated_ids=self.generated, text=self.text.text if self.text is not None else None,
+                                finish_reason=self.reason, prompt_tokens=len(self.spec.prompt), timings=self.timings)
+
+
+class DecodeBatch:
+    """Rows decoding together on one `Engine` (which must not be used elsewhere meanwhile).
+
+    `admit` prefills new rows (the first rows of a batch, or rows joining it) and returns their first
+    tokens; `step` runs one decode step of every row and returns their next tokens. Rows leave when
+    they finish or are cancelled. `close` releases the cache; a batch left empty releases it itself.
+    """
+
+    def __init__(self, engine: Engine, *, slots: int, context_length: int | None = None) -> None:
+        self.engine, self.slots, self.context_length = engine, slots, context_length
+        self.rows: list[Row] = []  # row i lives in cache slot i
+        self.length = 0  # token columns every row has in the cache (left padding included)
+        self.capacity = 0  # token columns the buffers hold
+        self.mask = np.zeros((slots, 0), dtype=np.int64)
+        self.pending = np.zeros(slots, dtype=np.int64)  # each row's last sampled token, fed at the next step
+        self.positions = np.zeros(slots, dtype=np.int64)  # each row's next position (its real tokens so far)
+        self._bound: tuple[int, int] | None = None
+
+    @property
+    def live(self) -> list[Row]:
+        """Rows still generating."""
+        return [r for r in self.rows if not r.done]
+
+    def fits(self, spec: RowSpec, joining: int = 0) -> str:
+        """JOIN if a row of `spec` can join at the next admit (besides `joining` others admitted with it),
+        WAIT if it can once the batch has grown or freed a slot, DRAIN if only once the batch has ended."""
+        self._sweep()
+        if not self.rows:
+            return JOIN if joining < self.slots else WAIT
+        if not self.engine.rearranges:  # a device cache is bound whole: no prefill into some of its slots
+            return DRAIN
+        if len(self.rows) + joining >= self.slots:
+            return WAIT
+        need = self.length + spec.max_new_tokens
+        if self.context_length is not None and need > self.context_length:
+            return DRAIN
+        pad = self.length - len(spec.prompt)
+        if pad < 0:
+            return WAIT
+        if pad > max(PAD_FREE, PAD_PER_STEP * max(r.remaining for r in self.live)):
+            return DRAIN
+        return JOIN
+
+    def admit(self, rows: list[Row]) -> list[RowEvent]:
+        """Prefill `rows` into free slots (left-padded to the batch's length; for a new batch, to the
+        longest prompt) and sample their first tokens. Each must `fits` (JOIN)."""
+        self._sweep()
+        if not rows:
+            return []
+        longest, budget = max(len(r.spec.prompt) for r in rows), max(r.spec.max_new_tokens for r in rows)
+        start, stop = len(self.rows), len(self.rows) + len(rows)
+        if stop > self.slots:
+            raise ValueError(f"{stop} rows do not fit a batch of {self.slots} slots")
+        if not self.rows:  # a new batch
+            self.length = longest
+            # A cache bound whole holds just these rows: none can join it later.
+            self._reserve(longest + budget, self.slots if self.engine.rearranges else len(rows))
+        elif longest > self.length:
+            raise ValueError(f"a joining prompt of {longest} tokens is longer than the batch ({self.length})")
+        elif not self.engine.rearranges:
+            raise ValueError("rows join a batch on a device cache only when it starts")
+        elif self.length + budget > self.capacity:
+            limit = self.context_length or self.length + budget
+            self._grow(max(self.length + budget, min(limit, 2 * self.capacity)))
+        L = self.length
+        ids = np.full((len(rows), L), PAD_ID, dtype=np.int64)
+        mask = self.mask[start:stop]
+        mask[:] = 0
+        for i, r in enumerate(rows):
+            p = r.spec.prompt
+            ids[i, L - len(p):] = p
+            mask[i, L - len(p):L] = 1
+        positions = np.clip(mask[:, :L].cumsum(axis=1) - 1, 0, None)
+        self._bind(start, stop)
+        t0 = time.perf_counter()
+        logits = self.engine.step(ids, mask[:, :L], positions)
+        for i, r in enumerate(rows):
+            r.sampler.observe(ids[i:i + 1], mask[i:i + 1, :L])
+            self.pending[start + i] = r.sampler(logits[i:i + 1])[0]
+            self.positions[start + i] = len(r.spec.prompt)
+        now = time.perf_counter()
+        for t in _distinct(r.timings for r in rows):
+            t.prefill_s += now - t0
+        for r in rows:
+            r.timings.prefill_tokens += len(r.spec.prompt)
+            r.timings.time_to_first_token_s = now - r.started
+        self.rows.extend(rows)
+        events = [r.accept(int(self.pending[start + i])) for i, r in enumerate(rows)]
+        self._sweep()
+        return events
+
+    def step(self) -> list[RowEvent]:
+        """One decode step of every row: feed each its pending token, sample its next."""
+        self._sweep()
+        if not self.rows:
+            return []
+        n, L = len(self.rows), self.length
+        if self.capacity <= L:
+            raise RuntimeError("the batch outgrew its cache")
+        self.mask[:n, L] = 1
+        self.length = L + 1
+        for i, r in enumerate(self.rows):
+            r.sampler.observe(self.pending[i:i + 1, None])
+        self._bind(0, n)
+        t0 = time.perf_counter()
+        logits = self.engine.step(self.pending[:n, None], self.mask[:n, :L + 1], self.positions[:n, None])
+        live = [i for i, r in enumerate(self.rows) if not r.done]
+        for i in live:
+            self.pending[i] = self.rows[i].sampler(logits[i:i + 1])[0]
+        dt = time.perf_counter() - t0
+        for t in _distinct(self.rows[i].timings for i in live):
+            t.decode_s += dt
+            t.decode_steps += 1
+        self.positions[:n] += 1
+        events = [self.rows[i].accept(int(self.pending[i])) for i in live]
+        self._sweep()
+        return events
+
+    def close(self) -> None:
+        """Drop every row and release the cache."""
+        self.rows, self.length, self.capacity, self._bound = [], 0, 0, None
+        self.engine.release()
+
+    # ------------------------------------------------------------------ slots
+
+    def _reserve(self, tokens: int, slots: int) -> None:
+        self.engine.reserve(slots, tokens)
+        self.capacity, self._bound = tokens, None
+        self.mask = np.zeros((self.slots, tokens), dtype=np.int64)
+
+    def _grow(self, tokens: int) -> None:
+        self.engine.grow(tokens, len(self.rows), self.length)
+        mask = np.zeros((self.slots, tokens), dtype=np.int64)
+        mask[:, :self.capacity] = self.mask
+        self.mask, self.capacity, self._bound = mask, tokens, None
+
+    def _bind(self, start: int, stop: int) -> None:
+        if self._bound != (start, stop):
+            self.engine.use(start, stop)
+            self._bound = (start, stop)
+
+    def _sweep(self) -> None:
+        """Free the slots of finished and cancelled rows: the last row moves into each (host cache);
+        a device cache keeps them until every row is done. A batch left empty releases its cache."""
+        if all(r.done for r in self.rows):
+            if self.rows or self.capacity:
+                self.close()
+            return
+        if not self.engine.rearranges:
+            return
+        i = 0
+        while i < len(self.rows):
+            if not self.rows[i].done:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                self.engine.move(last, i, self.length)
+                self.mask[i] = self.mask[last]
+                self.pending[i], self.positions[i] = self.pending[last], self.positions[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+
+
+def _distinct(timings: Iterator[Timings] | list[Timings]) -> list[Timings]:
+    """Each Timings object once (rows admitted together share one)."""
+    seen: dict[int, Timings] = {}
+    for t in timings:
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def run_generation(
+    engine: Engine, prompts: list[list[int]], *, max_new_tokens: int, sampling: SamplingConfig,
+    eos_ids: Sequence[int], stop: Sequence[str], tokenizer: Tokenizer | None, ignore_eos: bool,
+    started: float | None = None,
+) -> Iterator[Step]:
+    """`Model.generate`'s loop: every prompt admitted at once, a `Step` per new token until all have finished.
+
+    The last step carries the results (one `Timings` shared by the batch). A single prompt samples
+    from a generator seeded with `sampling.seed`; in a batch each row has its own, spawned from it.
+    The engine's cache is released when the iteration ends, however it ends.
+    """
+    started = time.perf_counter() if started is None else started
+    b = len(prompts)
+    seeds = [sampling.seed] if b == 1 else np.random.SeedSequence(sampling.seed).spawn(b)
+    timings = Timings()
+    spec = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=tuple(stop), ignore_eos=ignore_eos)
+    rows = [Row(RowSpec(prompt=p, **spec), vocab_size=engine.info.vocab_size, eos_ids=eos_ids, tokenizer=tokenizer,
+                timings=timings, started=started, rng=np.random.default_rng(seed), tag=i)
+            for i, (p, seed) in enumerate(zip(prompts, seeds, strict=True))]
+    batch = DecodeBatch(engine, slots=b)
+    try:
+        events = batch.admit(rows)
+        while True:
+            tokens: list[int | None] = [None] * b
+            pieces = [""] * b
+            for e in events:
+                tokens[e.row.tag], pieces[e.row.tag] = e.token, e.text  # type: ignore[index]
+            if all(r.reason is not None for r in rows):
+                yield Step(tokens, pieces, [r.result() for r in rows])
+                return
+            yield Step(tokens, pieces)
+            events = batch.step()
+    finally:
+        batch.close()
