@@ -480,5 +480,27 @@ def inspect(model: RuntimeModelArg, no_verify: NoVerifyOpt = False) -> None:
                   f"greedy match {v.get('greedy_match')}")
 
 
+
+@app.command()
+def web(
+    model: RuntimeModelArg,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8080,
+    web_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--web-dir", help="The page's folder (default: web/ of this source checkout, after `make web`).")] = None,
+    log: Annotated[bool, typer.Option("--log", help="Print one line per request.")] = False,
+) -> None:
+    """Serve the in-browser page and an export on 127.0.0.1: onnxruntime-web runs it (WebGPU, else WASM)."""
+    from parscale.browser import web_server
+
+    printer = (lambda line: err.print(line, markup=False)) if log else None
+    server = web_server(model, port=port, web_dir=web_dir, log=printer)
+    out.print(f"serving {model} at {server.url} (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        out.print("stopped")
+    finally:
+        server.close()
+
 if __name__ == "__main__":
     main()
