@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= exports/default-int8
 
-.PHONY: install demo test test-fast lint bench web
+.PHONY: install demo test test-fast lint bench web browser
 
 $(BIN)/parscale: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,17 @@ web/node_modules/.package-lock.json: web/package.json web/package-lock.json
 
 web: web/node_modules/.package-lock.json
 
+# Debian's chromium for tests/test_browser.py, which drives it headless with Playwright (Playwright's
+# own browser download is not reachable from CI). Installed with apt-get when missing and possible
+# (root); otherwise the browser tests are skipped, saying why.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y chromium || { apt-get update && apt-get install -y chromium; } \
+		|| echo "apt-get could not install chromium: tests/test_browser.py will be skipped"; \
+	else echo "chromium not found and apt-get not usable here (needs root): tests/test_browser.py will be skipped"; fi
+
 # Export the embedded default model at P = 1, 2, 4 and 8 over its one backbone (int8, every P validated
 # against PyTorch), then generate from the one folder at each P with the torch-free runtime.
 demo: install
@@ -34,7 +45,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint web
+test: install lint web browser
 	$(BIN)/python -m pytest -q
 
 # The inner loop: everything not marked slow (under a minute); CI runs the whole suite (`make test`).

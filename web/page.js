@@ -72,7 +72,7 @@ async function load(url = 'model/', { backend = 'auto', threads } = {}) {
 async function generate(options = {}) {
   return shown(async () => {
     if (!model) throw new Error('no export loaded: call parscale.load(url) first');
-    const P = options.P ?? Number($('P').value);
+    const P = model.checkP(options.P ?? Number($('P').value)); // before the selector shows it
     $('P').value = String(P);
     const prompt = options.promptIds == null ? (options.prompt ?? $('prompt').value) : undefined;
     const output = $('output');

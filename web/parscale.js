@@ -10,6 +10,9 @@
 const VENDOR = new URL('./vendor/', import.meta.url);
 const ORT_BUILDS = { wasm: 'onnxruntime-web/ort.wasm.min.mjs', webgpu: 'onnxruntime-web/ort.webgpu.min.mjs' };
 const SUPPORTED_FORMATS = [2, 3]; // parscale.json format_version: single-P (2) and multi-P (3) graphs
+// The first WebGPU failure of this page: onnxruntime-web's module may be left broken by it (a trap
+// inside WebAssembly), so WebGPU is not tried again until the page is reloaded.
+let webgpuFailure = null;
 
 /**
  * Where to run: WebGPU when navigator.gpu gives an adapter, WASM otherwise, with the reason;
@@ -200,13 +203,17 @@ export class ParScaleModel {
    */
   async #start(choice, weights) {
     let reason = choice.reason;
-    if (choice.backend === 'webgpu') {
+    if (choice.backend === 'webgpu' && webgpuFailure) {
+      if (!choice.fallback) throw new Error(`WebGPU failed earlier in this page (${webgpuFailure}); reload the page to try it again`);
+      reason = `WebGPU failed earlier in this page (${webgpuFailure}); WASM until the page is reloaded`;
+    } else if (choice.backend === 'webgpu') {
       try {
         await this.#open('webgpu', weights);
         if (choice.fallback) for (const P of [...this.info.streams].reverse()) await this.#run([0], P, 2, { greedy: true, ignoreEos: true });
         this.backendReason = reason;
         return;
       } catch (e) {
+        webgpuFailure ??= firstLine(e);
         await this.session?.release?.().catch(() => {}); // the WebGPU session is not used again
         if (!choice.fallback) throw new Error(`WebGPU cannot run this export: ${firstLine(e)}`);
         reason = `WebGPU failed (${firstLine(e)}); fell back to WASM`;
