@@ -57,7 +57,8 @@ async function load(url = 'model/', { backend = 'auto', threads } = {}) {
     $('load-status').textContent = `loaded ${url}`;
     const panel = $('model-info');
     panel.hidden = false;
-    panel.textContent = `${info.layers} layers, ${info.dtype}, quantization ${info.quantization}; serves P = ${info.streams.join(', ')}`
+    const weights = info.quantization === 'none' ? info.dtype : `${info.dtype}, ${info.quantization} weights`;
+    panel.textContent = `${info.layers} layers, ${weights}; serves P = ${info.streams.join(', ')}`
       + ` (one session: switching P does not reload the weights)${model.tokenizer ? '' : '; no tokenizer: prompts are token ids'}`;
     for (const w of info.warnings) {
       const p = document.createElement('div');
