@@ -14,7 +14,8 @@ $(BIN)/parscale: pyproject.toml constraints.txt
 
 install: $(BIN)/parscale
 
-# transformers.js, pinned by web/package-lock.json, for tests/test_web.py (which skips without npm).
+# The JavaScript pinned by web/package-lock.json: onnxruntime-web and @huggingface/tokenizers for the
+# in-browser page (`parscale web`), transformers.js for tests/test_web.py (both test files skip without it).
 # ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's install script would fetch CUDA binaries from
 # outside the npm registry; its CPU binaries ship in the package, and CPU is all the test uses.
 web/node_modules/.package-lock.json: web/package.json web/package-lock.json
