@@ -174,6 +174,12 @@ def test_errors_are_shown_on_the_page_and_thrown(browser, multi_export, tmp_path
         ]:
             assert page.call("return await window.parscale.generate(arg);", options) == {"error": message}
             assert page.text("#error") == f"Error: {message}"
+        sampled = {"promptIds": [5, 17, 42], "maxNewTokens": 8, "greedy": False, "temperature": 0.8, "topP": 0.9,
+                   "seed": 3, "ignoreEos": True}
+        first, again = (page.call("return (await window.parscale.generate(arg)).generatedIds;", sampled) for _ in "ab")
+        assert first == again and len(first["ok"]) == 8  # a seed repeats a sampled reply
+        assert page.call("return await window.parscale.generate(arg);", {**sampled, "topP": 0}) == {
+            "error": "sampling needs temperature > 0 and 0 < topP <= 1"}
         assert page.call("return await window.parscale.load('nowhere/');")["error"].startswith(
             "cannot fetch the export manifest")
         assert page.text("#backend") == "no model loaded"

@@ -124,7 +124,16 @@ class IncrementalDecoder {
     const window = this.decode(this.ids.slice(this.prefix));
     if (window.length <= before.length || window.endsWith('\uFFFD')) return '';
     [this.prefix, this.read] = [this.read, this.ids.length];
-    return window.slice(before.length);
+    const piece = window.slice(before.length);
+    this.emitted = (this.emitted ?? '') + piece;
+    return piece;
+  }
+
+  /** Whatever text is left at the end (e.g. a truly invalid byte sequence shown as U+FFFD). */
+  flush() {
+    const full = this.decode(this.ids);
+    const emitted = this.emitted ?? '';
+    return full.startsWith(emitted) ? full.slice(emitted.length) : '';
   }
 }
 
@@ -146,14 +155,18 @@ function argmax(row) {
 }
 
 function sample(row, temperature, topP, random) {
-  const order = Array.from(row.keys()).sort((a, b) => row[b] - row[a]);
-  const top = row[order[0]];
+  const top = row[argmax(row)]; // subtracted before exp(): no overflow
+  const order = Array.from(row.keys());
+  // Sorted only for nucleus sampling: sorting a 150k vocabulary every step costs more than the step.
+  if (topP < 1) order.sort((a, b) => row[b] - row[a]);
   const weights = order.map((i) => Math.exp((row[i] - top) / temperature));
-  const sum = weights.reduce((a, b) => a + b, 0);
   let keep = order.length;
-  for (let i = 0, mass = 0; i < order.length; i++) {
-    mass += weights[i] / sum;
-    if (mass >= topP) { keep = i + 1; break; }
+  if (topP < 1) {
+    const sum = weights.reduce((a, b) => a + b, 0);
+    for (let i = 0, mass = 0; i < order.length; i++) {
+      mass += weights[i] / sum;
+      if (mass >= topP) { keep = i + 1; break; }
+    }
   }
   const kept = weights.slice(0, keep).reduce((a, b) => a + b, 0);
   let r = random() * kept;
@@ -268,7 +281,7 @@ export class ParScaleModel {
    * text it completes. Returns {generatedIds, text, msPerToken, prefillMs, P, finishReason, ...}.
    */
   async generate({ prompt, promptIds, maxNewTokens = 64, P, greedy = true, temperature = 1, topP = 1,
-    seed = 0, ignoreEos = false, onToken } = {}) {
+    seed, ignoreEos = false, onToken } = {}) {
     if (this.busy) throw new Error('a generation is already running on this model; wait for it to finish');
     const p = this.checkP(P);
     if ((prompt == null) === (promptIds == null)) throw new Error('pass exactly one of prompt and promptIds');
@@ -289,7 +302,7 @@ export class ParScaleModel {
     }
   }
 
-  async #run(ids, P, maxNewTokens, { greedy, temperature, topP, seed = 0, ignoreEos = false, onToken }) {
+  async #run(ids, P, maxNewTokens, { greedy, temperature, topP, seed, ignoreEos = false, onToken }) {
     const { ort } = this;
     const { layers, headDim, kvHeads, cacheType } = this.info;
     const heads = P * kvHeads; // the graph reads P from the cache heads it is fed
@@ -298,7 +311,7 @@ export class ParScaleModel {
     for (let i = 0; i < layers; i++) {
       for (const kind of ['key', 'value']) past[`past_key_values.${i}.${kind}`] = new ort.Tensor(cacheType, empty, [1, heads, 0, headDim]);
     }
-    const random = rng(seed);
+    const random = rng(seed ?? Math.floor(Math.random() * 2 ** 32)); // a seed repeats a sampled reply
     const decoder = this.tokenizer ? new IncrementalDecoder(this.tokenizer) : null;
     const pick = (logits) => {
       // Only the last position's logits: prefill may return one row or every prompt position.
@@ -318,16 +331,23 @@ export class ParScaleModel {
     let t0 = performance.now();
     let out = await this.session.run({ ...feeds, ...past });
     const prefillMs = performance.now() - t0;
+    const rows = out['present.0.key'].dims[2];
+    if (rows !== this.info.prefixRows + ids.length) {
+      throw new Error(`the graph returned a cache of ${rows} rows for ${ids.length} prompt tokens and ` +
+        `${this.info.prefixRows} prefix rows: this export does not follow the graph contract the page drives`);
+    }
     let decodeMs = 0;
     let length = ids.length;
     for (let step = 0; ; step++) {
       const token = pick(out.logits);
       generatedIds.push(token);
       const eos = !ignoreEos && this.eos.has(token);
-      const piece = eos ? '' : decoder?.push(token) ?? '';
+      const last = eos || step === maxNewTokens - 1;
+      let piece = eos ? '' : decoder?.push(token) ?? '';
+      if (last && decoder) piece += decoder.flush();
       onToken?.({ tokenId: token, text: piece, P });
-      if (eos) { finishReason = 'eos'; break; }
-      if (step === maxNewTokens - 1) break;
+      if (eos) finishReason = 'eos';
+      if (last) break;
       // present.* of this step is the next step's past (no shared buffer in the browser).
       for (let i = 0; i < layers; i++) {
         for (const kind of ['key', 'value']) past[`past_key_values.${i}.${kind}`] = out[`present.${i}.${kind}`];
