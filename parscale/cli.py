@@ -474,6 +474,11 @@ def inspect(model: RuntimeModelArg, no_verify: NoVerifyOpt = False) -> None:
             out.print(f"    {n:32s} {axes.get(n)}")
         if len(shown) < len(names):
             out.print(f"    ... and the other layers' {kind[:-1]}s alike")
+    if isinstance(m.web, dict):
+        problems = "; ".join(m.web.get("problems") or [])
+        out.print("  browser (`parscale web`): " + ("runs" if m.web.get("runs") else f"cannot run: {problems}"))
+        for warning in m.web.get("warnings") or []:
+            out.print(f"    warning: {warning}")
     v = m.validation
     if v is not None and isinstance(v.get("max_abs_logit_diff"), (int, float)):
         out.print(f"  validation: max |logit diff| {v['max_abs_logit_diff']:.2e}, "

@@ -181,3 +181,11 @@ def test_the_web_record_names_sizes_over_the_browsers_limits_and_unrun_operators
     assert web["runs"] is True
     assert web["warnings"] == ["operators not run in the browser tests (onnxruntime-web may lack them): "
                                "Softmax, com.microsoft.GroupQueryAttention"]
+
+
+def test_inspect_shows_the_web_record(tiny_exports):
+    exe = Path(sys.executable).parent / "parscale"
+    done = subprocess.run([str(exe), "inspect", str(tiny_exports[4][1]), "--no-verify"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "  browser (`parscale web`): runs\n" in done.stdout
