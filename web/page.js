@@ -33,8 +33,10 @@ function mb(bytes) { return `${(bytes / 1e6).toFixed(1)} MB`; }
 
 async function load(url = 'model/', { backend = 'auto', threads } = {}) {
   return shown(async () => {
+    const previous = model;
     model = null;
     for (const id of ['generate', 'P']) $(id).disabled = true;
+    await previous?.release(); // its weights leave memory before the next ones arrive
     $('load-status').textContent = `loading ${url} ...`;
     const onProgress = (what, got, total) => {
       $('load-status').textContent = `loading ${what}: ${mb(got)}${total ? ` of ${mb(total)}` : ''}`;

@@ -13,6 +13,8 @@ const SUPPORTED_FORMATS = [2, 3]; // parscale.json format_version: single-P (2) 
 // The first WebGPU failure of this page: onnxruntime-web's module may be left broken by it (a trap
 // inside WebAssembly), so WebGPU is not tried again until the page is reloaded.
 let webgpuFailure = null;
+// WASM threads per onnxruntime-web build, fixed when its WebAssembly starts (later settings are ignored).
+const startedThreads = new Map();
 
 /**
  * Where to run: WebGPU when navigator.gpu gives an adapter, WASM otherwise, with the reason;
@@ -253,10 +255,19 @@ export class ParScaleModel {
     } catch (e) {
       throw new Error(`onnxruntime-web (${backend}) cannot run this export: ${firstLine(e)}`);
     }
+    if (!startedThreads.has(backend)) startedThreads.set(backend, ort.env.wasm.numThreads);
     Object.assign(this, { ort, backend, feedsKeep: this.session.inputNames.includes('num_logits_to_keep') });
   }
 
-  get threads() { return this.backend === 'wasm' ? this.ort.env.wasm.numThreads : null; }
+  /** WASM threads in use (null on WebGPU). */
+  get threads() { return this.backend === 'wasm' ? startedThreads.get('wasm') : null; }
+
+  /** Free the session's memory; the model cannot generate afterwards. */
+  async release() {
+    const session = this.session;
+    this.session = null;
+    await session?.release();
+  }
 
   encode(text) {
     if (!this.tokenizer) throw new Error('this export has no tokenizer.json: pass promptIds instead of a prompt');
@@ -282,6 +293,7 @@ export class ParScaleModel {
    */
   async generate({ prompt, promptIds, maxNewTokens = 64, P, greedy = true, temperature = 1, topP = 1,
     seed, ignoreEos = false, onToken } = {}) {
+    if (!this.session) throw new Error('this model was released: load the export again');
     if (this.busy) throw new Error('a generation is already running on this model; wait for it to finish');
     const p = this.checkP(P);
     if ((prompt == null) === (promptIds == null)) throw new Error('pass exactly one of prompt and promptIds');
