@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= exports/default-int8
 
-.PHONY: install demo test test-fast lint bench web
+.PHONY: install demo test test-fast lint bench web browser
 
 $(BIN)/parscale: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,8 @@ $(BIN)/parscale: pyproject.toml constraints.txt
 
 install: $(BIN)/parscale
 
-# transformers.js, pinned by web/package-lock.json, for tests/test_web.py (which skips without npm).
+# The JavaScript pinned by web/package-lock.json: onnxruntime-web and @huggingface/tokenizers for the
+# in-browser page (`parscale web`), transformers.js for tests/test_web.py (both test files skip without it).
 # ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's install script would fetch CUDA binaries from
 # outside the npm registry; its CPU binaries ship in the package, and CPU is all the test uses.
 web/node_modules/.package-lock.json: web/package.json web/package-lock.json
@@ -23,6 +24,17 @@ web/node_modules/.package-lock.json: web/package.json web/package-lock.json
 	else echo "npm not found: tests/test_web.py (transformers.js) will be skipped"; fi
 
 web: web/node_modules/.package-lock.json
+
+# Debian's chromium for tests/test_browser.py, which drives it headless with Playwright (Playwright's
+# own browser download is not reachable from CI). Installed with apt-get when missing and possible
+# (root); otherwise the browser tests are skipped, saying why.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y chromium || { apt-get update && apt-get install -y chromium; } \
+		|| echo "apt-get could not install chromium: tests/test_browser.py will be skipped"; \
+	else echo "chromium not found and apt-get not usable here (needs root): tests/test_browser.py will be skipped"; fi
 
 # Export the embedded default model at P = 1, 2, 4 and 8 over its one backbone (int8, every P validated
 # against PyTorch), then generate from the one folder at each P with the torch-free runtime.
@@ -34,7 +46,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint web
+test: install lint web browser
 	$(BIN)/python -m pytest -q
 
 # The inner loop: everything not marked slow (under a minute); CI runs the whole suite (`make test`).

@@ -551,11 +551,38 @@ def inspect(model: RuntimeModelArg, no_verify: NoVerifyOpt = False) -> None:
             out.print(f"    {n:32s} {axes.get(n)}")
         if len(shown) < len(names):
             out.print(f"    ... and the other layers' {kind[:-1]}s alike")
+    if isinstance(m.web, dict):
+        problems = "; ".join(m.web.get("problems") or [])
+        out.print("  browser (`parscale web`): " + ("runs" if m.web.get("runs") else f"cannot run: {problems}"))
+        for warning in m.web.get("warnings") or []:
+            out.print(f"    warning: {warning}")
     v = m.validation
     if v is not None and isinstance(v.get("max_abs_logit_diff"), (int, float)):
         out.print(f"  validation: max |logit diff| {v['max_abs_logit_diff']:.2e}, "
                   f"greedy match {v.get('greedy_match')}")
 
+
+
+@app.command()
+def web(
+    model: RuntimeModelArg,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8080,
+    web_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--web-dir", help="The page's folder (default: web/ of this source checkout, after `make web`).")] = None,
+    log: Annotated[bool, typer.Option("--log", help="Print one line per request.")] = False,
+) -> None:
+    """Serve the in-browser page and an export on 127.0.0.1: onnxruntime-web runs it (WebGPU, else WASM)."""
+    from parscale.browser import web_server
+
+    printer = (lambda line: err.print(line, markup=False)) if log else None
+    server = web_server(model, port=port, web_dir=web_dir, log=printer)
+    out.print(f"serving {model} at {server.url} (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        out.print("stopped")
+    finally:
+        server.close()
 
 if __name__ == "__main__":
     main()

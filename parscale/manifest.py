@@ -92,6 +92,7 @@ class Manifest:
     tool: dict[str, Any]
     quantization: dict[str, Any] | None = None  # exporter.quantize.QuantReport.to_dict()
     validation: dict[str, Any] | None = None  # what the export measured against PyTorch and the float graph
+    web: dict[str, Any] | None = None  # whether the in-browser page can run it (exporter/browser.py)
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -114,6 +115,8 @@ class Manifest:
                              "quantization": self.quantization, "io": self.io, "source": self.source}
         if self.validation is not None:
             d["validation"] = self.validation
+        if self.web is not None:
+            d["web"] = self.web
         if self.files:
             d["files"] = {name: {k: v for k, v in dataclasses.asdict(f).items() if v is not None}
                           for name, f in self.files.items()}
@@ -147,12 +150,12 @@ class Manifest:
             if not _is(d.get(key), kind.__name__):
                 raise ParScaleError(f"{folder}: {MANIFEST} field {key} is missing or not a {kind.__name__}; "
                                     "re-export the model")
-        for key in ("quantization", "validation"):
+        for key in ("quantization", "validation", "web"):
             if d.get(key) is not None and not isinstance(d[key], dict):
                 raise ParScaleError(f"{folder}: {MANIFEST} field {key} is not an object; re-export the model")
         return cls(model=ModelInfo(**{k: model[k] for k in types}), dtype=d["dtype"], opset=d["opset"], io=d["io"],
                    source=d["source"], tool=d["tool"], quantization=d.get("quantization"),
-                   validation=d.get("validation"), files=_files(folder, d.get("files", {})),
+                   validation=d.get("validation"), web=d.get("web"), files=_files(folder, d.get("files", {})),
                    format_version=d["format_version"])
 
 

@@ -22,6 +22,7 @@ from parscale.atomic import atomic_folder, check_destination, foreign_in_export
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import budget, folder
+from parscale.exporter.browser import browser_support
 from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens, text_windows
 from parscale.exporter.checks import validate_graphs, validation_record
 from parscale.exporter.decoder import build_decoder, check_supported
@@ -183,7 +184,7 @@ def export(
                      web=len(streams) == 1)
         for path in tmp.iterdir():
             path.chmod(0o644)  # some writers create private files; an export is ordinary data
-        manifest = manifest.replace(files=describe_files(tmp))
+        manifest = manifest.replace(files=describe_files(tmp), web=browser_support(tmp))
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     job.stage("done")
     names = list(job.seconds)
