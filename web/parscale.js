@@ -9,7 +9,7 @@
 
 const VENDOR = new URL('./vendor/', import.meta.url);
 const ORT_BUILDS = { wasm: 'onnxruntime-web/ort.wasm.min.mjs', webgpu: 'onnxruntime-web/ort.webgpu.min.mjs' };
-const SUPPORTED_FORMATS = [2, 3]; // parscale.json format_version: single-P (2) and multi-P (3) graphs
+const SUPPORTED_FORMATS = [4]; // parscale.json format_version this page runs (older exports: re-export)
 // The first WebGPU failure of this page: onnxruntime-web's module may be left broken by it (a trap
 // inside WebAssembly), so WebGPU is not tried again until the page is reloaded.
 let webgpuFailure = null;

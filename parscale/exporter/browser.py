@@ -28,12 +28,13 @@ WASM32_MEMORY = 2**32  # bytes: the whole memory of a wasm32 instance
 # Operators (domain, type) that tests/test_browser.py runs on onnxruntime-web's WASM backend in Chromium.
 BROWSER_OPERATORS = frozenset({
     *(("", op) for op in (
-        "Add", "Cast", "Concat", "Div", "Equal", "Expand", "Gather", "Greater", "Identity", "If", "MatMul", "Max",
-        "Mul", "Neg", "ReduceSum", "Reshape", "Shape", "Sigmoid", "SimplifiedLayerNormalization", "Slice", "Softmax",
-        "Split", "Squeeze", "Sub", "Transpose", "Unsqueeze", "Where",
+        "Abs", "Add", "Cast", "Concat", "Div", "Equal", "Expand", "Gather", "Greater", "Identity", "If", "MatMul",
+        "Max", "Mul", "Neg", "QuantizeLinear", "ReduceMax", "ReduceSum", "Reshape", "Shape", "Sigmoid",
+        "SimplifiedLayerNormalization", "Slice", "Softmax", "Split", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+        "Where",
     )),
     *(("com.microsoft", op) for op in (
-        "GatherBlockQuantized", "GroupQueryAttention", "MatMulNBits", "RotaryEmbedding",
+        "GatherBlockQuantized", "GroupQueryAttention", "MatMulIntegerToFloat", "MatMulNBits", "RotaryEmbedding",
         "SkipSimplifiedLayerNormalization",
     )),
 })
