@@ -110,15 +110,16 @@ def write_report(results: dict, meta: dict, folder: Path) -> None:
     lines = [
         "# Benchmark: parscale runtime vs onnxruntime-genai vs llama.cpp",
         "",
-        f"Command: `{meta['command']}` ({meta['started']} to {meta['finished']}).",
+        f"Command: `{meta['command']}` at commit `{meta.get('commit', 'unknown')}` ({meta['started']} to "
+        f"{meta['finished']}).",
         f"Prompt {meta['prompt_len']} random token ids per sequence, {meta['gen']} new tokens (greedy, EOS ignored), "
         f"{meta['threads']} threads for every system, random `{meta['preset']}` weights "
         f"(`parscale init --preset {meta['preset']}`); each system in its own process; {meta['rounds']} "
         "interleaved round(s), each running every system once in an order rotated each round; every figure "
         "is the median across rounds, with the 1-minute load average before each run.",
-        "Ours: `parscale bench` at its defaults (int4 by round-to-nearest); rows named with a kernel are "
-        "variants shown beside them. genai: its own builder's P=1 build of the same P=1 weights, at its "
-        "defaults (idle workers spin). llama.cpp at its defaults "
+        "Ours: `parscale bench` at its defaults (int4 by round-to-nearest); rows named with a kernel or a flag "
+        "(`--spin`: idle workers spin) are variants shown beside them. genai: its own builder's P=1 build of "
+        "the same P=1 weights, at its defaults (idle workers spin). llama.cpp at its defaults "
         f"{meta['llama_cpp']['commit']} (llama-cpp-python {meta['llama_cpp']['llama_cpp_python']} sdist): "
         "Q8_0 is int8's yardstick, Q4_0 int4's; its RSS includes loading. At batch B, decode ms/token is one "
         "step (each of the B sequences gets a token) and prefill tok/s counts all B prompts.",

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import llamacpp
+from benchmarks import common, llamacpp
 from benchmarks.report import machine, write_report
 
 HERE = Path(__file__).resolve().parent
@@ -30,10 +30,13 @@ HERE = Path(__file__).resolve().parent
 PY = sys.executable
 PARSCALE = [PY, "-m", "parscale"]
 GGUF_TYPE = {"int8": "q8_0", "int4": "q4_0"}  # llama.cpp's yardstick for each of our precisions
-# --variants: our exports with a non-default setting, shown beside the defaults: name -> (precision, flags).
+# --variants: ours with a non-default setting, shown beside the defaults:
+# name -> (precision, export flags (none: the default export), bench flags).
 VARIANTS = {
-    "int8-nbits": ("int8", ["--kernel", "MatMulNBits"]),
-    "int8-integer": ("int8", ["--kernel", "MatMulIntegerToFloat"]),
+    "int8-nbits": ("int8", ["--kernel", "MatMulNBits"], []),
+    "int8-integer": ("int8", ["--kernel", "MatMulIntegerToFloat"], []),
+    "int8-spin": ("int8", [], ["--spin"]),
+    "int4-spin": ("int4", [], ["--spin"]),
 }
 MEDIAN_KEYS = ("decode_ms_per_token", "prefill_tokens_per_s", "time_to_first_token_s", "generate_peak_rss_mb",
                "peak_rss_mb", "rss_ratio", "load_avg_1min_before", "load_s")
@@ -96,13 +99,15 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, dict], list[str]]:
                    log=work / f"export_p{P}_{prec}.log")
             systems[f"parscale P={P} {label}"] = {"kind": "ours", "path": out, "P": P, "precision": prec}
         for variant in args.variants:
-            prec, flags = VARIANTS[variant]
-            out = work / f"export_p{P}_{variant}"
-            if not (out / "parscale.json").is_file():
+            prec, flags, bench_flags = VARIANTS[variant]
+            out = work / (f"export_p{P}_{variant}" if flags else f"export_p{P}_{prec}")
+            if flags and not (out / "parscale.json").is_file():
                 sh([*PARSCALE, "export", str(ckpt), "-o", str(out), "--P", str(P), "--force", f"--{prec}", *flags],
                    log=work / f"export_p{P}_{variant}.log")
-            systems[f"parscale P={P} {prec} ({flags[-1]})"] = {"kind": "ours", "path": out, "P": P,
-                                                               "precision": prec, "variant": variant}
+            if not (out / "parscale.json").is_file():
+                continue  # the default export it reuses was skipped above (noted there)
+            systems[f"parscale P={P} {prec} ({(flags or bench_flags)[-1]})"] = {
+                "kind": "ours", "path": out, "P": P, "precision": prec, "variant": variant, "flags": bench_flags}
     hf = work / "hf_qwen2_p1"
     if not (hf / "config.json").is_file():
         sh([PY, "-m", "benchmarks.genai_bench", "hf", str(work / "ckpt_p1"), str(hf)])
@@ -136,7 +141,8 @@ def measure(system: dict, args: argparse.Namespace, batch: int) -> dict:
     common = ["--prompt-len", str(args.prompt_len), "--gen", str(args.gen), "--threads", str(args.threads)]
     path = str(system["path"])
     if system["kind"] == "ours":
-        cmd = [*PARSCALE, "bench", path, *common, "--batch", str(batch), "--provider", "cpu", "--json"]
+        cmd = [*PARSCALE, "bench", path, *common, "--batch", str(batch), "--provider", "cpu", "--json",
+               *system.get("flags", [])]
     elif system["kind"] == "torch":
         cmd = [PY, "-m", "benchmarks.torch_eager", path, *common]
     elif system["kind"] == "genai":
@@ -193,6 +199,7 @@ def main() -> None:
         args.llama_work = args.work / "llamacpp"
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    measured = common.commit("parscale", "benchmarks")  # at start: the code every figure below ran on
     systems, notes = prepare(args)
     runs_of = [(name, b) for name, s in systems.items() for b in args.batches if b in s.get("batches", args.batches)]
     if args.only:
@@ -220,7 +227,7 @@ def main() -> None:
                   f"peak RSS {record['generate_peak_rss_mb']:.0f} MB, "
                   f"load avg before {record['load_avg_1min_before']:.2f}", flush=True)
     results = {f"{n} | batch {b}": median_record(rs) for (n, b), rs in runs.items() if rs}
-    meta = {**machine(), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    meta = {**machine(), "commit": measured, "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]), "threads": args.threads,
             "prompt_len": args.prompt_len, "gen": args.gen, "rounds": args.rounds, "preset": args.preset,
             "batches": args.batches, "notes": notes, "failures": failures,

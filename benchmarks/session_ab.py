@@ -1,21 +1,28 @@
 """Interleaved A/B of ONNX Runtime session options on one export, in one process.
 
-    python -m benchmarks.session_ab EXPORT default session.intra_op.allow_spinning=1 arena=1 opt=basic
+    python -m benchmarks.session_ab EXPORT spin=0 spin=1 [arena=1] [opt=basic] [--busy 1] [--out FILE]
 
-Each variant is a comma-separated list: `arena=0|1`, `opt=basic|ext|all`, or a session config entry
-`key=value`, applied on top of parscale's own options. Runs are interleaved so that a drifting
-machine load hits every variant alike; medians are printed.
+Each variant is a comma-separated list: `default`, `spin=0|1` (idle workers sleep or spin),
+`arena=0|1`, `opt=basic|ext|all`, or a session config entry `key=value`, applied on top of
+parscale's own options. Runs are interleaved so that a drifting machine load hits every variant
+alike; medians are printed with the 1-minute load average. `--busy N` keeps N other processes busy
+(a pure-Python loop each) for the whole run: a machine where something else wants the cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.common import commit
 from parscale.graph import CPU, session_options
 from parscale.manifest import MODEL_FILE
 from parscale.runtime.model import Model
@@ -27,11 +34,12 @@ LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
 
 
 def options(variant: str, threads: int) -> ort.SessionOptions:
-    opts = session_options(threads)
-    for item in filter(None, variant.split(",")):
-        if item == "default":
+    items = [i.split("=", 1) for i in variant.split(",") if i and i != "default"]
+    spin = {k: v for k, v in items}.get("spin")
+    opts = session_options(threads, spin=None if spin is None else spin == "1")
+    for key, value in items:
+        if key == "spin":
             continue
-        key, value = item.split("=", 1)
         if key == "arena":
             opts.enable_cpu_mem_arena = value == "1"
         elif key == "opt":
@@ -41,6 +49,11 @@ def options(variant: str, threads: int) -> ort.SessionOptions:
     return opts
 
 
+def busy() -> None:
+    while True:
+        pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("export")
@@ -48,7 +61,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--busy", type=int, default=0, help="Other processes kept busy meanwhile.")
+    ap.add_argument("--out", type=Path, help="Also write the lines printed to this file.")
     args = ap.parse_args()
+    head = [f"commit {commit('parscale', 'benchmarks')}; python -m benchmarks.session_ab {' '.join(sys.argv[1:])}"]
+    print(head[0], flush=True)
+    hogs = [multiprocessing.Process(target=busy, daemon=True) for _ in range(args.busy)]
+    for h in hogs:
+        h.start()
+    try:
+        lines = head + run(args)
+    finally:
+        for h in hogs:
+            h.terminate()
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+def run(args: argparse.Namespace) -> list[str]:
     info = Model.load(args.export, provider="cpu").info
     sessions = {v: ort.InferenceSession(f"{args.export}/{MODEL_FILE}", options(v, args.threads), providers=[CPU])
                 for v in args.variants}
@@ -56,10 +86,12 @@ def main() -> None:
     mask = np.ones((1, 128 + args.steps + 1), dtype=np.int64)
     decode: dict[str, list[float]] = {v: [] for v in sessions}
     prefill: dict[str, list[float]] = {v: [] for v in sessions}
+    loads: list[float] = []
     for _ in range(args.reps):
         for v, s in sessions.items():
+            loads.append(os.getloadavg()[0])
             engine = Engine(s, info, CPU)
-            engine.reset(1)
+            engine.reset(1, 128 + args.steps + 1)
             t = time.perf_counter()
             logits = engine.step(ids, mask[:, :128], np.arange(128)[None])
             prefill[v].append(time.perf_counter() - t)
@@ -70,9 +102,13 @@ def main() -> None:
                 logits = engine.step(token, mask[:, :129 + i], np.array([[128 + i]]))
                 steps.append(time.perf_counter() - t)
             decode[v].append(1000 * statistics.median(steps))
+    lines = [f"{args.export}: {args.reps} interleaved runs of each, prompt 128, {args.steps} decode steps, "
+             f"{args.threads} threads, {args.busy} busy processes beside; load avg {min(loads):.2f}-{max(loads):.2f}"]
     for v in sessions:
-        print(f"{v:48s} decode {statistics.median(decode[v]):7.1f} ms/token {[round(x) for x in decode[v]]}  "
-              f"prefill {statistics.median(prefill[v]):6.2f} s")
+        lines.append(f"{v:24s} decode {statistics.median(decode[v]):7.1f} ms/token "
+                     f"{[round(x, 1) for x in decode[v]]}  prefill {statistics.median(prefill[v]):6.2f} s")
+    print("\n".join(lines), flush=True)
+    return lines
 
 
 if __name__ == "__main__":
