@@ -43,9 +43,11 @@ def main() -> None:
     verbose = any(a in ("--verbose", "-v") for a in sys.argv[1:])
     try:
         app()
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        from parscale.atomic import Terminated
+
+        err.print("terminated" if isinstance(e, Terminated) else "interrupted")
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except ParScaleError as e:
         cause = e.__cause__
         if verbose and cause is not None:
