@@ -10,12 +10,20 @@ The rules, enforced here once for every command that writes a folder (`export`, 
   that `is_replaceable` accepts (our own earlier output) is replaced; anything else is refused with
   a message naming what is there.
 - A lock file beside OUT (`.NAME.lock`, fcntl.flock) is held from start to finish and taken without
-  waiting: a second writer to the same OUT fails at once, naming the first one's pid.
-- The folder is built in `.NAME.partial-<pid>-<random>` beside OUT. Partial folders left by dead
-  processes for the same NAME are removed when the next writer starts (it holds the lock, so no
-  live writer can own them).
+  waiting: a second writer to the same OUT fails at once, naming the first one's pid. It is created
+  with O_EXCL|O_NOFOLLOW; an existing one is reused only if it is a plain, unlinked-elsewhere file
+  holding nothing but a pid (a stale lock of ours): a symlink, a hard link or a user's file at that
+  path is refused and left untouched (`FolderLock`).
+- The folder is built in `.NAME.partial-<pid>-<random>/NAME` beside OUT: the wrapper folder is
+  created by us (mkdir fails on anything already there) and holds our marker file, `.parscale-owner`,
+  with that pid and random token. A replaceable old OUT is moved into a marked `.NAME.old-<pid>-<random>`
+  wrapper likewise. Leftovers of dead processes for the same NAME are removed when the next writer
+  starts (it holds the lock, so no live writer can own them), and only if they carry that marker: a
+  folder that merely looks like one (`.NAME.old-2024-12-01`) is never removed.
 - At the end OUT is checked again under the lock; a replaceable old OUT is moved aside, the partial
   renamed into place (os.rename fails rather than replace a non-empty folder), the old one deleted.
+- While the folder is open, SIGTERM (when its handler is the default one) raises `Terminated`, a
+  KeyboardInterrupt, so a terminated run cleans up exactly as an interrupted one.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import stat
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -118,8 +129,9 @@ class AtomicFolder:
         self.force, self.is_replaceable, self.protect, self.what = force, is_replaceable, tuple(protect), what
         self.log = log or logger.warning
         self.tmp: Path | None = None
-        self._lock_fd: int | None = None
-        self._lock_path = self.out.parent / f".{self.out.name}.lock"
+        self._wrapper: Path | None = None  # the marked folder holding tmp
+        self._lock = FolderLock(self.out)
+        self._sigterm = _SigtermGuard()
         self.committed = False
 
     # ------------------------------------------------------------------ public steps
@@ -128,18 +140,20 @@ class AtomicFolder:
         """Check OUT, take the lock, remove dead leftovers and create the partial folder; returns it."""
         self.check()
         self._make_parent()
-        self._lock()
+        self._sigterm.install()
         try:
+            self._lock.acquire()
             self.check()  # again, now that no other parscale writer can change OUT
             self._remove_dead_partials()
-            tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+            self._wrapper = _marked_folder(self.out, "partial")
+            tmp = self._wrapper / self.out.name
             tmp.mkdir(mode=0o755)
             self.tmp = tmp
         except OSError as e:
-            self._unlock()
+            self.close()
             raise ParScaleError(f"cannot write into {self.out.parent}: {e.strerror}") from None
         except BaseException:
-            self._unlock()
+            self.close()
             raise
         return tmp
 
@@ -147,17 +161,23 @@ class AtomicFolder:
         """Move the partial folder to OUT, replacing only what the rules allow; returns OUT."""
         assert self.tmp is not None, "open() first"
         self.check()  # whatever appeared at OUT meanwhile is judged by the same rules
-        old = None
+        old = old_wrapper = None
         try:
             if self.out.is_dir() and any(self.out.iterdir()):
-                old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-                os.rename(self.out, old)
+                old_wrapper = _marked_folder(self.out, "old")
+                old = old_wrapper / self.out.name
+                try:
+                    os.rename(self.out, old)
+                except OSError:
+                    _remove_marked(old_wrapper)
+                    raise
             try:
                 os.rename(self.tmp, self.out)  # replaces an empty folder; fails on a non-empty one
             except OSError as e:
-                if old is not None:
+                if old is not None and old_wrapper is not None:
                     with contextlib.suppress(OSError):
                         os.rename(old, self.out)
+                        _remove_marked(old_wrapper)
                     old = None
                 if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                     raise ParScaleError(
@@ -168,16 +188,20 @@ class AtomicFolder:
         except OSError as e:
             raise ParScaleError(f"cannot move the new folder into place at {self.out}: {e.strerror}") from None
         self.committed, self.tmp = True, None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if old_wrapper is not None:
+            shutil.rmtree(old_wrapper, ignore_errors=True)
         return self.out
 
     def close(self) -> None:
         """Remove the partial folder (if not committed) and release the lock; safe to call twice."""
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
-        self._unlock()
+        try:
+            self._sigterm.hold()  # a second SIGTERM must not cut the clean-up short
+            if self._wrapper is not None:
+                shutil.rmtree(self._wrapper, ignore_errors=True)
+                self._wrapper = self.tmp = None
+            self._lock.release()
+        finally:
+            self._sigterm.restore()
 
     def __enter__(self) -> Path:
         return self.open()
@@ -209,58 +233,183 @@ class AtomicFolder:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ParScaleError(f"cannot write into {parent}: permission denied (or a read-only file system)")
 
-    def _lock(self) -> None:
-        while True:  # the holder unlinks the lock file on release: retry if we opened a stale one
-            try:
-                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise ParScaleError(f"cannot create the lock file {self._lock_path}: {e.strerror}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise ParScaleError(
-                    f"another parscale process is writing {self.out} (pid {pid}); wait for it to finish "
-                    "or choose another output folder"
-                ) from None
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self._lock_path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
-
-    def _unlock(self) -> None:
-        if self._lock_fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self._lock_path)  # while still holding it, so nobody locks a file we then remove
-        os.close(self._lock_fd)
-        self._lock_fd = None
-
     def _remove_dead_partials(self) -> None:
-        """Partial folders of NAME whose process is gone: removed (we hold the lock, so none is live)."""
-        pattern = re.compile(rf"^\.{re.escape(self.out.name)}\.(?:partial|old)-(\d+)-")
-        prefix = f".{self.out.name}."
+        """Marked leftovers of NAME whose process is gone: removed (we hold the lock, so none is live).
+
+        Only folders carrying our marker (`_marked_folder`) are ever removed; look-alikes are kept."""
+        pattern = re.compile(rf"^\.{re.escape(self.out.name)}\.(?:partial|old)-(\d+)-([0-9a-f]{{8}})$")
         for p in self.out.parent.iterdir():
-            if not p.name.startswith(prefix) or not p.is_dir() or p.is_symlink():
-                continue
             m = pattern.match(p.name)
-            if m is None:
-                if p.name.startswith(prefix + "partial-"):
-                    self.log(f"left {p} in place: a partial folder of an older parscale; remove it if no "
-                             "export is running")
+            if m is None or not p.is_dir() or p.is_symlink():
+                continue
+            if not _is_marked(p, f"{m.group(1)}-{m.group(2)}"):
+                self.log(f"left {p} in place: it does not carry parscale's marker (.parscale-owner), so it was "
+                         "not made by this parscale; remove it yourself if it is a leftover")
                 continue
             if _alive(int(m.group(1))):
                 self.log(f"left {p} in place: its process {m.group(1)} is still running")
                 continue
             shutil.rmtree(p, ignore_errors=True)
             self.log(f"removed {p}, left by an interrupted run (process {m.group(1)} is gone)")
+
+
+MARKER = ".parscale-owner"  # inside every folder we create beside OUT: "<pid>-<token>\n"
+
+
+def _marked_folder(out: Path, kind: str) -> Path:
+    """Create `.NAME.<kind>-<pid>-<token>` beside `out` (mkdir: fails on anything already there) holding
+    our marker; returns it."""
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    folder = out.parent / f".{out.name}.{kind}-{tag}"
+    folder.mkdir(mode=0o755)
+    fd = os.open(folder / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, f"{tag}\n".encode())
+    finally:
+        os.close(fd)
+    return folder
+
+
+def _is_marked(folder: Path, tag: str) -> bool:
+    """True if `folder` holds our marker (a plain file, not a link) naming exactly `tag`."""
+    marker = folder / MARKER
+    try:
+        if not stat.S_ISREG(os.lstat(marker).st_mode):
+            return False
+        return marker.read_bytes() == f"{tag}\n".encode()
+    except OSError:
+        return False
+
+
+def _remove_marked(folder: Path) -> None:
+    """Remove a wrapper we created whose content has been moved out: the marker, then the folder."""
+    (folder / MARKER).unlink(missing_ok=True)
+    folder.rmdir()
+
+
+class FolderLock:
+    """The lock of one folder: `.NAME.lock` beside it, fcntl.flock'ed, not waited for.
+
+    Created with O_EXCL|O_NOFOLLOW. An existing lock file (one left by a killed run) is reused only
+    if it is a plain file with a single link holding at most a pid: anything else at that path (a
+    symlink, a hard link to another file, a user's file, a folder) is refused and left untouched.
+    Released by unlinking it while still holding it (only if the path is still that same file).
+    Used by `AtomicFolder` and, alone, by commands that change files inside a folder (`train-heads`).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder.parent / f".{self.folder.name}.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock or raise ParScaleError (held by another process: its pid is named)."""
+        while True:  # the holder unlinks the lock file on release: retry if we opened a stale one
+            fd = self._open()
+            if fd is None:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ParScaleError(
+                    f"another parscale process is writing {self.folder} (pid {pid}); wait for it to finish "
+                    "or choose another output folder"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.lstat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise ParScaleError(f"cannot write the lock file {self.path}: {e.strerror}") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        """Unlink and close the lock file; safe to call twice."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(self._fd), os.lstat(self.path)):
+                os.unlink(self.path)  # while still holding it, so nobody locks a file we then remove
+        os.close(self._fd)
+        self._fd = None
+
+    def _open(self) -> int | None:
+        """A descriptor of our lock file, creating it if absent; None to retry (it vanished meanwhile)."""
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise ParScaleError(f"cannot create the lock file {self.path}: {e.strerror}") from None
+        try:
+            fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            return None
+        except OSError as e:  # ELOOP: a symlink; EISDIR: a folder
+            raise self._foreign(e.strerror) from None
+        st = os.fstat(fd)
+        content = os.pread(fd, 64, 0) if stat.S_ISREG(st.st_mode) else b""
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not re.fullmatch(rb"\d{0,20}\n?", content):
+            os.close(fd)
+            raise self._foreign("not a plain file holding a pid" if stat.S_ISREG(st.st_mode) else "not a file")
+        return fd
+
+    def _foreign(self, why: str | None) -> ParScaleError:
+        return ParScaleError(
+            f"{self.path} exists and is not a parscale lock file ({why}); it was left untouched. Remove or "
+            f"rename it, or choose another output folder"
+        )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while an output folder is open: cleans up as Ctrl-C does (the CLI exits 143)."""
+
+
+class _SigtermGuard:
+    """Turns SIGTERM into `Terminated` while a folder is open (main thread, default handler only)."""
+
+    def __init__(self) -> None:
+        self._previous: object = None
+        self._installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return  # someone (a server) handles SIGTERM already: theirs decides
+        self._previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        self._installed = True
+
+    def hold(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)  # type: ignore[arg-type]
+            self._installed = False
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up that follows runs to its end
+    raise Terminated()
 
 
 def _alive(pid: int) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from parscale.errors import ParScaleError
-from parscale.manifest import Manifest, check_files
+from parscale.manifest import MANIFEST, Manifest, check_files
 
 HOST = "127.0.0.1"  # loopback only: the page is for the person at this machine
 DEFAULT_PORT = 8080
@@ -65,6 +65,7 @@ class Roots:
     web: Path
     vendor: dict[str, Path]
     model: Path
+    listed: frozenset[str]  # the export's files the page may fetch: its manifest and what it lists
 
     def resolve(self, url_path: str) -> Path | None:
         """The file a request path names, or None when it names nothing servable (outside every root)."""
@@ -77,7 +78,10 @@ class Roots:
             if path.startswith(prefix):
                 return _inside(root, path[len(prefix):], flat=False)
         if path.startswith(MODEL_PREFIX):
-            return _inside(self.model, path[len(MODEL_PREFIX):], flat=True)
+            name = path[len(MODEL_PREFIX):]
+            if name not in self.listed:
+                return None  # an unlisted file is never served (its integrity is unknown)
+            return _inside(self.model, name, flat=True)
         return _inside(self.web, path[1:], flat=True, suffixes=PAGE_SUFFIXES)
 
 
@@ -113,7 +117,8 @@ def find_roots(export: str | Path, web_dir: str | Path | None = None) -> Roots:
         raise ParScaleError(f"the page's JavaScript is not installed ({missing[0]} is missing"
                             f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}): run `make web` "
                             f"(npm ci in {web}, pinned by its package-lock.json)")
-    return Roots(web=web.resolve(), vendor=vendor, model=export.resolve())
+    return Roots(web=web.resolve(), vendor=vendor, model=export.resolve(),
+                 listed=frozenset([MANIFEST, *manifest.files]))
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -43,9 +43,11 @@ def main() -> None:
     verbose = any(a in ("--verbose", "-v") for a in sys.argv[1:])
     try:
         app()
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        from parscale.atomic import Terminated
+
+        err.print("terminated" if isinstance(e, Terminated) else "interrupted")
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except ParScaleError as e:
         cause = e.__cause__
         if verbose and cause is not None:
@@ -278,11 +280,12 @@ def train_heads(
     P: Annotated[str, typer.Option("--P", help="Stream counts to add, e.g. 2,8.")],  # noqa: N803
     steps: Annotated[Optional[int], typer.Option(help="Stage-2 steps (default: the recipe's).")] = None,  # noqa: UP045
     threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 2,
+    force: Annotated[bool, typer.Option("--force", help="Retrain and replace existing head sets of these P.")] = False,
 ) -> None:
     """Add stage-2 head sets (prefixes + aggregation) for more P to a checkpoint, its backbone frozen."""
     from parscale.train.recipe import train_heads as run
 
-    results = run(model, _parse_streams(P), steps=steps, threads=threads, log=_stage_printer(False))
+    results = run(model, _parse_streams(P), steps=steps, threads=threads, log=_stage_printer(False), force=force)
     for p, r in results.items():
         out.print(f"P={p}: held-out loss {r['held_out_loss']:.4f} nats/token (from {r['held_out_loss_init']:.4f}); "
                   f"{r['file']} {_mb(r['bytes'])} in {r['stage2']['seconds']:.0f} s")

@@ -104,7 +104,7 @@ class Manifest:
     def streams(self) -> list[int]:
         """The P this export serves: several for a multi-P export (io.cache.streams), else model.P."""
         streams = self.io.get("cache", {}).get("streams") if isinstance(self.io.get("cache"), dict) else None
-        return list(streams) if isinstance(streams, list) and streams else [self.model.P]
+        return list(streams) if isinstance(streams, list) and streams else [self.model.P]  # checked by from_dict
 
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
@@ -153,10 +153,41 @@ class Manifest:
         for key in ("quantization", "validation", "web"):
             if d.get(key) is not None and not isinstance(d[key], dict):
                 raise ParScaleError(f"{folder}: {MANIFEST} field {key} is not an object; re-export the model")
+        _check_cache(folder, d["io"], model)
         return cls(model=ModelInfo(**{k: model[k] for k in types}), dtype=d["dtype"], opset=d["opset"], io=d["io"],
                    source=d["source"], tool=d["tool"], quantization=d.get("quantization"),
                    validation=d.get("validation"), web=d.get("web"), files=_files(folder, d.get("files", {})),
                    format_version=d["format_version"])
+
+
+def _check_cache(folder: str | Path, io: dict[str, Any], model: dict[str, Any]) -> None:
+    """io.cache, which sizes the cache and says which P a graph serves: absent, or exactly as the exporter
+    writes it (streams: at least two distinct positive integers, ascending, the largest model.P, and
+    cache_heads = P * kv_heads_per_stream; prefix_rows a non-negative integer)."""
+    cache = io.get("cache")
+    if cache is None:
+        return
+    bad = f"{folder}: {MANIFEST} field io.cache"
+
+    def count(v: Any, minimum: int = 1) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+    if not isinstance(cache, dict):
+        raise ParScaleError(f"{bad} is not an object; re-export the model")
+    if "prefix_rows" in cache and not count(cache["prefix_rows"], 0):
+        raise ParScaleError(f"{bad}.prefix_rows={cache['prefix_rows']!r} is not a non-negative integer; "
+                            "re-export the model")
+    if "streams" not in cache and "kv_heads_per_stream" not in cache:
+        return
+    streams, kv = cache.get("streams"), cache.get("kv_heads_per_stream")
+    if (not isinstance(streams, list) or len(streams) < 2 or not all(count(p) for p in streams)
+            or streams != sorted(set(streams)) or streams[-1] != model["P"]):
+        raise ParScaleError(
+            f"{bad}.streams={streams!r} is not what parscale writes (two or more distinct positive integers, "
+            f"ascending, the largest equal to model.P={model['P']}): the manifest was edited; re-export the model")
+    if not count(kv) or kv * streams[-1] != model["cache_heads"]:
+        raise ParScaleError(f"{bad}.kv_heads_per_stream={kv!r} does not give model.cache_heads="
+                            f"{model['cache_heads']} at P={streams[-1]}: the manifest was edited; re-export the model")
 
 
 def _is(value: Any, type_name: str) -> bool:
@@ -237,3 +268,51 @@ def check_files(folder: str | Path, manifest: Manifest, *, checksums: bool = Tru
                 f"{folder}: {name} does not match its sha256 in {MANIFEST}: the file is damaged or was "
                 "modified; re-export the model (or copy it again)"
             )
+
+
+# What parscale may read from an export folder besides the graph: the configs and tokenizer files
+# the exporter copies (exporter/folder.py SOURCE_FILES) and the chat template formats we know of.
+# Each is read only when the manifest lists it (`listed_file`); one present but unlisted is refused.
+READ_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+)
+
+
+def check_closed_list(folder: str | Path, manifest: Manifest) -> None:
+    """Refuse a folder holding a file parscale would read (`READ_FILES`, model.onnx*) that the manifest
+    does not list: its integrity could not be checked (a dropped-in tokenizer.json, an entry deleted)."""
+    folder = Path(folder)
+    try:
+        names = sorted(p.name for p in folder.iterdir())
+    except OSError as e:
+        raise ParScaleError(f"cannot read {folder}: {e.strerror}") from None
+    for name in names:
+        if name not in manifest.files and (name in READ_FILES or name.startswith(MODEL_FILE)):
+            raise _unlisted(folder, name)
+
+
+def _unlisted(folder: Path, name: str) -> ParScaleError:
+    return ParScaleError(
+        f"{folder}: {name} is not listed in {MANIFEST}, so its integrity cannot be checked and it is not "
+        f"read: the folder was edited or mixed from different exports. Remove {name} or re-export the model"
+    )
+
+
+def listed_file(folder: str | Path, name: str) -> Path | None:
+    """`folder/name` for a reader of an export folder: None when absent and unlisted; refused when
+    present but unlisted, or listed but missing, resized or altered (sha256). A folder without a
+    manifest (a checkpoint) is not an export: its file is returned as it is, if present."""
+    folder = Path(folder)
+    path = folder / name
+    if not (folder / MANIFEST).is_file():
+        return path if path.is_file() else None
+    manifest = Manifest.read(folder)
+    info = manifest.files.get(name)
+    if info is None:
+        if path.exists() or path.is_symlink():
+            raise _unlisted(folder, name)
+        return None
+    check_files(folder, manifest.replace(files={name: info}), checksums=info.sha256 is not None)
+    return path

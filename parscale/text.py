@@ -82,10 +82,12 @@ class IncrementalDecoder:
 
 def load_eos_ids(folder: Path, vocab_size: int) -> list[int]:
     """EOS ids from generation_config.json (as transformers does), else config.json; in-vocabulary only."""
+    from parscale.manifest import listed_file
+
     ids: Any = None
-    for name in ("generation_config.json", "config.json"):
-        path = folder / name
-        if not path.is_file():
+    paths = [listed_file(folder, name) for name in ("generation_config.json", "config.json")]  # as listed
+    for path in paths:
+        if path is None:
             continue
         try:
             ids = json.loads(path.read_text()).get("eos_token_id")
@@ -108,10 +110,13 @@ def read_text(path: str | Path) -> str:
 
 
 def folder_tokenizer(folder: str | Path) -> Tokenizer:
-    """The tokenizer.json of a checkpoint or export folder."""
-    path = Path(folder) / TOKENIZER_FILE
-    if not path.is_file():
-        raise ParScaleError(f"{path} not found: scoring text needs the folder's tokenizer.json")
+    """The tokenizer.json of a checkpoint or export folder (an export's only as its manifest lists it)."""
+    from parscale.manifest import listed_file
+
+    path = listed_file(folder, TOKENIZER_FILE)
+    if path is None:
+        raise ParScaleError(f"{Path(folder) / TOKENIZER_FILE} not found: scoring text needs the folder's "
+                            "tokenizer.json")
     return Tokenizer(path)
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from parscale.atomic import AtomicFolder, foreign_in_checkpoint, foreign_in_export
+from parscale.atomic import MARKER, AtomicFolder, foreign_in_checkpoint, foreign_in_export
 from parscale.errors import ParScaleError
 
 
@@ -111,27 +114,140 @@ def test_failure_inside_leaves_nothing(tmp_path):
     assert tree(tmp_path) == before
 
 
+def _leftover(folder: Path, pid: int, token: str, *, marked: bool = True) -> Path:
+    """A leftover folder as an interrupted run leaves it: our marker names its pid and token."""
+    folder.mkdir()
+    (folder / "out").mkdir()
+    if marked:
+        (folder / MARKER).write_text(f"{pid}-{token}\n")
+    return folder
+
+
 def test_dead_partials_are_removed_and_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        stale = tmp_path / f".out.partial-{dead_pid}-abcd1234"
-        stale_float = tmp_path / f".out.partial-{dead_pid}-abcd1234-float"
-        live = tmp_path / f".out.partial-{sleeper.pid}-ffff0000"
-        other = tmp_path / f".other.partial-{dead_pid}-abcd1234"  # another NAME: not ours to judge
-        for p in (stale, stale_float, live, other):
-            p.mkdir()
+        stale = _leftover(tmp_path / f".out.partial-{dead_pid}-abcd1234", dead_pid, "abcd1234")
+        stale_old = _leftover(tmp_path / f".out.old-{dead_pid}-abcd1235", dead_pid, "abcd1235")
+        live = _leftover(tmp_path / f".out.partial-{sleeper.pid}-ffff0000", sleeper.pid, "ffff0000")
+        other = _leftover(tmp_path / f".other.partial-{dead_pid}-abcd1234", dead_pid, "abcd1234")  # another NAME
+        unmarked = _leftover(tmp_path / f".out.partial-{dead_pid}-abcd1236", dead_pid, "abcd1236", marked=False)
+        wrong_tag = _leftover(tmp_path / f".out.old-{dead_pid}-abcd1237", dead_pid, "abcd9999")
         logged: list[str] = []
         with writer(tmp_path / "out", log=logged.append) as tmp:
             (tmp / "x").write_text("x")
-        assert not stale.exists() and not stale_float.exists()
-        assert live.exists() and other.exists()
+        assert not stale.exists() and not stale_old.exists()
+        assert live.exists() and other.exists() and unmarked.exists() and wrong_tag.exists()
         assert any("removed" in m and str(dead_pid) in m for m in logged)
         assert any("still running" in m and str(sleeper.pid) in m for m in logged)
+        assert any("marker" in m and unmarked.name in m for m in logged)
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+DEAD_PID = 2**22 + 12345  # above the default pid_max: no such process
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["partial", "old", "lock", "tmp"]),
+       tail=st.one_of(st.just(f"{DEAD_PID}-abcd1234"), st.just("2024-12-01"), st.just(f"{DEAD_PID}-"),
+                      st.text("0123456789abcdef-", max_size=20)),
+       sub=st.booleans())
+def test_folders_that_only_look_like_leftovers_are_never_removed(tmp_path_factory, kind, tail, sub):
+    """A user's folder beside OUT, named like ours but without our marker, survives every write (and a
+    failed one): `.x.old-2024-12-01`, `.x.partial-<dead pid>-<hex>`, ..."""
+    root = tmp_path_factory.mktemp("looks")
+    mine = root / f".x.{kind}-{tail}"
+    if kind == "lock":
+        mine = root / ".x.lockdir"
+    mine.mkdir()
+    (mine / ("x" if sub else "thesis.txt")).write_text("mine")
+    before = tree(root)
+    with writer(root / "x", log=lambda _m: None) as tmp:
+        (tmp / "a").write_text("a")
+    assert tree(root) == sorted([*before, "x", "x/a"])
+    again = AtomicFolder(root / "x", force=True, is_replaceable=lambda _p: None, log=lambda _m: None)
+    with again as tmp:  # a replacement moves the old OUT aside into a marked folder, then removes that
+        (tmp / "b").write_text("b")
+    failing = AtomicFolder(root / "x", force=True, is_replaceable=lambda _p: None, log=lambda _m: None)
+    with pytest.raises(RuntimeError), failing:
+        raise RuntimeError("boom")
+    assert tree(root) == sorted([*before, "x", "x/b"])
+
+
+def _hard_link(lock: Path, precious: Path) -> None:
+    os.link(precious, lock)
+
+
+LOCK_PATH_CASES = {  # what a user may have at .x.lock: each is refused and left as it was
+    "symlink to a file": lambda lock, precious: lock.symlink_to(precious.name),
+    "dangling symlink": lambda lock, precious: lock.symlink_to(lock.parent / "would-be-created"),
+    "symlink to a folder": lambda lock, precious: lock.symlink_to(lock.parent),
+    "hard link": _hard_link,
+    "user's text file": lambda lock, precious: lock.write_text("notes about x\n"),
+    "a folder": lambda lock, precious: lock.mkdir(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOCK_PATH_CASES))
+def test_nothing_at_the_lock_path_is_followed_or_truncated(tmp_path, case):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    lock = tmp_path / ".x.lock"
+    LOCK_PATH_CASES[case](lock, precious)
+    before = {p.name: (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+              for p in tmp_path.iterdir()}
+    with pytest.raises(ParScaleError, match=r"is not a parscale lock file.*left untouched"):
+        writer(tmp_path / "x").open()
+    after = {p.name: (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+             for p in tmp_path.iterdir()}
+    assert after == before and precious.read_text() == "keep me"
+
+
+def test_a_stale_lock_of_ours_is_reused(tmp_path):
+    (tmp_path / ".x.lock").write_text("12345\n")  # left by a killed run
+    with writer(tmp_path / "x") as tmp:
+        (tmp / "a").write_text("a")
+    assert tree(tmp_path) == ["x", "x/a"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_cleans_up_like_sigint(tmp_path, sig):
+    """A real process killed while writing: no partial folder, no lock left; SIGTERM exits 143."""
+    code = ("import sys, time; from parscale.atomic import AtomicFolder, foreign_in_checkpoint\n"
+            "from parscale.cli import main\n"
+            f"w = AtomicFolder({str(tmp_path / 'out')!r}, force=False, is_replaceable=foreign_in_checkpoint)\n"
+            "with w as tmp:\n    (tmp / 'half').write_text('x'); print('open', flush=True); time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
+        assert any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir())
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert proc.returncode != 0
+
+
+def test_sigterm_in_the_cli_exits_143_leaving_nothing(tmp_path):
+    code = ("import sys, time\nfrom parscale.atomic import AtomicFolder, foreign_in_checkpoint\n"
+            "import parscale.cli as cli\n"
+            "def slow():\n"
+            f"    with AtomicFolder({str(tmp_path / 'out')!r}, force=False, is_replaceable=foreign_in_checkpoint):\n"
+            "        print('open', flush=True); time.sleep(30)\n"
+            "cli.app = slow\ncli.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "terminated" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_paths_that_cannot_be_written(tmp_path):

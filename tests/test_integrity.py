@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from parscale.args import available_cpus, check_seed, check_threads, check_window
@@ -223,3 +225,136 @@ def test_exports_of_another_format_are_refused(export, version, message):
     edit_manifest(export, lambda m: m.update(format_version=version))
     with pytest.raises(ParScaleError, match=message):
         Model.load(export)
+
+
+# ---------------------------------------------------------------------- the closed list (what is read is listed)
+
+def _swap_two_tokens(path: Path) -> None:
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[40:42]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(tok))
+
+
+CLOSED_LIST_EDITS = {  # name -> how a user (or attacker) changes the file after deleting its manifest entry
+    "tokenizer.json": _swap_two_tokens,
+    "generation_config.json": lambda p: p.write_text(json.dumps({"eos_token_id": 5})),
+    "config.json": lambda p: p.write_text(p.read_text().replace('"eos_token_id"', '"eos_token_id": 7, "x"', 1)),
+    "tokenizer_config.json": lambda p: p.write_text(json.dumps({"chat_template": "{{ 'EVIL' }}"})),
+}
+
+
+def _chat_template(folder: Path):  # type: ignore[no-untyped-def]
+    from parscale.serve.chat import ChatTemplate
+
+    return ChatTemplate.load(folder)
+
+
+def _eos(folder: Path):  # type: ignore[no-untyped-def]
+    from parscale.text import load_eos_ids
+
+    return load_eos_ids(folder, 512)
+
+
+def _scoring_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
+    from parscale.text import folder_tokenizer
+
+    return folder_tokenizer(folder)
+
+
+READERS = {"Model.load": Model.load, "Model.load(verify=False)": lambda f: Model.load(f, verify=False),
+           "chat template (serve)": _chat_template, "EOS ids": _eos, "scoring tokenizer (eval)": _scoring_tokenizer}
+READS = {"chat template (serve)": {"tokenizer_config.json"}, "EOS ids": {"generation_config.json", "config.json"},
+         "scoring tokenizer (eval)": {"tokenizer.json"}}  # the loads read every file
+
+
+@pytest.mark.parametrize(("reader", "name"), [(r, n) for r in sorted(READERS) for n in sorted(CLOSED_LIST_EDITS)
+                                              if n in READS.get(r, {n})])
+@pytest.mark.parametrize("unlist", [True, False], ids=["unlisted", "altered"])
+def test_a_file_the_runtime_reads_is_listed_and_unaltered(export, name, reader, unlist):
+    """Deleting a file's entry from parscale.json does not switch its check off: every reader refuses a
+    folder where a file it would read is unlisted (or, listed, altered), naming it. The small text files
+    are hashed by their readers even with verify=False (which skips hashing the graph's weights)."""
+    if not (export / name).exists():
+        (export / name).write_text("{}")
+        rehash(export)
+    if unlist:
+        edit_manifest(export, lambda m: m["files"].pop(name))
+    CLOSED_LIST_EDITS[name](export / name)
+    with pytest.raises(ParScaleError, match=name.replace(".", r"\.")):
+        READERS[reader](export)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                                  "special_tokens_map.json", "chat_template.jinja", "model.onnx.data", "vocab.json"])
+def test_a_file_dropped_into_an_export_is_refused(tmp_path, tiny_exports, name):
+    export = tmp_path / "export"
+    shutil.copytree(tiny_exports[4][1], export)
+    (export / name).unlink(missing_ok=True)
+    edit_manifest(export, lambda m: m["files"].pop(name, None))
+    Model.load(export)  # without it: fine
+    (export / name).write_text("{}")
+    with pytest.raises(ParScaleError, match=f"{name.replace('.', '[.]')} is not listed in parscale.json"):
+        Model.load(export)
+    (export / "notes.txt").write_text("a user's file that nothing reads")
+    (export / name).unlink()
+    Model.load(export)  # a file nothing reads may sit beside the export
+
+
+def test_the_browser_serves_only_listed_files(export):
+    from parscale.browser import MODEL_PREFIX, Roots
+
+    (export / "secret.txt").write_text("not for the page")
+    edit_manifest(export, lambda m: m["files"].pop("tokenizer.json"))
+    roots = Roots(web=export, vendor={}, model=export.resolve(),
+                  listed=frozenset([MANIFEST, *Manifest.read(export).files]))
+    served = [n for n in ("secret.txt", "tokenizer.json", MODEL_FILE, MANIFEST) if roots.resolve(MODEL_PREFIX + n)]
+    assert served == [MODEL_FILE, MANIFEST]
+
+
+@pytest.fixture(scope="module")
+def multi_export(default_int8_export, tmp_path_factory) -> Path:
+    return default_int8_export
+
+
+STREAM_EDITS = [[1, 2, 4], [], [2, 2, 4], [2.0, 4.0], [8, 4, 2, 1], [True, 2, 4, 8], "1248", [1, 2, 4, 8, 16],
+                [8], None, [1, 2, "4", 8], [0, 2, 4, 8], [-1, 2, 4, 8], [1, 2, 4, 8.0], {"8": 1}]
+
+
+@pytest.mark.parametrize("streams", STREAM_EDITS, ids=[json.dumps(s) for s in STREAM_EDITS])
+def test_edited_cache_streams_are_refused(tmp_path, multi_export, streams):
+    """io.cache.streams sizes the cache and says which P the graph serves: an edit is refused by name."""
+    export = tmp_path / "export"
+    shutil.copytree(multi_export, export)
+    edit_manifest(export, lambda m: m["io"]["cache"].__setitem__("streams", streams))
+    with pytest.raises(ParScaleError, match=r"io\.cache"):
+        Model.load(export)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["streams", "kv_heads_per_stream", "prefix_rows", "DROP streams", "DROP cache"]),
+       value=st.one_of(st.integers(-3, 20), st.floats(allow_nan=False), st.booleans(), st.none(), st.text(max_size=3),
+                       st.lists(st.integers(-1, 17), max_size=5)))
+def test_any_edit_of_io_cache_is_refused_or_harmless(tmp_path_factory, multi_export, key, value):
+    """Hypothesis over io.cache of a multi-P export: a load either refuses, naming the field, or serves
+    exactly the P the graph was built for."""
+    export = tmp_path_factory.mktemp("cache") / "export"
+    shutil.copytree(multi_export, export)
+
+    def edit(m: dict) -> None:
+        if key == "DROP cache":
+            m["io"].pop("cache")
+        elif key == "DROP streams":
+            m["io"]["cache"].pop("streams")
+        else:
+            m["io"]["cache"][key] = value
+
+    edit_manifest(export, edit)
+    try:
+        model = Model.load(export, verify=False)
+    except ParScaleError as e:
+        assert "io.cache" in str(e) or "io" in str(e)
+    else:
+        assert model.streams == [1, 2, 4, 8]
+        assert Manifest.read(export).io == Manifest.read(multi_export).io

@@ -274,3 +274,68 @@ def test_serving_every_p_costs_at_most_a_tenth_more_memory_than_the_largest_alon
     alone, every = min(a for a, _ in runs), min(e for _, e in runs)
     assert weights > 0.4 * alone  # the weights are a large part of the process: a copy per P would show
     assert every <= 1.10 * alone, (every, alone, weights)
+
+
+# ---------------------------------------------------------------------- head sets bound to their backbone
+
+def _rewrite(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    tensors = load_file(path)
+    edit(tensors, meta)
+    save_file(tensors, path, metadata=meta)
+
+
+def _other_backbone(folder: Path) -> None:
+    w = load_file(folder / "model.safetensors")
+    w["model.norm.weight"] = w["model.norm.weight"] + 1
+    save_file(w, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+HEAD_FILE_CASES = {  # what is wrong with heads-p2.safetensors -> words the refusal must hold
+    "a backbone tensor inside": (lambda f: _rewrite(f / "heads-p2.safetensors", lambda t, m: t.__setitem__(
+        "model.norm.weight", torch.ones(8))), r"holds backbone tensor model\.norm\.weight"),
+    "another P's tensors": (lambda f: shutil.copy(f / "heads-p8.safetensors", f / "heads-p2.safetensors"),
+                            "head set for P=8 .* not P=2"),
+    "metadata of another P": (lambda f: _rewrite(f / "heads-p2.safetensors", lambda t, m: m.update(parscale_n="4")),
+                              "head set for P=4 .* not P=2"),
+    "no fingerprint (an older file)": (lambda f: _rewrite(f / "heads-p2.safetensors",
+                                                          lambda t, m: m.pop("parscale_backbone")),
+                                       "records no backbone fingerprint.*--force"),
+    "the backbone changed since": (_other_backbone, "trained on another backbone.*--force"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEAD_FILE_CASES))
+@pytest.mark.parametrize("Ps", [[2], [2, 4], [1, 2, 8]], ids=str)
+def test_a_head_set_holds_only_its_heads_for_its_backbone(ckpt, tmp_path, case, Ps):  # noqa: N803
+    """A heads-p{P}.safetensors is refused, naming the problem, unless it holds only prefix and aggregation
+    tensors of exactly that P, trained on this folder's backbone (its recorded fingerprint); alone or with
+    other P, at load and so at export."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ckpt, folder)
+    HEAD_FILE_CASES[case][0](folder)
+    with pytest.raises(ParScaleError, match=HEAD_FILE_CASES[case][1]):
+        load_streams([Stream(folder, P) for P in Ps])
+
+
+def test_a_head_set_copied_from_another_checkpoint_is_refused_at_export(ckpt, tiny, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ckpt, folder)
+    other = tmp_path / "other"
+    shutil.copytree(tiny.checkpoint(P=4, seed=7), other)
+    init_heads(other, [2], seed=3)
+    shutil.copy(other / "heads-p2.safetensors", folder / "heads-p2.safetensors")
+    with pytest.raises(ParScaleError, match="trained on another backbone"):
+        export(folder, tmp_path / "out", P=[2, 4], validate=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_embedded_model_head_sets_are_bound_to_its_backbone():
+    from parscale.cli import DEFAULT_MODEL
+    from parscale.modeling.heads import check_head_file
+
+    for P in (2, 8):
+        assert all(is_head_tensor(n) for n in check_head_file(DEFAULT_MODEL, P))

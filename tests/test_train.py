@@ -200,3 +200,28 @@ def test_eval_export_matches_eval_checkpoint(
     assert a.tokens == b.tokens == 300 and a.bytes == b.bytes > 300
     assert math.isclose(a.nll_per_token, b.nll_per_token, rel_tol=1e-5)
     assert math.isclose(a.bits_per_byte, b.bits_per_byte, rel_tol=1e-5)
+
+
+def test_train_heads_needs_force_takes_the_lock_and_keeps_every_report_entry(
+        tmp_path: Path, sources: list[SourceFile]) -> None:
+    """train-heads refuses to replace a head set without force; it holds the folder's lock, so a second run
+    fails at once (instead of losing an entry of training_report.json); files are renamed into place."""
+    from parscale.atomic import FolderLock
+
+    out = tmp_path / "ck"
+    small = _small(sources, 30)
+    train(out, dataclasses.replace(TINY_RECIPE, steps1=1, steps2=1), sources=small)  # P=2: heads for 4 and 8
+    train_heads(out, [4], steps=1, sources=small)
+    first = (out / "heads-p4.safetensors").read_bytes()
+    with pytest.raises(ParScaleError, match=r"already holds heads-p4\.safetensors; pass --force"):
+        train_heads(out, [4, 8], steps=1, sources=small)
+    assert (out / "heads-p4.safetensors").read_bytes() == first and not (out / "heads-p8.safetensors").exists()
+    with FolderLock(out), pytest.raises(ParScaleError, match="another parscale process is writing"):
+        train_heads(out, [8], steps=1, sources=small)
+    train_heads(out, [8], steps=1, sources=small)
+    train_heads(out, [4], steps=2, sources=small, force=True)
+    report = json.loads((out / "training_report.json").read_text())["heads"]
+    assert sorted(report) == ["4", "8"] and report["4"]["stage2"]["steps"] == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # the lock is gone
+    load_streams([Stream(out, P) for P in (2, 4, 8)])  # both are bound to the backbone

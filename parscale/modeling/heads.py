@@ -13,20 +13,24 @@ backbones it checks are identical) with the backbone's tensors in memory once, s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.manifest import file_digest
 from parscale.modeling.checkpoint import (
+    _header,
     _keys,
     _read_tensors,
     check_shapes,
@@ -38,6 +42,7 @@ from parscale.modeling.checkpoint import (
 from parscale.modeling.model import ParScaleForCausalLM
 
 HEADS_FILE = "heads-p{}.safetensors"
+BACKBONE_KEY = "parscale_backbone"  # a head file's metadata: the fingerprint of the backbone it was trained on
 _HEADS_NAME = re.compile(r"heads-p(\d+)\.safetensors")
 PARSCALE_ONLY = ("self_attn.prefix_k", "self_attn.prefix_v", "model.aggregate_layer.")
 
@@ -75,8 +80,70 @@ def _sources(folder: Path, cfg: ParScaleConfig, P: int) -> dict[str, Path]:  # n
     sources = {n: p for n, p in files.items() if not is_head_tensor(n)}
     if P > 1:
         path = folder / HEADS_FILE.format(P)
-        sources |= dict.fromkeys(_keys(path), path)
+        sources |= dict.fromkeys(check_head_file(folder, P), path)
     return sources
+
+
+def backbone_fingerprint(folder: str | Path) -> str:
+    """sha256 over a checkpoint's backbone tensors as stored (name, dtype, shape, bytes; sorted by name):
+    what a head set is bound to. Prefixes and aggregation (`is_head_tensor`) are left out."""
+    files = weight_files(Path(folder))
+    stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(set(files.values())))
+    return _fingerprint(stamp, tuple(sorted((n, str(p)) for n, p in files.items() if not is_head_tensor(n))))
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(stamp: tuple, names: tuple[tuple[str, str], ...]) -> str:  # stamp: the files' mtime and size
+    digest = hashlib.sha256()
+    headers: dict[str, tuple[dict, int]] = {}
+    for name, file in names:
+        if file not in headers:
+            headers[file] = _header(Path(file))
+        header, base = headers[file]
+        info = header[name]
+        start, end = info["data_offsets"]
+        digest.update(f"{name} {info['dtype']} {info['shape']}\n".encode())
+        with open(file, "rb") as f:
+            f.seek(base + start)
+            remaining = end - start
+            while remaining > 0:
+                chunk = f.read(min(remaining, 1 << 24))
+                if not chunk:
+                    raise ParScaleError(f"cannot read {Path(file).name}: tensor {name} is cut short")
+                digest.update(chunk)
+                remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def check_head_file(folder: Path, P: int) -> list[str]:  # noqa: N803
+    """The tensor names of `folder`'s heads-p{P}.safetensors, after checking that it is a head set of
+    exactly that P (its metadata) bound to this folder's backbone (its fingerprint) holding only
+    prefix and aggregation tensors; a ParScaleError names what is wrong."""
+    path = folder / HEADS_FILE.format(P)
+    names = _keys(path)
+    backbone = [n for n in names if not is_head_tensor(n)]
+    if backbone:
+        raise ParScaleError(f"{path} holds backbone tensor {backbone[0]}"
+                            f"{f' and {len(backbone) - 1} more' if len(backbone) > 1 else ''}: a head set holds "
+                            "only prefix and aggregation tensors; the backbone comes from model.safetensors")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ParScaleError(f"cannot read {path.name}: {e}") from None
+    if meta.get("parscale_n") != str(P):
+        raise ParScaleError(f"{path} is a head set for P={meta.get('parscale_n')} (its metadata), not P={P}: "
+                            "it was renamed or copied from elsewhere")
+    fingerprint = meta.get(BACKBONE_KEY)
+    retrain = f"retrain it on this backbone with `parscale train-heads {folder} --P {P} --force`"
+    if fingerprint is None:
+        raise ParScaleError(f"{path} records no backbone fingerprint (written before head sets were bound to "
+                            f"their backbone), so it cannot be checked against {folder}'s backbone; {retrain}")
+    if fingerprint != backbone_fingerprint(folder):
+        raise ParScaleError(f"{path} was trained on another backbone (its fingerprint does not match the tensors "
+                            f"of {folder}'s backbone): copied from another checkpoint, or the backbone changed "
+                            f"since; {retrain}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -155,21 +222,27 @@ def _check_same_backbone(a: Path, backbone: dict[str, torch.Tensor], b: Path, so
 
 def save_heads(model: ParScaleForCausalLM, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write `model`'s head set into `folder` as heads-p{P}.safetensors (atomically: a temporary file
-    renamed into place)."""
+    renamed into place), bound to the folder's backbone."""
     state = {n: t.detach().to(dtype).contiguous() for n, t in model.state_dict().items() if is_head_tensor(n)}
     return write_heads(folder, model.cfg.P, state)
 
 
 def write_heads(folder: str | Path, P: int, state: dict[str, torch.Tensor]) -> Path:  # noqa: N803
     """Write one head set (the tensors of P streams that are not the backbone) as heads-p{P}.safetensors,
-    atomically."""
+    atomically, recording the fingerprint of `folder`'s backbone (`backbone_fingerprint`)."""
     if P < 2:
         raise ParScaleError("P=1 is the backbone alone: it has no head set")
+    backbone = [n for n in state if not is_head_tensor(n)]
+    if backbone:
+        raise ParScaleError(f"a head set holds only prefix and aggregation tensors, not {backbone[0]}")
     folder = Path(folder)
     path = folder / HEADS_FILE.format(P)
-    tmp = folder / f".{path.name}.partial-{os.getpid()}"
+    metadata = {"format": "pt", "parscale_n": str(P), BACKBONE_KEY: backbone_fingerprint(folder)}
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=folder)  # O_EXCL: never someone's file
+    os.close(fd)
+    tmp = Path(name)
     try:
-        save_file(state, tmp, metadata={"format": "pt", "parscale_n": str(P)})
+        save_file(state, tmp, metadata=metadata)
         tmp.chmod(0o644)
         os.replace(tmp, path)
     finally:

@@ -15,7 +15,7 @@ from parscale.args import check_threads
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.graph import CPU, CUDA, GraphInfo, default_threads, open_session, resolve_provider
-from parscale.manifest import MODEL_FILE, Manifest
+from parscale.manifest import MODEL_FILE, Manifest, listed_file
 from parscale.runtime.integrity import check_against_config, check_against_graph, verify_folder
 from parscale.runtime.memory import advise_random_access, limit_malloc_retention
 from parscale.text import TOKENIZER_FILE, Tokenizer, load_eos_ids
@@ -60,14 +60,15 @@ class ExportFolder:
         if spin is not None and not isinstance(spin, bool):
             raise ParScaleError(f"spin must be True, False or None, got {spin!r}")
         session = open_session(path / MODEL_FILE, provider=name, threads=threads, spin=spin)
-        info = check_against_graph(path, manifest.model.runtime_fields(), session)
+        info = check_against_graph(path, manifest.model.runtime_fields(), session, manifest)
         if name == CUDA and CUDA not in session.get_providers():  # onnxruntime-gpu without a usable GPU
             if provider == "cuda":
                 raise ParScaleError("onnxruntime could not initialise CUDA (no GPU or missing CUDA/cuDNN libraries)")
             name = CPU
         for data in sorted(path.glob(MODEL_FILE + "*.data")):
             advise_random_access(data)  # tables read in place (embeddings): fault in rows, not folios
-        tokenizer = Tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
+        tok_path = listed_file(path, TOKENIZER_FILE)  # read only when the manifest lists it, with its hash
+        tokenizer = Tokenizer(tok_path) if tok_path is not None else None
         return cls(path=path, manifest=manifest, config=config, tokenizer=tokenizer,
                    eos_ids=load_eos_ids(path, info.vocab_size), session=session, info=info, provider=name)
 

@@ -15,7 +15,7 @@ from typing import Any
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.graph import GraphInfo
-from parscale.manifest import MANIFEST, MODEL_FILE, Manifest, check_files
+from parscale.manifest import MANIFEST, MODEL_FILE, Manifest, check_closed_list, check_files, listed_file
 from parscale.runtime.weights import check_finite
 
 
@@ -27,6 +27,7 @@ def verify_folder(path: Path, manifest: Manifest, *, verify: bool) -> None:
     """
     if MODEL_FILE not in manifest.files:
         raise ParScaleError(f"{path}: {MANIFEST} does not list {MODEL_FILE}; re-export the model")
+    check_closed_list(path, manifest)  # a file we would read but the manifest does not list: refused
     check_files(path, manifest, checksums=verify)
     if verify:
         check_finite(path / MODEL_FILE)
@@ -39,20 +40,29 @@ def _mismatch(path: Path, key: str, ours: Any, source: str, theirs: Any) -> ParS
     )
 
 
-def check_against_graph(path: Path, fields: dict[str, int], session: Any) -> GraphInfo:
-    """Compare the runtime fields with the graph's metadata copy and its input/output shapes.
+def check_against_graph(path: Path, fields: dict[str, int], session: Any,
+                        manifest: Manifest | None = None) -> GraphInfo:
+    """Compare the runtime fields with the graph's metadata copy and its input/output shapes; with
+    `manifest`, also its whole `model` and `io` (the cache's streams, prefix rows, names) and dtype.
 
     Returns what the graph says about itself, for driving it.
     """
     meta = session.get_modelmeta().custom_metadata_map.get("parscale")
     if meta:
         try:
-            graph_model = json.loads(meta).get("model", {})
+            graph = json.loads(meta)
+            graph_model = graph.get("model", {})
         except (ValueError, AttributeError):
-            graph_model = {}
+            graph, graph_model = {}, {}
         for key, value in fields.items():
             if key in graph_model and graph_model[key] != value:
                 raise _mismatch(path, key, value, f"{MODEL_FILE}'s metadata", graph_model[key])
+        if manifest is not None and isinstance(graph, dict):
+            ours = manifest.to_dict()
+            for section in ("model", "io", "dtype"):
+                if section in graph and graph[section] != ours[section]:
+                    key, a, b = _first_difference(section, ours[section], graph[section])
+                    raise _mismatch(path, key, a, f"{MODEL_FILE}'s metadata", b)
     try:
         info = GraphInfo.of(session)
     except ParScaleError as e:
@@ -63,12 +73,23 @@ def check_against_graph(path: Path, fields: dict[str, int], session: Any) -> Gra
                             ("vocab_size", info.vocab_size, "the graph's logits shape")):
         if got != fields[key]:
             raise _mismatch(path, key, fields[key], where, got)
+    if manifest is not None and list(info.streams or [fields["P"]]) != manifest.streams:
+        raise _mismatch(path, "io.cache.streams", manifest.streams, "the graph", list(info.streams or [fields["P"]]))
     return info
+
+
+def _first_difference(key: str, ours: Any, theirs: Any) -> tuple[str, Any, Any]:
+    """The dotted key of the first difference between two JSON values, and both values there."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        for k in sorted(set(ours) | set(theirs), key=str):
+            if ours.get(k) != theirs.get(k):
+                return _first_difference(f"{key}.{k}", ours.get(k), theirs.get(k))
+    return key, ours, theirs
 
 
 def check_against_config(path: Path, fields: dict[str, int]) -> ParScaleConfig | None:
     """Compare the runtime fields with the config.json copied into the export; returns it (None when absent)."""
-    if not (path / "config.json").is_file():
+    if listed_file(path, "config.json") is None:
         return None
     cfg = ParScaleConfig.load(path)
     theirs = {

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from parscale.errors import ParScaleError
+from parscale.manifest import listed_file
 from parscale.serve.protocol import APIError
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -44,7 +45,7 @@ class ChatTemplate:
     @classmethod
     def load(cls, export: Path, path: Path | None = None) -> ChatTemplate | None:
         """The template of `path` (a Jinja2 file) if given, else the export's own; None if it has none."""
-        config = _read_config(export / TOKENIZER_CONFIG)
+        config = _read_config(listed_file(export, TOKENIZER_CONFIG))  # only as the manifest lists it
         special = {k: t for k in SPECIAL if (t := _token(config.get(k))) is not None}
         if path is not None:
             try:
@@ -112,8 +113,8 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+def _read_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
         return {}
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -245,7 +247,7 @@ HEADS_REPORT = "heads"  # training_report.json: P -> what `train_heads` measured
 
 def train_heads(
     folder: str | Path, Ps: Sequence[int], *, steps: int | None = None, log: Log | None = None,  # noqa: N803
-    threads: int = 2, sources: Sequence[SourceFile] | None = None,
+    threads: int = 2, sources: Sequence[SourceFile] | None = None, force: bool = False,
 ) -> dict[int, dict[str, Any]]:
     """Add stage-2 head sets for more P to the checkpoint `folder`, on its frozen backbone.
 
@@ -253,11 +255,26 @@ def train_heads(
     there is none) and is written as heads-p{P}.safetensors (`parscale.modeling.heads`); its held-out
     losses go into training_report.json under "heads". Corpus: `sources`, by default this interpreter's
     standard library, split and tokenized (with the folder's tokenizer) as when the folder was trained.
+    An existing head set is replaced only with `force`. The folder's lock (`parscale.atomic.FolderLock`,
+    the one `train`/`init` take on it) is held throughout, so a concurrent run fails at once instead of
+    losing a report entry; each file is written to a temporary name and renamed into place.
     """
-    from parscale.modeling.heads import Stream, head_sets, load_streams, save_heads, with_streams
-    from parscale.train.tokenizer import load_tokenizer
+    from parscale.atomic import FolderLock
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ParScaleError(f"model folder {folder} does not exist")
+    with FolderLock(folder):
+        return _train_heads(folder, Ps, steps=steps, log=log, threads=threads, sources=sources, force=force)
+
+
+def _train_heads(
+    folder: Path, Ps: Sequence[int], *, steps: int | None, log: Log | None,  # noqa: N803
+    threads: int, sources: Sequence[SourceFile] | None, force: bool,
+) -> dict[int, dict[str, Any]]:
+    from parscale.modeling.heads import HEADS_FILE, Stream, head_sets, load_streams, save_heads, with_streams
+    from parscale.train.tokenizer import load_tokenizer
+
     say = log or (lambda _msg: None)
     check_int(threads, "threads", minimum=1)
     cfg = ParScaleConfig.load(folder)
@@ -269,8 +286,12 @@ def train_heads(
             raise ParScaleError(f"{folder} was trained at P={P}: its model.safetensors holds that head set")
     if len(set(Ps)) != len(Ps):
         raise ParScaleError(f"each P may appear once, got {list(Ps)}")
+    existing = [HEADS_FILE.format(P) for P in Ps if (folder / HEADS_FILE.format(P)).exists()]
+    if existing and not force:
+        raise ParScaleError(f"{folder} already holds {', '.join(existing)}; pass --force to retrain and replace "
+                            f"{'it' if len(existing) == 1 else 'them'}")
     report_path = folder / REPORT_FILE
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report = _read_report(report_path)
     known = {f.name for f in dataclasses.fields(Recipe)}
     recipe = Recipe(**{k: v for k, v in report.get("recipe", {}).items() if k in known})
     if steps is not None:
@@ -290,11 +311,36 @@ def train_heads(
             results[P] = {"held_out_loss": loss_n, "held_out_loss_init": loss_init, "stage2": _stage_dict(result),
                           "file": path.name, "bytes": path.stat().st_size}
             report.setdefault(HEADS_REPORT, {})[str(P)] = results[P] | {"recipe_steps2": recipe.steps2}
-            report_path.write_text(json.dumps(report, indent=2) + "\n")
+            _write_file_atomically(report_path, json.dumps(report, indent=2) + "\n")
             say(f"wrote {path.name}; {folder} now holds P = {', '.join(map(str, head_sets(folder)))}")
         return results
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ParScaleError(f"cannot read {path}: {e}; move it away to start a new report") from None
+    if not isinstance(report, dict):
+        raise ParScaleError(f"{path} is not a JSON object; move it away to start a new report")
+    return report
+
+
+def _write_file_atomically(path: Path, text: str) -> None:
+    """A temporary file created exclusively beside `path` (O_EXCL), renamed over it: never half-written."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(name, 0o644)
+        os.replace(name, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
 
 
 def train_default(
