@@ -126,7 +126,7 @@ def _leftover(folder: Path, pid: int, token: str, *, marked: bool = True) -> Pat
 def test_dead_partials_are_removed_and_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         stale = _leftover(tmp_path / f".out.partial-{dead_pid}-abcd1234", dead_pid, "abcd1234")
         stale_old = _leftover(tmp_path / f".out.old-{dead_pid}-abcd1235", dead_pid, "abcd1235")
@@ -219,7 +219,7 @@ def test_sigterm_cleans_up_like_sigint(tmp_path, sig):
     code = ("import sys, time; from parscale.atomic import AtomicFolder, foreign_in_checkpoint\n"
             "from parscale.cli import main\n"
             f"w = AtomicFolder({str(tmp_path / 'out')!r}, force=False, is_replaceable=foreign_in_checkpoint)\n"
-            "with w as tmp:\n    (tmp / 'half').write_text('x'); print('open', flush=True); time.sleep(30)\n")
+            "with w as tmp:\n    (tmp / 'half').write_text('x'); print('open', flush=True); time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
@@ -237,7 +237,7 @@ def test_sigterm_in_the_cli_exits_143_leaving_nothing(tmp_path):
             "import parscale.cli as cli\n"
             "def slow():\n"
             f"    with AtomicFolder({str(tmp_path / 'out')!r}, force=False, is_replaceable=foreign_in_checkpoint):\n"
-            "        print('open', flush=True); time.sleep(30)\n"
+            "        print('open', flush=True); time.sleep(600)\n"
             "cli.app = slow\ncli.main()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -289,7 +289,7 @@ def test_concurrent_cli_writer_fails_clearly(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from parscale.atomic import AtomicFolder, foreign_in_checkpoint;"
          f"w = AtomicFolder({str(tmp_path / 'ck')!r}, force=False, is_replaceable=foreign_in_checkpoint); w.open();"
-         "print('locked', flush=True); time.sleep(30)"],
+         "print('locked', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True,
     )
     try:
