@@ -44,7 +44,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt as e:
-        from parscale.atomic import Terminated
+        from parscale.locking import Terminated
 
         err.print("terminated" if isinstance(e, Terminated) else "interrupted")
         sys.exit(143 if isinstance(e, Terminated) else 130)

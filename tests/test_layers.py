@@ -8,7 +8,7 @@ from pathlib import Path
 import parscale
 
 ROOT = Path(parscale.__file__).parent
-BASE = {"errors", "args", "config", "contract", "manifest", "atomic", "text"}
+BASE = {"errors", "args", "config", "contract", "manifest", "atomic", "locking", "text"}
 # Module (or package) -> what it may not import, directly or lazily inside a function.
 FORBIDDEN = {
     **{m: {"torch", "parscale.modeling", "parscale.exporter", "parscale.runtime", "parscale.train",

@@ -206,7 +206,7 @@ def test_train_heads_needs_force_takes_the_lock_and_keeps_every_report_entry(
         tmp_path: Path, sources: list[SourceFile]) -> None:
     """train-heads refuses to replace a head set without force; it holds the folder's lock, so a second run
     fails at once (instead of losing an entry of training_report.json); files are renamed into place."""
-    from parscale.atomic import FolderLock
+    from parscale.locking import FolderLock
 
     out = tmp_path / "ck"
     small = _small(sources, 30)

@@ -255,11 +255,11 @@ def train_heads(
     there is none) and is written as heads-p{P}.safetensors (`parscale.modeling.heads`); its held-out
     losses go into training_report.json under "heads". Corpus: `sources`, by default this interpreter's
     standard library, split and tokenized (with the folder's tokenizer) as when the folder was trained.
-    An existing head set is replaced only with `force`. The folder's lock (`parscale.atomic.FolderLock`,
+    An existing head set is replaced only with `force`. The folder's lock (`parscale.locking.FolderLock`,
     the one `train`/`init` take on it) is held throughout, so a concurrent run fails at once instead of
     losing a report entry; each file is written to a temporary name and renamed into place.
     """
-    from parscale.atomic import FolderLock
+    from parscale.locking import FolderLock
 
     folder = Path(folder)
     if not folder.is_dir():
