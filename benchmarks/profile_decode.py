@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.common import commit
 from parscale.graph import CPU, session_options
 from parscale.manifest import MODEL_FILE
 from parscale.runtime.batch import run_generation
@@ -51,6 +53,7 @@ def main() -> None:
     steps = len(runs) - 1
     total = sum(per_op.values()) / steps / 1000
     run = sum(e["dur"] for e in runs[1:]) / steps / 1000
+    print(f"commit {commit('parscale', 'benchmarks')}; load avg {os.getloadavg()[0]:.2f}")
     print(f"{args.export}: decode {timings.decode_ms_per_token:.1f} ms/token; per step: run {run:.1f} ms, "
           f"kernels {total:.1f} ms, {nodes // steps} nodes")
     for op, us in per_op.most_common(15):

@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.common import commit
 from parscale.exporter import quant_math as qm
 from parscale.graph import session_options
 
@@ -122,7 +123,8 @@ def main() -> None:
             times[(k, m)].append((time.perf_counter() - t0) / args.calls * 1e3)
     base = statistics.median(times[(kinds[0], args.rows[0])])
     what = "LM head" if args.lm_head else f"{args.layers} layers' projections"
-    print(f"{what}, {args.threads} threads, medians of {args.rounds} rounds, load {statistics.median(loads):.2f} "
+    print(f"commit {commit('parscale', 'benchmarks')}; "
+          f"{what}, {args.threads} threads, medians of {args.rounds} rounds, load {statistics.median(loads):.2f} "
           f"(min {min(loads):.2f}, max {max(loads):.2f}); x = ratio to {kinds[0]} at M={args.rows[0]}")
     for k in kinds:
         cells = "  ".join(f"M={m}: {statistics.median(times[(k, m)]):6.2f} ms "
