@@ -18,7 +18,7 @@ from parscale.graph import CPU, CUDA, GraphInfo, default_threads, open_session, 
 from parscale.manifest import MODEL_FILE, Manifest
 from parscale.runtime.integrity import check_against_config, check_against_graph, verify_folder
 from parscale.runtime.memory import advise_random_access, limit_malloc_retention
-from parscale.text import TOKENIZER_FILE, Tokenizer, load_eos_ids
+from parscale.text import TOKENIZER_FILE, Tokenizer, check_tokenizer_fits, load_eos_ids
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,9 @@ class ExportFolder:
             name = CPU
         for data in sorted(path.glob(MODEL_FILE + "*.data")):
             advise_random_access(data)  # tables read in place (embeddings): fault in rows, not folios
-        tokenizer = Tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
+        tokenizer = None
+        if (path / TOKENIZER_FILE).is_file():
+            tokenizer = check_tokenizer_fits(Tokenizer(path / TOKENIZER_FILE), info.vocab_size, path)
         return cls(path=path, manifest=manifest, config=config, tokenizer=tokenizer,
                    eos_ids=load_eos_ids(path, info.vocab_size), session=session, info=info, provider=name)
 
