@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import sys
@@ -41,8 +42,14 @@ def main() -> None:
     only with --verbose.
     """
     verbose = any(a in ("--verbose", "-v") for a in sys.argv[1:])
+    if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves sys.stdout None
+        err.print("[bold red]error:[/] standard output is closed: redirect it instead (> FILE, or > /dev/null)")
+        sys.exit(1)
     try:
         app()
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as coreutils do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
@@ -219,15 +226,22 @@ def compare(
     decode_steps: Annotated[int, typer.Option(help="Last tokens of each window fed through the KV cache.")] = 8,
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads.")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    P: Annotated[Optional[str], typer.Option("--P", help=(  # noqa: N803, UP045
+        "Streams: one P for both exports (e.g. 4), or one for each (A,B, e.g. 4,1); default: each its own "
+        "default (its largest)."))] = None,
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """Top-1 agreement, KL(A || B) and perplexity of two exports on identical token windows."""
     import json
 
     from parscale.args import check_int, check_threads, check_window
-    from parscale.fidelity import compare_exports
+    from parscale.fidelity import compare_exports, resolve_pair
 
-    context = min(_load_checks(folder, not no_verify).model.max_position_embeddings for folder in (a, b))
+    manifests = [_load_checks(folder, not no_verify) for folder in (a, b)]
+    context = min(m.model.max_position_embeddings for m in manifests)
+    if P is not None and not IDS.fullmatch(P):
+        raise ParScaleError(f"--P takes one P for both exports or two (A,B) such as 4 or 4,1; got {P!r}")
+    pair = resolve_pair(None if P is None else [int(t) for t in P.split(",")], (manifests[0], manifests[1]), (a, b))
     check_window(window, context)
     # Random tokens are made in memory, window x windows of them: bounded; a text bounds itself.
     check_int(windows, "--windows", minimum=0, maximum=None if text else MAX_RANDOM_WINDOWS,
@@ -236,11 +250,11 @@ def compare(
     if text is None and windows == 0:
         windows = 8  # "the whole text" without a text: the default number of random windows
     f = compare_exports(a, b, text=text, window=window, max_windows=windows or None,
-                        decode_steps=decode_steps, threads=check_threads(threads))
+                        decode_steps=decode_steps, threads=check_threads(threads), P=pair)
     if as_json:
         print(json.dumps({"a": str(a), "b": str(b), **f.to_dict()}))
     else:
-        _print_fidelity(f, f"{b} vs {a}")
+        _print_fidelity(f, f"{b} at P={f.P_b} vs {a} at P={f.P_a}")
 
 
 @app.command()
@@ -278,6 +292,7 @@ def train_heads(
     P: Annotated[str, typer.Option("--P", help="Stream counts to add, e.g. 2,8.")],  # noqa: N803
     steps: Annotated[Optional[int], typer.Option(help="Stage-2 steps (default: the recipe's).")] = None,  # noqa: UP045
     threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 2,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks of failures.")] = False,
 ) -> None:
     """Add stage-2 head sets (prefixes + aggregation) for more P to a checkpoint, its backbone frozen."""
     from parscale.train.recipe import train_heads as run
@@ -326,11 +341,11 @@ def evaluate(
         run = eval_export if (model / MANIFEST).is_file() else eval_checkpoint
         result = run(model, text, window=window, stride=stride, max_tokens=max_tokens, P=P)
     if as_json:
-        print(json.dumps({"model": str(model), "P": P, **result.to_dict()}))
+        print(json.dumps({"model": str(model), **result.to_dict()}))
     else:
-        at = f" (P={P})" if P is not None else ""
-        out.print(f"{model}{at}: {result.tokens} tokens, {result.bytes} bytes: perplexity {result.ppl_per_token:.3f} "
-                  f"per token (NLL {result.nll_per_token:.4f} nats), {result.bits_per_byte:.4f} bits/byte")
+        out.print(f"{model} (P={result.P}): {result.tokens} tokens, {result.bytes} bytes: perplexity "
+                  f"{result.ppl_per_token:.3f} per token (NLL {result.nll_per_token:.4f} nats), "
+                  f"{result.bits_per_byte:.4f} bits/byte")
 
 
 # ----------------------------------------------------------------------------- runtime commands
@@ -419,7 +434,7 @@ def generate(
         t = r.timings
         err.print(f"[dim]{len(r.generated_ids)} tokens, finish: {r.finish_reason}; first token "
                   f"{1000 * t.time_to_first_token_s:.0f} ms, prefill {t.prefill_tokens_per_s:,.1f} tok/s, "
-                  f"decode {t.decode_ms_per_token:.1f} ms/token[/]")
+                  f"decode {_ms(t.decode_ms_per_token, 1)}[/]")
 
 
 @app.command()
@@ -455,9 +470,16 @@ def bench(
         out.print(f"P={r.P}")
         out.print(f"  time to first token  {1000 * r.time_to_first_token_s:10.1f} ms")
         out.print(f"  prefill              {r.prefill_tokens_per_s:10.1f} tok/s")
-        out.print(f"  decode               {r.decode_ms_per_token:10.2f} ms/token")
+        out.print(f"  decode               {_ms(r.decode_ms_per_token, 2, 10)}")
         out.print(f"  peak RSS generating  {r.generate_peak_rss_mb:10.1f} MB (process peak {r.peak_rss_mb:,.1f} MB)")
         out.print(f"  files + KV cache     {r.files_mb + r.kv_cache_mb:10.1f} MB (ratio {r.rss_ratio:.2f})")
+
+
+def _ms(value: float | None, digits: int, width: int = 0) -> str:
+    """A decode time per token, or "n/a" when no decode step ran (one new token)."""
+    if value is None:
+        return f"{'n/a':>{width}} (one new token: no decode step to time)"
+    return f"{value:{width}.{digits}f} ms/token"
 
 
 @app.command()
