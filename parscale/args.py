@@ -25,7 +25,12 @@ def is_integer(value: Any) -> bool:
 
 def is_number(value: Any) -> bool:
     """An int, float or numpy number (`numbers.Real`), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def _is_bool(value: Any) -> bool:
+    """Python's bool or numpy's (numpy.bool_, named `bool` since numpy 2), without importing numpy."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
 
 
 def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None,
@@ -54,7 +59,7 @@ def check_float(value: Any, name: str, *, minimum: float | None = None, maximum:
 
 def check_bool(value: Any, name: str) -> bool:
     """True or False (numpy's bool too); "no", 0 and None are refused rather than read as truth values."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not _is_bool(value):
         raise ParScaleError(f"{name} must be True or False, got {_shown(value)}")
     return bool(value)
 

@@ -239,7 +239,7 @@ def compare(
 
     manifests = [_load_checks(folder, not no_verify) for folder in (a, b)]
     context = min(m.model.max_position_embeddings for m in manifests)
-    if P is not None and not IDS.fullmatch(P):
+    if P is not None and (not IDS.fullmatch(P) or P.count(",") > 1):
         raise ParScaleError(f"--P takes one P for both exports or two (A,B) such as 4 or 4,1; got {P!r}")
     pair = resolve_pair(None if P is None else [int(t) for t in P.split(",")], (manifests[0], manifests[1]), (a, b))
     check_window(window, context)

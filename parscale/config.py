@@ -134,16 +134,18 @@ class ParScaleConfig:
         if self.torch_dtype not in STORED_DTYPES:
             raise ParScaleError(f"config.json: torch_dtype must be one of {', '.join(STORED_DTYPES)}, got "
                                 f"{self.torch_dtype!r}")
-        if self.bos_token_id is not None and not (_is_int(self.bos_token_id) and self.bos_token_id >= 0):
-            raise ParScaleError(f"config.json: bos_token_id must be a token id (an integer >= 0), got "
-                                f"{self.bos_token_id!r}")
+        vocab = self.vocab_size
+
+        def is_id(e: Any) -> bool:
+            return _is_int(e) and 0 <= e < vocab
+
+        if self.bos_token_id is not None and not is_id(self.bos_token_id):
+            raise ParScaleError(f"config.json: bos_token_id must be a token id in [0, {vocab - 1}] (the vocabulary), "
+                                f"got {self.bos_token_id!r}")
         eos = self.eos_token_id
-        if eos is not None and not (
-            (_is_int(eos) and eos >= 0) or
-            (isinstance(eos, list) and eos and all(_is_int(e) and e >= 0 for e in eos))
-        ):
-            raise ParScaleError(f"config.json: eos_token_id must be a token id or a non-empty list of them, "
-                                f"got {eos!r}")
+        if eos is not None and not (is_id(eos) or (isinstance(eos, list) and eos and all(map(is_id, eos)))):
+            raise ParScaleError(f"config.json: eos_token_id must be a token id in [0, {vocab - 1}] (the vocabulary) "
+                                f"or a non-empty list of them, got {eos!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ParScaleError(
                 f"config.json: num_attention_heads ({self.num_attention_heads}) must be a multiple "

@@ -103,6 +103,14 @@ def test_numpy_integers_are_taken_wherever_integers_are(model, name, value, kind
         model.generate(prompt_ids=IDS, max_new_tokens=2).generated_ids
 
 
+def test_numpy_bools_are_taken_where_bools_are_and_nowhere_else(model):
+    expected = _call(model, "generate", greedy=True, ignore_eos=True).generated_ids
+    assert _call(model, "generate", greedy=np.True_, ignore_eos=np.bool_(True)).generated_ids == expected
+    for name in ("top_k", "max_new_tokens", "temperature", "seed"):
+        with pytest.raises(ParScaleError, match=name):
+            _call(model, "generate", **{name: np.True_})
+
+
 @settings(max_examples=20, deadline=None)
 @given(t=st.floats(min_value=5e-324, max_value=MIN_TEMPERATURE, exclude_max=True), seed=st.integers(0, 2**32))
 def test_a_temperature_below_the_floor_is_greedy(model, t, seed):

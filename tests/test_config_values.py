@@ -44,8 +44,8 @@ BAD = {
     "num_key_value_heads": [0, True],
     "num_hidden_layers": [0, 10**7],
     "torch_dtype": [5, "int8", []],
-    "bos_token_id": [-1, "0", True, 1.5],
-    "eos_token_id": [-1, "0", [0, "1"], True, []],
+    "bos_token_id": [-1, "0", True, 1.5, 4096, 10**9],
+    "eos_token_id": [-1, "0", [0, "1"], True, [], 4096, [0, 10**9]],
     "use_sliding_window": ["false", 0],
     "head_dim": [-2, "64", True],
 }
