@@ -68,7 +68,7 @@ def check_stop(stop: Any, name: str = "stop") -> list[str]:
     """None, a non-empty string, or a list/tuple of them -> a list of strings."""
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
-        raise ParScaleError(f"{name} takes a non-empty string or a list of them, got {_shown(stop)}")
+        raise ParScaleError(f"{name} takes non-empty strings (one, or a list of them), got {_shown(stop)}")
     return list(stops)
 
 

@@ -432,7 +432,8 @@ def generate(
         sys.stdout.write("\n")
     if not as_json:
         t = r.timings
-        err.print(f"[dim]{len(r.generated_ids)} tokens, finish: {r.finish_reason}; first token "
+        at = f" at P={P or m.P}" if len(m.streams) > 1 else ""  # a multi-P export: say which P ran
+        err.print(f"[dim]{len(r.generated_ids)} tokens{at}, finish: {r.finish_reason}; first token "
                   f"{1000 * t.time_to_first_token_s:.0f} ms, prefill {t.prefill_tokens_per_s:,.1f} tok/s, "
                   f"decode {_ms(t.decode_ms_per_token, 1)}[/]")
 

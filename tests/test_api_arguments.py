@@ -83,7 +83,7 @@ def test_the_issue_examples_name_their_argument(model, kwargs):
         _call(model, "generate", **kwargs)
 
 
-@pytest.mark.parametrize("prompt", [np.array(5), np.array([[[1]]]), np.array([1.5, 2.0]), np.array(["a"]),
+@pytest.mark.parametrize("prompt", [np.array(5), np.array([[[1]]]), np.array([1.5, 2.0]), np.array([[1, 2], [3.5, 4]]),
                                     [np.array([1, 2])], {1, 2}, object(), [1, [2]], [None]], ids=repr)
 def test_malformed_prompts_are_refused(model, prompt):
     with pytest.raises(ParScaleError, match=r"prompt|token ids"):

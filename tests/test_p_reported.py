@@ -56,6 +56,13 @@ def test_compare_cli_takes_p_and_reports_it_in_text_and_json(default_int8_export
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and "P" in r.stderr, r.stderr
 
 
+def test_generate_names_the_p_of_a_multi_p_export(default_int8_export):
+    r = run_cli("generate", str(default_int8_export), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--P", "2")
+    assert r.returncode == 0 and "2 tokens at P=2, finish" in r.stderr, r.stderr
+    r = run_cli("generate", str(default_int8_export), "--prompt-ids", "1,2", "--max-new-tokens", "2")
+    assert r.returncode == 0 and "2 tokens at P=8, finish" in r.stderr, r.stderr
+
+
 def test_eval_reports_the_p_it_scored(default_int8_export, text):
     options = dict(window=32, stride=32, max_tokens=64)
     assert eval_export(default_int8_export, text, **options).P == 8  # the default, stated

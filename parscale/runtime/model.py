@@ -193,9 +193,9 @@ class Model:
         if isinstance(raw, str):
             batch, single = [self.encode(raw)], True
         elif isinstance(raw, np.ndarray):
-            if raw.ndim not in (1, 2) or not (np.issubdtype(raw.dtype, np.integer) or raw.size == 0):
-                raise ParScaleError(f"a prompt array holds int token ids, 1-D (one prompt) or 2-D (a batch); got "
-                                    f"a {raw.ndim}-D array of {raw.dtype}")
+            if raw.ndim not in (1, 2):  # its values are checked below, as a list's are
+                raise ParScaleError(f"a prompt array holds token ids, 1-D (one prompt) or 2-D (a batch); got "
+                                    f"a {raw.ndim}-D array")
             raw = raw.tolist()
             batch, single = (raw, False) if raw and isinstance(raw[0], list) else ([raw], True)
         elif isinstance(raw, Sequence) and raw and all(isinstance(x, str) for x in raw):
