@@ -388,10 +388,10 @@ def generate(
     prompt_ids: Annotated[Optional[str], typer.Option("--prompt-ids", help="Prompt as token ids: 1,2,3.")] = None,  # noqa: UP045
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token (default).")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 (or below 1e-3) = greedy.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = all).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off).")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off; 0.01 to 100).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,  # noqa: UP045
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,  # noqa: UP045
     provider: ProviderOpt = "auto",

@@ -105,8 +105,10 @@ class Model:
 
         - max_new_tokens: new tokens at most; prompt plus this must fit the context length.
         - greedy / temperature: greedy=True or temperature 0 (the default) take the most likely
-          token; temperature > 0 samples, after top_k (0 = off) and top_p (1.0 = off) filtering.
-        - repetition_penalty: > 1 discourages tokens already in the prompt or output (1.0 = off).
+          token, as does any temperature below `sampling.MIN_TEMPERATURE` (1e-3, its limit);
+          a larger temperature samples, after top_k (0 = off) and top_p (1.0 = off) filtering.
+        - repetition_penalty: > 1 discourages tokens already in the prompt or output (1.0 = off); in
+          [0.01, 100], else refused.
         - seed: makes sampling reproducible (None: a fresh random state); in a batch each row draws from
           its own generator, spawned from the seed.
         - stop: a string or strings that end generation; they are cut from the text (needs a tokenizer).
