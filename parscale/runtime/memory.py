@@ -1,4 +1,5 @@
-"""Keep peak RSS near the size of the weights (Linux/glibc; elsewhere these are no-ops).
+"""Keep peak RSS near the size of the weights (Linux/glibc; elsewhere these are no-ops), and refuse a KV
+cache that cannot fit in the memory available before it is allocated (`check_cache_fits`).
 
 Measured on qwen2.5-0.5b P=4 fp32 (2.0 GB of weights), prompt 128 (benchmarks/README.md):
 
