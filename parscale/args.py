@@ -8,6 +8,7 @@ would raise its own exception or, for threads, try to start thousands of threads
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Any
 
@@ -17,11 +18,27 @@ from parscale.errors import ParScaleError
 MAX_SEED = 2**63 - 1
 
 
+def is_integer(value: Any) -> bool:
+    """An int or a numpy integer, not a bool (nor numpy's bool, which is no `numbers.Integral`)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int, float or numpy number (`numbers.Real`), not a bool."""
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def _is_bool(value: Any) -> bool:
+    """Python's bool or numpy's (numpy.bool_, named `bool` since numpy 2), without importing numpy."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
 def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None,
               why: str = "") -> int:
-    """`value` as an int in [minimum, maximum]; bools, floats and strings are refused."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ParScaleError(f"{name} must be an integer, got {value!r}")
+    """`value` as an int in [minimum, maximum]; numpy integers are taken, bools, floats and strings refused."""
+    if not is_integer(value):
+        raise ParScaleError(f"{name} must be an integer, got {_shown(value)}")
+    value = int(value)
     if minimum is not None and value < minimum:
         raise ParScaleError(f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
@@ -30,12 +47,37 @@ def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int
 
 
 def check_float(value: Any, name: str, *, minimum: float | None = None, maximum: float | None = None) -> float:
-    """A finite float (ints allowed) in [minimum, maximum]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ParScaleError(f"{name} must be a finite number, got {value!r}")
+    """A finite float (ints and numpy numbers allowed, bools not) in [minimum, maximum]."""
+    if not is_number(value) or not math.isfinite(value):
+        raise ParScaleError(f"{name} must be a finite number, got {_shown(value)}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ParScaleError(f"{name} must be in [{minimum}, {maximum}], got {value}")
+        span = f"in [{minimum}, {maximum}]" if None not in (minimum, maximum) else \
+            f">= {minimum}" if maximum is None else f"<= {maximum}"
+        raise ParScaleError(f"{name} must be {span}, got {value}")
     return float(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """True or False (numpy's bool too); "no", 0 and None are refused rather than read as truth values."""
+    if not _is_bool(value):
+        raise ParScaleError(f"{name} must be True or False, got {_shown(value)}")
+    return bool(value)
+
+
+def check_stop(stop: Any, name: str = "stop") -> list[str]:
+    """None, a non-empty string, or a list/tuple of them -> a list of strings."""
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise ParScaleError(f"{name} takes non-empty strings (one, or a list of them), got {_shown(stop)}")
+    return list(stops)
+
+
+def _shown(value: Any) -> str:
+    """A value in a message: its repr (shortened), with its type where the repr hides it ('1' vs 1)."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return text if isinstance(value, (int, float, str)) and not isinstance(value, bool) else \
+        f"{text} ({type(value).__name__})"
 
 
 def check_seed(seed: Any, name: str = "seed") -> int | None:
@@ -70,7 +112,7 @@ def check_window(window: Any, context_length: int, name: str = "window") -> int:
 
 def check_generation(prompt_tokens: int, new_tokens: Any, context_length: int, name: str = "max_new_tokens") -> int:
     """New tokens >= 1 such that prompt + new tokens fit the context."""
-    check_int(new_tokens, name, minimum=1)
+    new_tokens = check_int(new_tokens, name, minimum=1)
     if prompt_tokens + new_tokens > context_length:
         raise ParScaleError(
             f"prompt ({prompt_tokens} tokens) plus {name} ({new_tokens}) exceeds the model's context length "

@@ -72,8 +72,11 @@ def check_destination(
     out_abs = out.absolute()
     for p in protect:
         p = Path(p).resolve()
-        if out.resolve() == p or out.resolve() in p.parents:
+        if out.resolve() == p:
             raise ParScaleError(f"output folder {out} would overwrite the input folder {p}; choose another one")
+        if out.resolve() in p.parents:  # e.g. `-o .` from the folder holding the checkpoint
+            raise ParScaleError(f"output folder {out} contains the input folder {p} (replacing it would delete the "
+                                "input); choose another one")
     if out.is_symlink():
         raise ParScaleError(f"{out} is a symbolic link; give a real folder (or remove the link)")
     if not out.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import sys
@@ -41,8 +42,14 @@ def main() -> None:
     only with --verbose.
     """
     verbose = any(a in ("--verbose", "-v") for a in sys.argv[1:])
+    if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves sys.stdout None
+        err.print("[bold red]error:[/] standard output is closed: redirect it instead (> FILE, or > /dev/null)")
+        sys.exit(1)
     try:
         app()
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as coreutils do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        sys.exit(1)
     except KeyboardInterrupt as e:
         from parscale.locking import Terminated
 
@@ -221,15 +228,22 @@ def compare(
     decode_steps: Annotated[int, typer.Option(help="Last tokens of each window fed through the KV cache.")] = 8,
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads.")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    P: Annotated[Optional[str], typer.Option("--P", help=(  # noqa: N803, UP045
+        "Streams: one P for both exports (e.g. 4), or one for each (A,B, e.g. 4,1); default: each its own "
+        "default (its largest)."))] = None,
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """Top-1 agreement, KL(A || B) and perplexity of two exports on identical token windows."""
     import json
 
     from parscale.args import check_int, check_threads, check_window
-    from parscale.fidelity import compare_exports
+    from parscale.fidelity import compare_exports, resolve_pair
 
-    context = min(_load_checks(folder, not no_verify).model.max_position_embeddings for folder in (a, b))
+    manifests = [_load_checks(folder, not no_verify) for folder in (a, b)]
+    context = min(m.model.max_position_embeddings for m in manifests)
+    if P is not None and (not IDS.fullmatch(P) or P.count(",") > 1):
+        raise ParScaleError(f"--P takes one P for both exports or two (A,B) such as 4 or 4,1; got {P!r}")
+    pair = resolve_pair(None if P is None else [int(t) for t in P.split(",")], (manifests[0], manifests[1]), (a, b))
     check_window(window, context)
     # Random tokens are made in memory, window x windows of them: bounded; a text bounds itself.
     check_int(windows, "--windows", minimum=0, maximum=None if text else MAX_RANDOM_WINDOWS,
@@ -238,11 +252,11 @@ def compare(
     if text is None and windows == 0:
         windows = 8  # "the whole text" without a text: the default number of random windows
     f = compare_exports(a, b, text=text, window=window, max_windows=windows or None,
-                        decode_steps=decode_steps, threads=check_threads(threads))
+                        decode_steps=decode_steps, threads=check_threads(threads), P=pair)
     if as_json:
         print(json.dumps({"a": str(a), "b": str(b), **f.to_dict()}))
     else:
-        _print_fidelity(f, f"{b} vs {a}")
+        _print_fidelity(f, f"{b} at P={f.P_b} vs {a} at P={f.P_a}")
 
 
 @app.command()
@@ -281,11 +295,12 @@ def train_heads(
     steps: Annotated[Optional[int], typer.Option(help="Stage-2 steps (default: the recipe's).")] = None,  # noqa: UP045
     threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 2,
     force: Annotated[bool, typer.Option("--force", help="Retrain and replace existing head sets of these P.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks of failures.")] = False,
 ) -> None:
     """Add stage-2 head sets (prefixes + aggregation) for more P to a checkpoint, its backbone frozen."""
     from parscale.train.recipe import train_heads as run
 
-    results = run(model, _parse_streams(P), steps=steps, threads=threads, log=_stage_printer(False), force=force)
+    results = run(model, _parse_streams(P), steps=steps, threads=threads, log=_stage_printer(verbose), force=force)
     for p, r in results.items():
         out.print(f"P={p}: held-out loss {r['held_out_loss']:.4f} nats/token (from {r['held_out_loss_init']:.4f}); "
                   f"{r['file']} {_mb(r['bytes'])} in {r['stage2']['seconds']:.0f} s")
@@ -329,11 +344,11 @@ def evaluate(
         run = eval_export if (model / MANIFEST).is_file() else eval_checkpoint
         result = run(model, text, window=window, stride=stride, max_tokens=max_tokens, P=P)
     if as_json:
-        print(json.dumps({"model": str(model), "P": P, **result.to_dict()}))
+        print(json.dumps({"model": str(model), **result.to_dict()}))
     else:
-        at = f" (P={P})" if P is not None else ""
-        out.print(f"{model}{at}: {result.tokens} tokens, {result.bytes} bytes: perplexity {result.ppl_per_token:.3f} "
-                  f"per token (NLL {result.nll_per_token:.4f} nats), {result.bits_per_byte:.4f} bits/byte")
+        out.print(f"{model} (P={result.P}): {result.tokens} tokens, {result.bytes} bytes: perplexity "
+                  f"{result.ppl_per_token:.3f} per token (NLL {result.nll_per_token:.4f} nats), "
+                  f"{result.bits_per_byte:.4f} bits/byte")
 
 
 # ----------------------------------------------------------------------------- runtime commands
@@ -376,10 +391,10 @@ def generate(
     prompt_ids: Annotated[Optional[str], typer.Option("--prompt-ids", help="Prompt as token ids: 1,2,3.")] = None,  # noqa: UP045
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token (default).")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 (or below 1e-3) = greedy.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = all).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off).")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off; 0.01 to 100).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,  # noqa: UP045
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,  # noqa: UP045
     provider: ProviderOpt = "auto",
@@ -420,9 +435,10 @@ def generate(
         sys.stdout.write("\n")
     if not as_json:
         t = r.timings
-        err.print(f"[dim]{len(r.generated_ids)} tokens, finish: {r.finish_reason}; first token "
+        at = f" at P={P or m.P}" if len(m.streams) > 1 else ""  # a multi-P export: say which P ran
+        err.print(f"[dim]{len(r.generated_ids)} tokens{at}, finish: {r.finish_reason}; first token "
                   f"{1000 * t.time_to_first_token_s:.0f} ms, prefill {t.prefill_tokens_per_s:,.1f} tok/s, "
-                  f"decode {t.decode_ms_per_token:.1f} ms/token[/]")
+                  f"decode {_ms(t.decode_ms_per_token, 1)}[/]")
 
 
 @app.command()
@@ -458,9 +474,16 @@ def bench(
         out.print(f"P={r.P}")
         out.print(f"  time to first token  {1000 * r.time_to_first_token_s:10.1f} ms")
         out.print(f"  prefill              {r.prefill_tokens_per_s:10.1f} tok/s")
-        out.print(f"  decode               {r.decode_ms_per_token:10.2f} ms/token")
+        out.print(f"  decode               {_ms(r.decode_ms_per_token, 2, 10)}")
         out.print(f"  peak RSS generating  {r.generate_peak_rss_mb:10.1f} MB (process peak {r.peak_rss_mb:,.1f} MB)")
         out.print(f"  files + KV cache     {r.files_mb + r.kv_cache_mb:10.1f} MB (ratio {r.rss_ratio:.2f})")
+
+
+def _ms(value: float | None, digits: int, width: int = 0) -> str:
+    """A decode time per token, or "n/a" when no decode step ran (one new token)."""
+    if value is None:
+        return f"{'n/a':>{width}} (one new token: no decode step to time)"
+    return f"{value:{width}.{digits}f} ms/token"
 
 
 @app.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,17 @@ from typing import Any
 from parscale.errors import ParScaleError
 
 SUPPORTED_MODEL_TYPES = ("qwen2_parscale", "qwen2")
+STORED_DTYPES = ("float32", "bfloat16", "float16")  # what a checkpoint's safetensors may hold
+
+# Ranges of the config.json values (checked in `ParScaleConfig.check`, the one place). Each bound is far
+# beyond any published Qwen2 / ParScale checkpoint (Qwen2.5-1M: 1,010,000 positions, vocabularies of
+# 152k) and keeps every shape an ONNX dimension and an int32 token id: a value past it is a typo.
+MAX_CONTEXT = 1 << 24
+MAX_VOCAB = 1 << 24
+MAX_SIZE = 1 << 20  # hidden_size, intermediate_size, heads, head_dim
+MAX_LAYERS = 4096
+MAX_STREAMS = 64  # parscale_n
+MAX_PREFIX = 1 << 16  # parscale_n_tokens
 
 
 @dataclass(frozen=True)
@@ -40,8 +52,9 @@ class ParScaleConfig:
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self) -> None:
-        if not self.head_dim:
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        heads, hidden = self.num_attention_heads, self.hidden_size
+        if not self.head_dim and _is_int(heads) and _is_int(hidden) and heads > 0:  # else check() names the field
+            object.__setattr__(self, "head_dim", hidden // heads)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ParScaleConfig:
@@ -54,7 +67,10 @@ class ParScaleConfig:
                 f"unsupported model_type {model_type!r}: parscale exports "
                 f"{' and '.join(SUPPORTED_MODEL_TYPES)} checkpoints"
             )
-        if d.get("use_sliding_window"):
+        window = d.get("use_sliding_window")
+        if window is not None and not isinstance(window, bool):
+            raise ParScaleError(f"config.json: use_sliding_window must be true or false, got {window!r}")
+        if window:
             raise ParScaleError("use_sliding_window=true is not supported (sliding-window attention)")
         # transformers >= 5 writes RoPE settings as `rope_parameters` instead of top-level keys.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -79,35 +95,57 @@ class ParScaleConfig:
         ]
         if missing:
             raise ParScaleError(f"config.json lacks required field(s): {', '.join(missing)}")
-        try:
-            cfg = cls(**kwargs)
-        except (TypeError, ZeroDivisionError) as e:  # e.g. a string where a number belongs, or 0 heads
-            raise ParScaleError(f"config.json is invalid: {e}") from None
+        cfg = cls(**kwargs)
         cfg.check()
         return cfg
 
     @classmethod
     def load(cls, model_dir: str | Path) -> ParScaleConfig:
         """Read `config.json` from a checkpoint folder."""
-        path = Path(model_dir) / "config.json"
+        path = check_folder(model_dir, "model folder") / "config.json"
         return cls.from_dict(read_json(path, missing=f"{path} not found: a checkpoint folder needs a config.json"))
 
     def check(self) -> None:
-        """Refuse shapes the graph cannot be built for."""
-        ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "head_dim")
-        for name in ints:
+        """Refuse any value the graph cannot be built for or a runtime would refuse, naming the field.
+
+        Types are exact (a bool is not a number, "512" is not an integer) and ranges are checked, so
+        that nothing the exporter writes is refused later by a runtime, or runs wrong.
+        """
+        sizes = {"vocab_size": MAX_VOCAB, "hidden_size": MAX_SIZE, "intermediate_size": MAX_SIZE,
+                 "num_hidden_layers": MAX_LAYERS, "num_attention_heads": MAX_SIZE, "num_key_value_heads": MAX_SIZE,
+                 "head_dim": MAX_SIZE, "max_position_embeddings": MAX_CONTEXT, "parscale_n": MAX_STREAMS}
+        for name, most in sizes.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ParScaleError(f"config.json: {name} must be a positive integer, got {v!r}")
-        if not isinstance(self.parscale_n, int) or self.parscale_n < 1:
-            raise ParScaleError(f"config.json: parscale_n must be >= 1, got {self.parscale_n!r}")
-        if self.parscale_n > 1 and (
-            not isinstance(self.parscale_n_tokens, int) or self.parscale_n_tokens < 0
-        ):
-            raise ParScaleError(
-                f"config.json: parscale_n_tokens must be >= 0, got {self.parscale_n_tokens!r}"
-            )
+            if not _is_int(v) or not 1 <= v <= most:
+                raise ParScaleError(f"config.json: {name} must be an integer in [1, {most}], got {v!r}")
+        least = 1 if self.parscale_n > 1 else 0  # P streams need their prefix; P=1 ignores it
+        if not _is_int(self.parscale_n_tokens) or not least <= self.parscale_n_tokens <= MAX_PREFIX:
+            raise ParScaleError(f"config.json: parscale_n_tokens must be an integer in [{least}, {MAX_PREFIX}] "
+                                f"(P={self.parscale_n}), got {self.parscale_n_tokens!r}")
+        for name, lo, hi, open_lo in (("rms_norm_eps", 0.0, 1.0, True), ("rope_theta", 0.0, 1e12, True),
+                                      ("parscale_attn_smooth", 0.0, 1.0, False)):
+            v = getattr(self, name)
+            if not _is_number(v) or not (lo < v if open_lo else lo <= v) or v > hi:
+                span = f"({lo}, {hi}]" if open_lo else f"[{lo}, {hi}]"
+                raise ParScaleError(f"config.json: {name} must be a number in {span}, got {v!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ParScaleError(f"config.json: tie_word_embeddings must be true or false, got "
+                                f"{self.tie_word_embeddings!r}")
+        if self.torch_dtype not in STORED_DTYPES:
+            raise ParScaleError(f"config.json: torch_dtype must be one of {', '.join(STORED_DTYPES)}, got "
+                                f"{self.torch_dtype!r}")
+        vocab = self.vocab_size
+
+        def is_id(e: Any) -> bool:
+            return _is_int(e) and 0 <= e < vocab
+
+        if self.bos_token_id is not None and not is_id(self.bos_token_id):
+            raise ParScaleError(f"config.json: bos_token_id must be a token id in [0, {vocab - 1}] (the vocabulary), "
+                                f"got {self.bos_token_id!r}")
+        eos = self.eos_token_id
+        if eos is not None and not (is_id(eos) or (isinstance(eos, list) and eos and all(map(is_id, eos)))):
+            raise ParScaleError(f"config.json: eos_token_id must be a token id in [0, {vocab - 1}] (the vocabulary) "
+                                f"or a non-empty list of them, got {eos!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ParScaleError(
                 f"config.json: num_attention_heads ({self.num_attention_heads}) must be a multiple "
@@ -133,6 +171,24 @@ class ParScaleConfig:
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else [e] if isinstance(e, int) else list(e)
+
+
+def check_folder(path: str | Path, what: str) -> Path:
+    """`path` if it is a folder; else a ParScaleError saying what it is instead (missing, or a file)."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ParScaleError(f"{what} {path} is a file, not a folder: give the folder that holds the model's files")
+    raise ParScaleError(f"{what} {path} does not exist")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def read_json(path: Path, *, missing: str) -> Any:

@@ -22,7 +22,7 @@ from parscale.args import check_threads, check_window
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.scoring import NllFn, plan_windows, score_windows, token_nll
-from parscale.text import document_ids, folder_tokenizer, read_text
+from parscale.text import check_tokenizer_fits, document_ids, folder_tokenizer, read_text
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class EvalResult:
     bits_per_byte: float  # total NLL in bits / bytes: comparable across tokenizers
     window: int
     stride: int
+    P: int = 0  # the streams scored (the folder's default when none was asked for)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,7 +47,7 @@ def _prepare(
 ) -> tuple[ParScaleConfig, np.ndarray, int]:
     """Config, ids to score, and the UTF-8 bytes the scored ids[1:] spell (exact for byte-level BPE)."""
     cfg = ParScaleConfig.load(model_dir)
-    tok = folder_tokenizer(model_dir)
+    tok = check_tokenizer_fits(folder_tokenizer(model_dir), cfg.vocab_size, model_dir)
     ids = document_ids(model_dir, read_text(text_path), tok)
     if max_tokens is not None:
         ids = ids[:max_tokens + 1]
@@ -56,11 +57,11 @@ def _prepare(
     return cfg, ids, n_bytes
 
 
-def _result(total: float, count: int, n_bytes: int, window: int, stride: int) -> EvalResult:
+def _result(total: float, count: int, n_bytes: int, window: int, stride: int, P: int) -> EvalResult:  # noqa: N803
     nll = total / count
     return EvalResult(
         tokens=count, bytes=n_bytes, nll_per_token=nll, ppl_per_token=math.exp(nll),
-        bits_per_byte=total / math.log(2) / max(n_bytes, 1), window=window, stride=stride,
+        bits_per_byte=total / math.log(2) / max(n_bytes, 1), window=window, stride=stride, P=P,
     )
 
 
@@ -87,7 +88,7 @@ def eval_checkpoint(
     stream = resolve_streams([model_dir], P)[0]
     _, model = load_streams([Stream(model_dir, stream.P)], torch.float32)[stream.P]
     total, count = score_windows(torch_nll_fn(model), ids, plan_windows(len(ids), window, stride), batch_size)
-    return _result(total, count, n_bytes, window, stride)
+    return _result(total, count, n_bytes, window, stride, stream.P)
 
 
 def torch_nll_fn(model: Any) -> NllFn:
@@ -142,4 +143,4 @@ def eval_export(
     session = open_session(onnx_path, threads=check_threads(threads))
     total, count = score_windows(onnx_nll_fn(session, P), ids, plan_windows(len(ids), window, stride),
                                  batch_size)
-    return _result(total, count, n_bytes, window, stride)
+    return _result(total, count, n_bytes, window, stride, cfg.P if P is None else P)

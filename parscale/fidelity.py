@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from parscale.errors import ParScaleError
 from parscale.graph import GraphInfo, open_session, step
-from parscale.manifest import MODEL_FILE
+from parscale.manifest import MODEL_FILE, Manifest
 from parscale.scoring import full_windows, kl_divergence, log_softmax, window_arrays
 from parscale.text import document_ids, read_text
 
@@ -46,6 +46,8 @@ class Fidelity:
     perplexity_a: float | None  # None when the tokens are not text
     perplexity_b: float | None
     source: str  # what the tokens were
+    P_a: int | None = None  # the streams A and B ran at (None: not recorded by the caller)
+    P_b: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,26 +88,28 @@ class _Runner:
 def compare_sessions(
     open_a: Callable[[], ort.InferenceSession], open_b: Callable[[], ort.InferenceSession], tokens: np.ndarray, *,
     window: int = 128, max_windows: int | None = 8, decode_steps: int = 8, batch: int = 4, source: str = "tokens",
-    text: bool = False, P: int | None = None,  # noqa: N803
+    text: bool = False, P: int | tuple[int | None, int | None] | None = None,  # noqa: N803
 ) -> Fidelity:
     """Run the reference `a` and then `b` on the same windows of `tokens` and measure b against a.
 
-    `P`: the streams to drive graphs serving several P at (None: their largest).
+    `P`: the streams to drive graphs serving several P at (None: their largest); a pair (P of a, P of b)
+    drives each at its own.
 
     The sessions are opened one after the other (`open_a`, `open_b` return them): a's logits wait
     on disk while b runs, so two large graphs never need memory at the same time.
     """
+    pa_, pb_ = P if isinstance(P, tuple) else (P, P)
     windows = full_windows(len(tokens), window, max_windows)
     starts = range(0, len(windows), batch)
     agree, kl_sum, kl_max, nll_a, nll_b, count = 0, 0.0, 0.0, 0.0, 0.0, 0
     with tempfile.TemporaryDirectory(prefix="parscale-fidelity-") as spill:
-        ra = _Runner(open_a(), P)
+        ra = _Runner(open_a(), pa_)
         for i in starts:
             ids, _ = window_arrays(tokens, windows[i:i + batch])
             np.save(Path(spill) / f"{i}.npy", ra.logits(ids, decode_steps))
         del ra
         gc.collect()  # let the reference session's memory go before the candidate's is allocated
-        rb = _Runner(open_b(), P)
+        rb = _Runner(open_b(), pb_)
         for i in starts:
             ids, targets = window_arrays(tokens, windows[i:i + batch])
             la, lb = np.load(Path(spill) / f"{i}.npy"), rb.logits(ids, decode_steps)
@@ -126,8 +130,31 @@ def compare_sessions(
         positions=count, windows=len(windows), window=window, decode_steps=decode_steps,
         top1_agreement=agree / count, mean_kl=kl_sum / count, max_kl=kl_max,
         perplexity_a=math.exp(nll_a / count) if text else None,
-        perplexity_b=math.exp(nll_b / count) if text else None, source=source,
+        perplexity_b=math.exp(nll_b / count) if text else None, source=source, P_a=pa_, P_b=pb_,
     )
+
+
+def resolve_pair(P: Any, manifests: tuple[Manifest, Manifest], folders: tuple[Path, Path]) -> tuple[int, int]:  # noqa: N803
+    """The P each of two exports runs at: `P` is None (each its default), one P or a pair; each must be
+    one its export serves."""
+    if P is None:
+        wanted: list[Any] = [None, None]
+    elif isinstance(P, Sequence) and not isinstance(P, str):
+        wanted = list(P)
+        if len(wanted) not in (1, 2):
+            raise ParScaleError(f"P takes one value for both exports or one for each (two), got {len(wanted)}")
+        wanted = wanted * (3 - len(wanted))
+    else:
+        wanted = [P, P]
+    out = []
+    for p, manifest, folder in zip(wanted, manifests, folders, strict=True):
+        if p is None:
+            out.append(manifest.model.P)
+            continue
+        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p not in manifest.streams:
+            raise ParScaleError(f"{folder} serves P = {', '.join(map(str, manifest.streams))}; got P={p!r}")
+        out.append(int(p))
+    return out[0], out[1]
 
 
 def _vocab(session: ort.InferenceSession) -> int:
@@ -137,15 +164,17 @@ def _vocab(session: ort.InferenceSession) -> int:
 def compare_exports(
     a: str | Path, b: str | Path, *, text: str | Path | None = None, window: int = 128,
     max_windows: int | None = 8, decode_steps: int = 8, seed: int = 0, threads: int | None = None,
-    P: int | None = None,  # noqa: N803
+    P: int | Sequence[int] | None = None,  # noqa: N803
 ) -> Fidelity:
     """Compare export folder `b` against the reference folder `a` on a text file or random tokens.
 
-    `P`: the streams both run at, for exports serving several P (None: each its largest)."""
+    `P`: the streams to run, one P for both exports or a pair (P of a, P of b); None runs each at its
+    default (its largest). The result records the P each ran at (`P_a`, `P_b`)."""
     a, b = Path(a), Path(b)
     for folder in (a, b):
         if not (folder / MODEL_FILE).is_file():
             raise ParScaleError(f"{folder / MODEL_FILE} not found: not an export folder")
+    P = resolve_pair(P, (Manifest.read(a), Manifest.read(b)), (a, b))
     opened = [open_session(a / MODEL_FILE, threads=threads)]  # handed over to compare_sessions, not kept here
     vocab = _vocab(opened[0])
     if text is not None:

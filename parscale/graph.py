@@ -63,7 +63,9 @@ def session_options(threads: int | None, *, prepack: bool = True, spin: bool | N
       weights once, not twice, and computes the same products a little more slowly.
     """
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
+    # Fatal only: ORT logs a failing kernel (ERROR) on stderr before it raises, and we report the raised
+    # error as one line; warnings (unused initializers etc.) are not the user's business either.
+    opts.log_severity_level = 4
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.enable_cpu_mem_arena = False

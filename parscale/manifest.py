@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parscale.config import ParScaleConfig, read_json
+from parscale.config import ParScaleConfig, check_folder, read_json
 from parscale.errors import ParScaleError
 
 MANIFEST = "parscale.json"
@@ -214,8 +214,7 @@ def _files(folder: str | Path, files: Any) -> dict[str, FileEntry]:
 
 
 def _load_json(folder: Path) -> dict[str, Any]:
-    if not folder.is_dir():
-        raise ParScaleError(f"export folder {folder} does not exist")
+    check_folder(folder, "export folder")
     path = folder / MANIFEST
     missing = f"{folder} is not a parscale export (no {MANIFEST}); run `parscale export` first"
     manifest = read_json(path, missing=missing)

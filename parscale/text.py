@@ -101,6 +101,16 @@ def load_eos_ids(folder: Path, vocab_size: int) -> list[int]:
     return [int(i) for i in ids if isinstance(i, int) and 0 <= i < vocab_size]
 
 
+def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, where: str | Path) -> Tokenizer:
+    """Refuse a tokenizer that can produce ids the model has no row for (they would index past its
+    embedding table: an IndexError in PyTorch, garbage or a crash in ONNX Runtime)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ParScaleError(
+            f"{where}: {TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+            f"{vocab_size}: the tokenizer belongs to another model; use the checkpoint's own {TOKENIZER_FILE}")
+    return tokenizer
+
+
 def read_text(path: str | Path) -> str:
     """A UTF-8 text file's contents, or a ParScaleError naming the file."""
     try:

@@ -56,7 +56,7 @@ CASES = [
     ("malformed-config", lambda c: (c / "config.json").write_text('{"model_type": "qwen2_parscale",'), [],
      ["config.json", "not valid JSON"]),
     ("unsupported-model-type", edit_config(model_type="llama"), [], ["unsupported model_type", "llama"]),
-    ("parscale-n-zero", edit_config(parscale_n=0), [], ["parscale_n must be >= 1", "0"]),
+    ("parscale-n-zero", edit_config(parscale_n=0), [], ["parscale_n must be an integer in [1, 64]", "0"]),
     ("prefix-length-mismatch", edit_tensors(shorten_prefix), [], ["3 prefix entries", "parscale_n_tokens=4"]),
     ("no-weight-files", lambda c: (c / "model.safetensors").unlink(), [], ["no weight files"]),
     ("pickle-weights-only", lambda c: (c / "model.safetensors").rename(c / "pytorch_model.bin"), [],

@@ -238,7 +238,6 @@ MODULE_CASES = [
     Case("P1-gqa-untied-bf16-shards3", P=1, dtype="bfloat16", shards=3),
     Case("P2-gqa-untied-init", P=2, sharpen=False),
     Case("P2-mha-tied-bf16", P=2, kv_heads=4, tied=True, dtype="bfloat16"),
-    Case("P2-gqa-untied-prefix0", P=2, prefix=0),
     Case("P3-gqa-tied", P=3, tied=True),
     Case("P3-mha-untied-shards3", P=3, kv_heads=4, shards=3),
     Case("P4-gqa-untied-bf16-shards3", P=4, dtype="bfloat16", shards=3),

@@ -10,11 +10,11 @@ them again) and rounded up.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
+from parscale.runtime.memory import available_bytes  # one reading of MemAvailable (tests patch it here)
 
 GiB = 1 << 30
 # Python, torch, onnx and ONNX Runtime themselves, before any weights.
@@ -83,21 +83,6 @@ def plan(cfg: ParScaleConfig, *, dtype: str, quantize: object | None, validate: 
     return Plan(params=params, fp32_bytes=fp32, graph_bytes=graph, output_bytes=output,
                 peak_bytes=BASE_BYTES + peaks[largest],
                 largest=largest, options=what)
-
-
-def available_bytes() -> int | None:
-    """Memory the machine can give this process now (Linux: MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check(p: Plan) -> None:

@@ -244,6 +244,7 @@ def _preflight(
                             f"--dtype fp32, or use --kernel {NBITS_KERNEL} for fp16")
     if len(streams) > 1 and job.ort_format:
         raise ParScaleError("ort_format (--ort-format) is for single-P exports: export each P for ONNX Runtime Mobile")
+    folder.check_sources(dirs, cfg)
     eos = folder.eos_ids(model_dir, cfg)  # a malformed generation_config.json fails now, not after writing the graph
     # Text files are read and tokenized now too (a few ms): a missing file or tokenizer is not
     # found minutes later, after the graph is written.

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from parscale.atomic import AtomicFolder, atomic_folder, foreign_in_checkpoint
-from parscale.config import ParScaleConfig
+from parscale.config import ParScaleConfig, check_folder
 from parscale.errors import ParScaleError
 from parscale.modeling.model import ParScaleForCausalLM
 
@@ -109,9 +109,7 @@ def load_model(
 ) -> tuple[ParScaleConfig, ParScaleForCausalLM]:
     """Load and check a checkpoint folder; returns its config and the module in `dtype`, eval mode."""
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ParScaleError(f"model folder {model_dir} does not exist")
-    cfg = ParScaleConfig.load(model_dir)
+    cfg = ParScaleConfig.load(check_folder(model_dir, "model folder"))
     files = weight_files(model_dir)
     tensors = read_weights(files, list(files), dtype)
     check_shapes(cfg, {n: tuple(t.shape) for n, t in tensors.items()})

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from parscale.config import ParScaleConfig
+from parscale.config import ParScaleConfig, check_folder
 from parscale.errors import ParScaleError
 from parscale.manifest import file_digest
 from parscale.modeling.checkpoint import (
@@ -168,8 +168,7 @@ def load_streams(
     if len(set(Ps)) != len(Ps):
         raise ParScaleError(f"each P may appear once, got {Ps}")
     for s in streams:
-        if not s.folder.is_dir():
-            raise ParScaleError(f"model folder {s.folder} does not exist")
+        check_folder(s.folder, "model folder")
     first = streams[0]
     own = {s.P: ParScaleConfig.load(s.folder) for s in streams}  # each folder's config.json, as written
     cfgs = {s.P: with_streams(own[s.P], s.P) for s in streams}
@@ -257,8 +256,7 @@ def resolve_streams(folders: Sequence[Path], P: int | Sequence[int] | None) -> l
     Several folders: each gives its own parscale_n, and `P` must be left out.
     """
     for folder in folders:
-        if not folder.is_dir():
-            raise ParScaleError(f"model folder {folder} does not exist")
+        check_folder(folder, "model folder")
     if len(folders) > 1:
         if P is not None:
             raise ParScaleError("with several checkpoints each gives its own P (its parscale_n): leave --P out")

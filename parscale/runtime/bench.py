@@ -14,6 +14,7 @@ import numpy as np
 
 from parscale.args import check_generation, check_int, check_threads
 from parscale.graph import SPIN_DEFAULT
+from parscale.runtime.memory import check_cache_fits
 from parscale.runtime.model import Model
 
 
@@ -37,7 +38,7 @@ class BenchResult:
     load_s: float
     time_to_first_token_s: float
     prefill_tokens_per_s: float
-    decode_ms_per_token: float
+    decode_ms_per_token: float | None  # None with gen 1: prefill makes the only token, no decode step runs
     peak_rss_mb: float  # whole process, load included (ru_maxrss)
     generate_peak_rss_mb: float  # high-water mark while generating (reset after load), -1 if unknown
     files_mb: float  # the export's files on disk
@@ -112,8 +113,8 @@ def bench_streams(
     t0 = time.perf_counter()
     m = Model.load(model, provider=provider, threads=threads, verify=verify, spin=spin)
     check_generation(prompt_len, gen, m.context_length, "--gen")
-    for p in Ps or []:
-        m.check_streams(p)
+    for p in Ps or [m.P]:
+        check_cache_fits(m.info.at(m.check_streams(p)), batch, prompt_len + gen)  # before the prompts are made
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, m.vocab_size, size=prompt_len).tolist() for _ in range(batch)]

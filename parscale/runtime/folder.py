@@ -18,7 +18,7 @@ from parscale.graph import CPU, CUDA, GraphInfo, default_threads, open_session, 
 from parscale.manifest import MODEL_FILE, Manifest, listed_file
 from parscale.runtime.integrity import check_against_config, check_against_graph, verify_folder
 from parscale.runtime.memory import advise_random_access, limit_malloc_retention
-from parscale.text import TOKENIZER_FILE, Tokenizer, load_eos_ids
+from parscale.text import TOKENIZER_FILE, Tokenizer, check_tokenizer_fits, load_eos_ids
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,9 @@ class ExportFolder:
         for data in sorted(path.glob(MODEL_FILE + "*.data")):
             advise_random_access(data)  # tables read in place (embeddings): fault in rows, not folios
         tok_path = listed_file(path, TOKENIZER_FILE)  # read only when the manifest lists it, with its hash
-        tokenizer = Tokenizer(tok_path) if tok_path is not None else None
+        tokenizer = None
+        if tok_path is not None:
+            tokenizer = check_tokenizer_fits(Tokenizer(tok_path), info.vocab_size, path)
         return cls(path=path, manifest=manifest, config=config, tokenizer=tokenizer,
                    eos_ids=load_eos_ids(path, info.vocab_size), session=session, info=info, provider=name)
 

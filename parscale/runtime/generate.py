@@ -29,8 +29,9 @@ class Timings:
         return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
 
     @property
-    def decode_ms_per_token(self) -> float:
-        return 1000 * self.decode_s / self.decode_steps if self.decode_steps else 0.0
+    def decode_ms_per_token(self) -> float | None:
+        """None when no decode step ran (one new token: prefill made it): there is nothing to time."""
+        return 1000 * self.decode_s / self.decode_steps if self.decode_steps else None
 
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "prefill_tokens_per_s": self.prefill_tokens_per_s,

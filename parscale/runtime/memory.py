@@ -1,4 +1,5 @@
-"""Keep peak RSS near the size of the weights (Linux/glibc; elsewhere these are no-ops).
+"""Keep peak RSS near the size of the weights (Linux/glibc; elsewhere these are no-ops), and refuse a KV
+cache that cannot fit in the memory available before it is allocated (`check_cache_fits`).
 
 Measured on qwen2.5-0.5b P=4 fp32 (2.0 GB of weights), prompt 128 (benchmarks/README.md):
 
@@ -20,6 +21,11 @@ import ctypes.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parscale.errors import ParScaleError
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MADV_RANDOM = 1
@@ -107,3 +113,37 @@ def _mappings(path: str) -> list[tuple[int, int, int, int]]:
             elif current and fields[0] == "Anonymous:":
                 regions[-1][3] = int(fields[1])
     return [(lo, hi, off, anon) for lo, hi, off, anon in regions]
+
+
+def available_bytes() -> int | None:
+    """Memory the machine can give this process now (Linux: MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def cache_bytes(info: Any, sequences: int, tokens: int) -> int:
+    """Bytes of the KV cache (every layer's keys and values, prefix rows included) and the logits buffers
+    for `sequences` sequences of up to `tokens` tokens, with `info` a `GraphInfo` at the P to run."""
+    rows = (info.prefix_rows or 0) + tokens
+    kv = 2 * info.num_layers * sequences * info.cache_heads * rows * info.head_dim * np.dtype(info.cache_dtype).itemsize
+    return kv + 2 * sequences * info.vocab_size * 4
+
+
+def check_cache_fits(info: Any, sequences: int, tokens: int) -> None:
+    """Refuse, before anything is allocated, a batch whose KV cache cannot fit in the memory available:
+    numpy would otherwise commit it page by page until the kernel kills the process."""
+    need, free = cache_bytes(info, sequences, tokens), available_bytes()
+    if free is not None and need > free:
+        gib = 1 << 30
+        raise ParScaleError(
+            f"{sequences} sequence(s) of up to {tokens} tokens need {need / gib:.1f} GiB for the KV cache, but "
+            f"{free / gib:.1f} GiB of memory are available: use a smaller batch, a shorter prompt or fewer new tokens")

@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from parscale.args import check_generation, check_seed
+from parscale.args import check_bool, check_generation, check_stop
 from parscale.errors import ParScaleError
 from parscale.graph import CPU
 from parscale.runtime.batch import run_generation
 from parscale.runtime.folder import ExportFolder
 from parscale.runtime.generate import GenerationResult, Step, TokenEvent
+from parscale.runtime.memory import check_cache_fits
 from parscale.runtime.sampling import SamplingConfig
 from parscale.runtime.session import Engine
 from parscale.text import TOKENIZER_FILE
@@ -65,6 +66,9 @@ class Model:
         """
         if verify_checksums is not None:
             verify = verify_checksums
+        if not isinstance(path, (str, Path)):
+            raise ParScaleError(f"path must be an export folder (str or Path), got {type(path).__name__}")
+        check_bool(verify, "verify")
         return cls(ExportFolder.open(path, provider=provider, threads=threads, verify=verify, spin=spin))
 
     @property
@@ -101,8 +105,10 @@ class Model:
 
         - max_new_tokens: new tokens at most; prompt plus this must fit the context length.
         - greedy / temperature: greedy=True or temperature 0 (the default) take the most likely
-          token; temperature > 0 samples, after top_k (0 = off) and top_p (1.0 = off) filtering.
-        - repetition_penalty: > 1 discourages tokens already in the prompt or output (1.0 = off).
+          token, as does any temperature below `sampling.MIN_TEMPERATURE` (1e-3, its limit);
+          a larger temperature samples, after top_k (0 = off) and top_p (1.0 = off) filtering.
+        - repetition_penalty: > 1 discourages tokens already in the prompt or output (1.0 = off); in
+          [0.01, 100], else refused.
         - seed: makes sampling reproducible (None: a fresh random state); in a batch each row draws from
           its own generator, spawned from the seed.
         - stop: a string or strings that end generation; they are cut from the text (needs a tokenizer).
@@ -189,6 +195,9 @@ class Model:
         if isinstance(raw, str):
             batch, single = [self.encode(raw)], True
         elif isinstance(raw, np.ndarray):
+            if raw.ndim not in (1, 2):  # its values are checked below, as a list's are
+                raise ParScaleError(f"a prompt array holds token ids, 1-D (one prompt) or 2-D (a batch); got "
+                                    f"a {raw.ndim}-D array")
             raw = raw.tolist()
             batch, single = (raw, False) if raw and isinstance(raw[0], list) else ([raw], True)
         elif isinstance(raw, Sequence) and raw and all(isinstance(x, str) for x in raw):
@@ -225,11 +234,10 @@ class Model:
                stop: str | Sequence[str] | None, ignore_eos: bool, P: int | None) -> Iterator[Step]:  # noqa: N803
         """Check the options and set up one call: a fresh Engine (never shared between calls) and sampler."""
         info = self.info.at(self.check_streams(P))
-        check_generation(max(len(p) for p in prompts), max_new_tokens, self.context_length)
-        check_seed(seed, "seed")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) and s for s in stops):
-            raise ParScaleError(f"stop takes non-empty strings, got {stop!r}")
+        max_new_tokens = check_generation(max(len(p) for p in prompts), max_new_tokens, self.context_length)
+        check_cache_fits(info, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+        stops = check_stop(stop)
+        ignore_eos = check_bool(ignore_eos, "ignore_eos")
         if stops and self.tokenizer is None:
             raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: stop strings need one")
         config = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -10,12 +10,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from parscale.args import check_bool, check_float, check_int, check_seed
 from parscale.errors import ParScaleError
+
+# The floors of the sampling numbers (README: Runtime). A temperature below MIN_TEMPERATURE is greedy:
+# T -> 0 is argmax in the limit, and dividing float32 logits by a vanishing T overflows to inf/NaN
+# (1e-38 sampled the last token of the vocabulary every step). A repetition penalty outside
+# [MIN_PENALTY, MAX_PENALTY] is refused: it has no limit to fall back on, and at 1e-38 it
+# overflowed the same way.
+MIN_TEMPERATURE = 1e-3
+MIN_PENALTY, MAX_PENALTY = 1e-2, 1e2
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick the next token. temperature 0 (or greedy=True) means argmax."""
+    """How to pick the next token. greedy=True, temperature 0 or a temperature below MIN_TEMPERATURE
+    mean argmax. Every field is type-checked (ParScaleError naming it; numpy numbers are taken, bools
+    only for `greedy`) and stored as a plain Python value."""
 
     greedy: bool = False
     temperature: float = 0.0
@@ -25,20 +36,25 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise ParScaleError(f"temperature must be >= 0, got {self.temperature}")
-        if self.greedy and self.temperature > 0:
+        checked = {
+            "greedy": check_bool(self.greedy, "greedy"),
+            "temperature": check_float(self.temperature, "temperature", minimum=0),
+            "top_k": check_int(self.top_k, "top_k", minimum=0),
+            "top_p": check_float(self.top_p, "top_p", minimum=0, maximum=1),
+            "repetition_penalty": check_float(self.repetition_penalty, "repetition_penalty",
+                                              minimum=MIN_PENALTY, maximum=MAX_PENALTY),
+            "seed": check_seed(self.seed),
+        }
+        if checked["top_p"] == 0:
+            raise ParScaleError("top_p must be in (0, 1], got 0")
+        if checked["greedy"] and checked["temperature"] > 0:
             raise ParScaleError("greedy decoding takes no temperature; pass one or the other")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ParScaleError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ParScaleError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
-            raise ParScaleError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0
+        return self.greedy or self.temperature < MIN_TEMPERATURE
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from parscale import contract
 from parscale.errors import ParScaleError
 from parscale.graph import CUDA, GraphInfo
+from parscale.runtime.memory import check_cache_fits
 
 
 class Engine:
@@ -56,6 +57,7 @@ class Engine:
         then binds the slots the next steps run (a batch whose rows join and leave between steps)."""
         info = self.info
         assert info.prefix_rows is not None
+        check_cache_fits(info, slots, max_tokens)
         shape = (slots, info.cache_heads, info.prefix_rows + max_tokens, info.head_dim)
         self.release()
         self._host_cache = [np.zeros(shape, dtype=info.cache_dtype) for _ in self.past_names]

@@ -21,7 +21,7 @@ from parscale.args import MAX_SEED, check_float, check_generation, check_int
 from parscale.errors import ParScaleError
 from parscale.runtime.batch import RowSpec
 from parscale.runtime.generate import GenerationResult
-from parscale.runtime.sampling import SamplingConfig
+from parscale.runtime.sampling import MAX_PENALTY, MIN_PENALTY, SamplingConfig
 
 if TYPE_CHECKING:
     from parscale.runtime import Model
@@ -217,9 +217,8 @@ def _request(body: dict[str, Any], names: ModelNames, model: Model, P: int, prom
     with _field("top_k"):
         top_k = check_int(_get(body, "top_k", 0), "top_k", minimum=-1)
     with _field("repetition_penalty"):
-        penalty = check_float(_get(body, "repetition_penalty", 1.0), "repetition_penalty")
-        if penalty <= 0:
-            raise ParScaleError(f"repetition_penalty must be > 0, got {penalty}")
+        penalty = check_float(_get(body, "repetition_penalty", 1.0), "repetition_penalty",
+                              minimum=MIN_PENALTY, maximum=MAX_PENALTY)
     with _field("seed"):
         seed = body.get("seed")
         seed = None if seed is None else check_int(seed, "seed", minimum=0, maximum=MAX_SEED)

@@ -78,5 +78,12 @@ def save_tokenizer(tok: Tokenizer, out: str | Path, model_max_length: int) -> No
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """The `tokenizer.json` of a checkpoint or export folder."""
-    return Tokenizer.from_file(str(Path(model_dir) / TOKENIZER_FILE))
+    """The `tokenizer.json` of a checkpoint or export folder (a ParScaleError naming the file if it cannot be read:
+    the tokenizers library's own error names no file)."""
+    path = Path(model_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise ParScaleError(f"{path} not found: training needs the checkpoint's tokenizer ({TOKENIZER_FILE})")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise ParScaleError(f"cannot read tokenizer {path}: {e}") from None
