@@ -35,4 +35,6 @@ def commit(*paths: str) -> str:
         return subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+uncommitted changes" if git("status", "--porcelain", "--", *paths) else "")
+    # Results files written by the run itself are not code: they do not mark the commit as changed.
+    changed = git("status", "--porcelain", "--", *paths, ":(exclude)benchmarks/results")
+    return head + ("+uncommitted changes" if changed else "")
