@@ -279,7 +279,7 @@ def test_compare_an_export_with_itself(int4_tied) -> None:
     assert d["top1_agreement"] == 1.0 and abs(d["mean_kl"]) < 1e-9
 
 
-def test_compare_float_and_quantized_on_text(int4_tied, float_exports: dict[str, Path], tmp_path: Path) -> None:
+def test_compare_float_and_quantized_on_text(int4_tied, checkpoints: dict[str, Path], tmp_path: Path) -> None:
     """With a text file, perplexity is reported for both (a byte-level tokenizer made on the spot)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -289,8 +289,10 @@ def test_compare_float_and_quantized_on_text(int4_tied, float_exports: dict[str,
     text = "def add(a, b):\n    return a + b\n" * 60
     tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    a = shutil.copytree(float_exports["tied"], tmp_path / "a")
-    tok.save(str(a / "tokenizer.json"))
+    # The tokenizer goes into a checkpoint that is exported: an export reads only the files it lists.
+    ckpt = shutil.copytree(checkpoints["tied"], tmp_path / "ckpt")
+    tok.save(str(ckpt / "tokenizer.json"))
+    a = export(ckpt, tmp_path / "a", validate=False).out
     (tmp_path / "t.txt").write_text(text)
     f = compare_exports(a, int4_tied.out, text=tmp_path / "t.txt", window=64, max_windows=None)
     assert f.perplexity_a is not None and f.perplexity_b is not None and f.perplexity_a > 1

@@ -259,11 +259,10 @@ def train_heads(
     the one `train`/`init` take on it) is held throughout, so a concurrent run fails at once instead of
     losing a report entry; each file is written to a temporary name and renamed into place.
     """
+    from parscale.config import check_folder
     from parscale.locking import FolderLock
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ParScaleError(f"model folder {folder} does not exist")
+    folder = check_folder(folder, "model folder")
     with FolderLock(folder):
         return _train_heads(folder, Ps, steps=steps, log=log, threads=threads, sources=sources, force=force)
 
