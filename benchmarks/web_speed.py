@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import prompt_ids
+from benchmarks.common import commit, prompt_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--P", default="1,4", help="P of the multi-P export to time in the browser and the runtime.")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    args.commit = commit("parscale", "benchmarks", "web")  # at start: the code every figure below ran on
+    args.command = "python -m benchmarks.web_speed " + " ".join(sys.argv[1:] if argv is None else argv)
     streams = [int(p) for p in args.P.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
     exports = make_exports(args.work)
@@ -160,6 +162,7 @@ def summarize(runs: list[dict]) -> list[dict]:
 def markdown(table: list[dict], args: argparse.Namespace) -> str:
     lines = [f"# Decode speed: browser, Node, runtime (embedded model, {args.threads} threads, prompt "
              f"{args.prompt_len}, {args.gen} new tokens, medians of {args.rounds} rounds)", "",
+             f"Command: `{args.command}` at commit `{args.commit}`.", "",
              "| system | export | P | decode ms/token | prefill ms | load (1 min) |", "|---|---|---|---|---|---|"]
     for r in sorted(table, key=lambda r: (r["export"], r["P"], r["system"])):
         prefill = f"{r['prefill_ms']:.1f}" if r["prefill_ms"] is not None else "-"
