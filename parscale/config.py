@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +161,10 @@ class ParScaleConfig:
     def P(self) -> int:  # noqa: N802 - the paper's name
         return self.parscale_n
 
+    def at(self, P: int) -> ParScaleConfig:  # noqa: N803
+        """The config of the same backbone at P streams (prefix length and smoothing unchanged)."""
+        return dataclasses.replace(self, parscale_n=P)
+
     @property
     def n_prefix(self) -> int:
         """Prefix key/value entries per stream and layer (none for P=1)."""
@@ -171,6 +178,80 @@ class ParScaleConfig:
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else [e] if isinstance(e, int) else list(e)
+
+
+_STREAMS_TEXT = re.compile(r"[0-9]+(,[0-9]+)*")
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The stream counts (P) a command works with: distinct, sorted, each in [1, MAX_STREAMS].
+
+    Parsed once at the edge (`parse`), then carried as is through export, runtime and CLI;
+    `pick` is the one "serves this P" check.
+    """
+
+    values: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        values = self.values
+        if not values:
+            raise ParScaleError("give at least one P (stream count)")
+        bad = [v for v in values if not _is_int(v) or not 1 <= v <= MAX_STREAMS]
+        if bad:
+            raise ParScaleError(f"P must be an integer in [1, {MAX_STREAMS}], got {bad[0]!r}")
+        if len(set(values)) != len(values):
+            raise ParScaleError(f"each P may appear once, got {', '.join(map(str, values))}")
+        object.__setattr__(self, "values", tuple(sorted(values)))
+
+    @classmethod
+    def parse(cls, value: str | int | Sequence[int] | Streams, option: str = "--P") -> Streams:
+        """"2,4,8", 4, [2, 4] or a Streams -> Streams; anything else names `option` and the expected form."""
+        if isinstance(value, Streams):
+            return value
+        if isinstance(value, str):
+            text = value.replace(" ", "")
+            if not _STREAMS_TEXT.fullmatch(text):
+                raise ParScaleError(f"{option} must be comma-separated positive integers such as 1,2,4,8; "
+                                    f"got {value!r}")
+            values = [int(t) for t in text.split(",")]
+            if len(set(values)) != len(values):
+                raise ParScaleError(f"{option} names a P twice: {value!r}")
+            if any(v < 1 for v in values):
+                raise ParScaleError(f"{option} must be comma-separated positive integers such as 1,2,4,8; "
+                                    f"got {value!r}")
+            return cls(tuple(values))
+        if _is_int(value):
+            return cls((value,))
+        if isinstance(value, (list, tuple)):
+            return cls(tuple(value))
+        raise ParScaleError(f"{option} must be a stream count or a list of them, got {value!r}")
+
+    @property
+    def largest(self) -> int:
+        return self.values[-1]
+
+    def pick(self, P: Any, where: str = "this export") -> int:  # noqa: N803
+        """`P` (None: the largest, the default) if it is one of these, else a ParScaleError naming them."""
+        if P is None:
+            return self.largest
+        if isinstance(P, numbers.Integral) and not isinstance(P, bool) and P in self.values:
+            return int(P)  # numpy integers too: a P read from an array
+        hint = ("" if len(self) > 1 else
+                "; it is a single-P export (`parscale export CKPT --P 1,2,4,8` makes one serving several P)")
+        raise ParScaleError(f"{where} serves P = {self}; got P={P!r}{hint}")
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __contains__(self, P: object) -> bool:  # noqa: N803
+        return P in self.values
+
+    def __str__(self) -> str:
+        return ", ".join(map(str, self.values))
 
 
 def check_folder(path: str | Path, what: str) -> Path:
