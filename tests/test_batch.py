@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from parscale.runtime import GenerationResult, Model
@@ -42,17 +43,26 @@ def drive(batch: DecodeBatch, schedule: dict[int, list[Row]]) -> dict[object, li
     while step <= max(schedule) or batch.live:
         joining = schedule.get(step, [])
         for i, r in enumerate(joining):
-            assert batch.fits(r.spec, joining=i) == JOIN, (step, r.tag)
+            assert batch.fits(r.spec, joining=[j.spec for j in joining[:i]]) == JOIN, (step, r.tag)
         for e in [*batch.admit(joining), *batch.step()]:
             tokens.setdefault(e.row.tag, []).append(e.token)
         step += 1
     return tokens
 
 
+def engine(m: Model, shifts: bool) -> Engine:
+    """The Engine a Model makes (it moves cached rows: rows join prefilled alone), or one that cannot
+    (no rotary base: rows join prefilled left-padded to the batch's length)."""
+    e = m.engine(m.info) if shifts else Engine(m.session, m.info, m.provider)
+    assert e.shifts == shifts
+    return e
+
+
+@pytest.mark.parametrize("shifts", [True, False], ids=["moved", "padded"])
 @pytest.mark.parametrize("P", [1, 4])
-def test_rows_joining_and_leaving_get_what_they_get_alone(models, P):  # noqa: N803
+def test_rows_joining_and_leaving_get_what_they_get_alone(models, P, shifts):  # noqa: N803
     m = models[P]
-    batch = DecodeBatch(Engine(m.session, m.info, m.provider), slots=4, context_length=m.context_length)
+    batch = DecodeBatch(engine(m, shifts), slots=4, context_length=m.context_length)
     rows = {
         "first": row(m, PROMPTS[0], 12, "first"),
         "short": row(m, PROMPTS[1], 3, "short"),  # leaves early from slot 1: the last row moves into it
@@ -94,16 +104,16 @@ def test_stop_strings_and_eos_end_rows_separately(models):
     assert plain.result().generated_ids == alone(m, plain).generated_ids
 
 
-def test_fits_says_join_wait_or_drain(models):
+def test_fits_says_join_wait_or_drain_when_rows_join_padded(models):
     m = models[4]
-    batch = DecodeBatch(Engine(m.session, m.info, m.provider), slots=2, context_length=m.context_length)
+    batch = DecodeBatch(engine(m, False), slots=2, context_length=m.context_length)
     first = row(m, PROMPTS[2], 200)
     assert batch.fits(first.spec) == JOIN  # an empty batch takes anyone
     batch.admit([first])
     assert batch.length == len(PROMPTS[2])
     assert batch.fits(RowSpec(prompt=PROMPTS[0], max_new_tokens=4)) == WAIT  # longer than the batch, for now
     assert batch.fits(RowSpec(prompt=PROMPTS[3], max_new_tokens=4)) == JOIN
-    assert batch.fits(RowSpec(prompt=PROMPTS[3], max_new_tokens=4), joining=1) == WAIT  # no slot left
+    assert batch.fits(RowSpec(prompt=PROMPTS[3], max_new_tokens=4), joining=[first.spec]) == WAIT  # no slot left
     too_long = m.context_length - batch.length + 1
     assert batch.fits(RowSpec(prompt=PROMPTS[3], max_new_tokens=too_long)) == DRAIN  # past the context
     for _ in range(PAD_FREE + 10):
@@ -143,3 +153,55 @@ def test_a_cache_bound_whole_starts_rows_together_and_keeps_finished_ones(models
     for r in (short, long):
         assert r.generated == alone(m, r).generated_ids
     assert batch.fits(RowSpec(prompt=[1], max_new_tokens=2)) == JOIN  # the next batch starts afresh
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_a_cache_moved_behind_padding_is_the_padded_prefills(models, P):  # noqa: N803
+    """Engine.shift: a prompt prefilled alone and moved `pad` columns later (keys turned by RoPE(pad),
+    prefix rows included) holds the cache of the same prompt prefilled behind `pad` padding tokens."""
+    m = models[P]
+    e = m.engine(m.info)
+    prompt, pad = PROMPTS[0], 5
+    n, r = len(prompt), m.info.prefix_rows
+    e.reserve(2, n + pad)
+    e.use(0, 1)
+    e.step(np.array([prompt]), np.ones((1, n), np.int64), np.arange(n)[None])
+    e.shift(0, 1, pad, n)
+    e.use(1, 2)
+    mask = np.array([[0] * pad + [1] * n])
+    e.step(np.array([[0] * pad + prompt]), mask, np.clip(mask.cumsum(1) - 1, 0, None))
+    rows = np.r_[0:r, r + pad:r + pad + n]  # prefix and token rows (padding columns hold other values)
+    for name, a in zip(e.past_names, e._host_cache, strict=True):
+        moved, padded = a[0][:, rows], a[1][:, rows]
+        assert np.abs(moved - padded).max() <= 1e-5 * np.abs(padded).max(), name
+    e.release()
+
+
+def test_with_moved_rows_any_prompt_joins_and_padding_stays_bounded(models):
+    m = models[4]
+    batch = DecodeBatch(engine(m, True), slots=3, context_length=m.context_length)
+    long_first = row(m, PROMPTS[3], 6, "a")  # 2 tokens: the batch is short when the long prompt arrives
+    batch.admit([long_first])
+    batch.step()
+    longer = row(m, PROMPTS[0], 12, "b")  # 9 tokens, longer than the batch: joins at once, the batch moves right
+    assert batch.fits(longer.spec) == JOIN
+    batch.admit([longer])
+    assert batch.length == len(PROMPTS[0])
+    while long_first.reason is None:
+        batch.step()
+    for _ in range(3):
+        batch.step()
+    late = row(m, [7], 5, "c")  # one token behind a batch of 12+ columns
+    assert batch.fits(late.spec) == JOIN
+    batch.admit([late])
+    # "a" has left: the batch is as long as its longest live row, not as long as it has run.
+    assert batch.length == len(PROMPTS[0]) + len(longer.generated) - 1
+    while batch.live:
+        batch.step()
+    for r in (long_first, longer, late):
+        assert r.generated == alone(m, r).generated_ids, r.tag
+    too_long = RowSpec(prompt=[1], max_new_tokens=m.context_length)
+    batch.admit([row(m, PROMPTS[1], 50)])
+    assert batch.fits(too_long) == DRAIN  # past the context
+    assert batch.fits(RowSpec(prompt=[1], max_new_tokens=2), joining=[too_long] * 2) == WAIT  # no slot left
+    batch.close()

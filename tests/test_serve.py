@@ -19,7 +19,7 @@ from serve_helpers import Server, http, serving
 from test_runtime_cli import run_cli
 
 from parscale.runtime import Model
-from parscale.serve.verify import TOLERANCE, greedy_gaps
+from parscale.serve.verify import check_greedy
 
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra (pip install -e '.[dev]')")
 pytest.importorskip("uvicorn", reason="parscale serve needs the serve extra (pip install -e '.[serve]')")
@@ -177,7 +177,7 @@ def test_sixteen_concurrent_clients_with_mixed_p_get_their_own_answers(server: S
     """16 clients at once, P = 1, 2, 4, 8, different lengths, half of them streaming: each gets its own
     prompt's greedy continuation. Most rows equal generate's alone; a row left-padded in a batch may
     take the other side of a near-tie on this int8 export (parscale.serve.verify), so every token is
-    checked to be the greedy one within `TOLERANCE` of the top logit."""
+    checked to be the greedy one within the export's measured noise."""
     client = server.client()
     jobs = [dict(P=model.streams[i % 4], prompt=PROMPTS[i % len(PROMPTS)], n=8 + 3 * (i % 6), stream=i % 2 == 1)
             for i in range(16)]
@@ -204,8 +204,8 @@ def test_sixteen_concurrent_clients_with_mixed_p_get_their_own_answers(server: S
         want = alone(model, job["prompt"], job["n"], job["P"])
         assert len(ids) == job["n"] and text == model.decode(ids), job
         exact += ids == want.generated_ids
-        gaps = greedy_gaps(model, model.encode(job["prompt"]), ids, job["P"])
-        assert gaps.max() <= TOLERANCE, (job, ids, want.generated_ids, gaps)
+        checked = check_greedy(model, model.encode(job["prompt"]), ids, job["P"])
+        assert checked.ok, (job, ids, want.generated_ids, checked)
     assert exact >= 12  # near-ties are rare: most rows are bit-for-bit generate's
     _, _, after = http(server.url + "/health")
     steps = after["stats"]["steps"] - before["stats"]["steps"]

@@ -146,16 +146,21 @@ class DecodeBatch:
         """Rows still generating."""
         return [r for r in self.rows if not r.done]
 
-    def fits(self, spec: RowSpec, joining: int = 0) -> str:
-        """JOIN if a row of `spec` can join at the next admit (besides `joining` others admitted with it),
+    def fits(self, spec: RowSpec, joining: Sequence[RowSpec] = ()) -> str:
+        """JOIN if a row of `spec` can join at the next admit (with the rows of `joining`, admitted with it),
         WAIT if it can once the batch has grown or freed a slot, DRAIN if only once the batch has ended."""
         self._sweep()
+        if len(self.rows) + len(joining) >= self.slots:
+            return WAIT
         if not self.rows:
-            return JOIN if joining < self.slots else WAIT
+            return JOIN
         if not self.engine.rearranges:  # a device cache is bound whole: no prefill into some of its slots
             return DRAIN
-        if len(self.rows) + joining >= self.slots:
-            return WAIT
+        if self.engine.shifts:  # prefilled at its own length, then moved into place: any prompt joins
+            new = [spec, *joining]
+            length = max(self._used(), *(len(s.prompt) for s in new))
+            need = length + max([*(s.max_new_tokens for s in new), *(r.remaining for r in self.live)])
+            return DRAIN if self.context_length is not None and need > self.context_length else JOIN
         need = self.length + spec.max_new_tokens
         if self.context_length is not None and need > self.context_length:
             return DRAIN
@@ -167,8 +172,12 @@ class DecodeBatch:
         return JOIN
 
     def admit(self, rows: list[Row]) -> list[RowEvent]:
-        """Prefill `rows` into free slots (left-padded to the batch's length; for a new batch, to the
-        longest prompt) and sample their first tokens. Each must `fits` (JOIN)."""
+        """Prefill `rows` into free slots and sample their first tokens. Each must `fits` (JOIN).
+
+        With a cache that shifts (`Engine.shifts`: the CPU), each row is prefilled alone at its own
+        length and then moved behind the left padding that aligns it with the batch (the batch moves
+        right instead when the row is longer); otherwise the rows are prefilled together, left-padded
+        to the batch's length (for a new batch, to the longest prompt)."""
         self._sweep()
         if not rows:
             return []
@@ -176,33 +185,27 @@ class DecodeBatch:
         start, stop = len(self.rows), len(self.rows) + len(rows)
         if stop > self.slots:
             raise ValueError(f"{stop} rows do not fit a batch of {self.slots} slots")
+        shifts = self.engine.shifts
         if not self.rows:  # a new batch
             self.length = longest
             # A cache bound whole holds just these rows: none can join it later.
             self._reserve(longest + budget, self.slots if self.engine.rearranges else len(rows))
-        elif longest > self.length:
-            raise ValueError(f"a joining prompt of {longest} tokens is longer than the batch ({self.length})")
         elif not self.engine.rearranges:
             raise ValueError("rows join a batch on a device cache only when it starts")
-        elif self.length + budget > self.capacity:
-            limit = self.context_length or self.length + budget
-            self._grow(max(self.length + budget, min(limit, 2 * self.capacity)))
-        L = self.length
-        ids = np.full((len(rows), L), PAD_ID, dtype=np.int64)
-        mask = self.mask[start:stop]
-        mask[:] = 0
-        for i, r in enumerate(rows):
-            p = r.spec.prompt
-            ids[i, L - len(p):] = p
-            mask[i, L - len(p):L] = 1
-        positions = np.clip(mask[:, :L].cumsum(axis=1) - 1, 0, None)
-        self._bind(start, stop)
+        else:
+            if shifts:
+                self._realign(longest)
+            elif longest > self.length:
+                raise ValueError(f"a joining prompt of {longest} tokens is longer than the batch ({self.length})")
+            need = self.length + max([budget, *(r.remaining for r in self.live)])
+            if need > self.capacity:
+                self._grow(max(need, min(self.context_length or need, 2 * self.capacity)))
         t0 = time.perf_counter()
-        logits = self.engine.step(ids, mask[:, :L], positions)
-        for i, r in enumerate(rows):
-            r.sampler.observe(ids[i:i + 1], mask[i:i + 1, :L])
-            self.pending[start + i] = r.sampler(logits[i:i + 1])[0]
-            self.positions[start + i] = len(r.spec.prompt)
+        groups = [[r] for r in rows] if shifts else [rows]
+        first: list[int] = []
+        for k, group in enumerate(groups):
+            at = start + sum(map(len, groups[:k]))
+            first += self._prefill(group, at, shifts)
         now = time.perf_counter()
         for t in _distinct(r.timings for r in rows):
             t.prefill_s += now - t0
@@ -210,9 +213,36 @@ class DecodeBatch:
             r.timings.prefill_tokens += len(r.spec.prompt)
             r.timings.time_to_first_token_s = now - r.started
         self.rows.extend(rows)
-        events = [r.accept(int(self.pending[start + i])) for i, r in enumerate(rows)]
+        self.pending[start:stop] = first
+        events = [r.accept(token) for r, token in zip(rows, first, strict=True)]
         self._sweep()
         return events
+
+    def _prefill(self, rows: list[Row], start: int, alone: bool) -> list[int]:
+        """Run the prompts of `rows` into slots start.. and sample their first tokens: `alone` (one row)
+        at its own length, then shifted behind its left padding; else left-padded to the batch's length."""
+        L = self.length
+        width = len(rows[0].spec.prompt) if alone else L
+        stop = start + len(rows)
+        ids = np.full((len(rows), width), PAD_ID, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            p = r.spec.prompt
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+        positions = np.clip(mask.cumsum(axis=1) - 1, 0, None)
+        self._bind(start, stop)
+        logits = self.engine.step(ids, mask, positions)
+        tokens = []
+        for i, r in enumerate(rows):
+            r.sampler.observe(ids[i:i + 1], mask[i:i + 1])
+            tokens.append(int(r.sampler(logits[i:i + 1])[0]))
+            self.positions[start + i] = len(r.spec.prompt)
+        self.mask[start:stop] = 0
+        self.mask[start:stop, L - width:L] = mask
+        if alone and width < L:
+            self.engine.shift(start, stop, L - width, width)
+        return tokens
 
     def step(self) -> list[RowEvent]:
         """One decode step of every row: feed each its pending token, sample its next."""
@@ -263,6 +293,27 @@ class DecodeBatch:
         if self._bound != (start, stop):
             self.engine.use(start, stop)
             self._bound = (start, stop)
+
+    def _used(self) -> int:
+        """Token columns the live rows need: the longest row's real tokens (the rest is common padding)."""
+        return int(self.positions[:len(self.rows)].max()) if self.rows else 0
+
+    def _realign(self, longest: int) -> None:
+        """Make the batch as long as its longest row or `longest` (a joining prompt), whichever is more,
+        moving every row's cache: left when all rows share leading padding, right for a longer newcomer."""
+        n, target = len(self.rows), max(self._used(), longest)
+        by = target - self.length
+        if by == 0:
+            return
+        if target > self.capacity:
+            self._grow(max(target, 2 * self.capacity))
+        first = max(0, -by)  # columns of common padding that drop on the left
+        keep = self.length - first
+        self.engine.shift(0, n, by, keep, first=first)
+        mask = np.zeros_like(self.mask[:n])
+        mask[:, first + by:first + by + keep] = self.mask[:n, first:first + keep]
+        self.mask[:n] = mask
+        self.length, self._bound = target, None
 
     def _sweep(self) -> None:
         """Free the slots of finished and cancelled rows: the last row moves into each (host cache);

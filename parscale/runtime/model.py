@@ -20,7 +20,7 @@ import numpy as np
 
 from parscale.args import check_bool, check_generation, check_stop
 from parscale.errors import ParScaleError
-from parscale.graph import CPU
+from parscale.graph import CPU, GraphInfo
 from parscale.runtime.batch import run_generation
 from parscale.runtime.folder import ExportFolder
 from parscale.runtime.generate import GenerationResult, Step, TokenEvent
@@ -170,6 +170,13 @@ class Model:
                             repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos, P=P)
         return (event.text for event in _token_events(steps) if event.text)
 
+    def engine(self, info: GraphInfo) -> Engine:
+        """A new Engine (one call's binding and cache) on this model's session, driving the graph as `info`
+        says (`self.info.at(P)`); it can move cached rows (`Engine.shifts`) when config.json gives the
+        rotary base."""
+        config = self.folder.config
+        return Engine(self.session, info, self.provider, rope_theta=config.rope_theta if config is not None else None)
+
     # ------------------------------------------------------------------ input checks
 
     def check_streams(self, P: int | None) -> int:  # noqa: N803
@@ -243,7 +250,7 @@ class Model:
         config = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         return run_generation(
-            Engine(self.session, info, self.provider), prompts, max_new_tokens=max_new_tokens, sampling=config,
+            self.engine(info), prompts, max_new_tokens=max_new_tokens, sampling=config,
             eos_ids=self.eos_ids, stop=stops, tokenizer=self.tokenizer, ignore_eos=ignore_eos, started=started,
         )
 

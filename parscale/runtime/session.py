@@ -20,6 +20,7 @@ from parscale import contract
 from parscale.errors import ParScaleError
 from parscale.graph import CUDA, GraphInfo
 from parscale.runtime.memory import check_cache_fits
+from parscale.runtime.rotary import rotate
 
 
 class Engine:
@@ -32,8 +33,9 @@ class Engine:
     leave between steps (`parscale.runtime.batch`).
     """
 
-    def __init__(self, session: ort.InferenceSession, info: GraphInfo, provider: str) -> None:
-        self.session, self.info = session, info
+    def __init__(self, session: ort.InferenceSession, info: GraphInfo, provider: str,
+                 rope_theta: float | None = None) -> None:
+        self.session, self.info, self.rope_theta = session, info, rope_theta
         self.device = "cuda" if provider == CUDA else "cpu"
         self.past_names = contract.past_names(info.num_layers)
         self.present_names = contract.present_names(info.num_layers)
@@ -111,6 +113,28 @@ class Engine:
         self.reserve(self.slots, max_tokens)
         for a, b in zip(self._host_cache, old, strict=True):
             a[:slots_used, :, :rows] = b[:slots_used, :, :rows]
+
+    @property
+    def shifts(self) -> bool:
+        """Whether slots' token rows can be moved to other columns (`shift`): a host cache, and the
+        rotary base the keys were turned with (config.json's rope_theta) known."""
+        return self.rearranges and self.rope_theta is not None
+
+    def shift(self, start: int, stop: int, by: int, tokens: int, first: int = 0) -> None:
+        """Move token columns first..first+tokens-1 of slots start..stop-1 `by` columns later (earlier if
+        negative), turning every key by RoPE(`by`), prefix rows included (`parscale.runtime.rotary`):
+        the cache the same tokens get behind `by` more (fewer) columns of left padding. Host cache only."""
+        assert self.shifts and self.info.prefix_rows is not None and self.rope_theta is not None
+        r = self.info.prefix_rows
+        src, dst = slice(r + first, r + first + tokens), slice(r + first + by, r + first + by + tokens)
+        for name, a in zip(self.past_names, self._host_cache, strict=True):
+            rows = a[start:stop]
+            if name.endswith(".key"):
+                moved = rotate(rows[:, :, src], by, self.rope_theta)
+                rows[:, :, :r] = rotate(rows[:, :, :r], by, self.rope_theta)
+            else:
+                moved = rows[:, :, src].copy()
+            rows[:, :, dst] = moved
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Run the graph on new tokens; returns last-position logits (batch, vocab), a view reused next step."""

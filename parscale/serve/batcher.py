@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from parscale.runtime import Model
 from parscale.runtime.batch import DRAIN, JOIN, DecodeBatch, Row, RowEvent, RowSpec
 from parscale.runtime.generate import GenerationResult
-from parscale.runtime.session import Engine
 
 log = logging.getLogger("parscale.serve")
 STATS = ("admitted", "joined_running", "steps", "tokens", "cancelled", "cancelled_waiting", "drains",
@@ -157,7 +156,7 @@ class Batcher:
         """Admit what fits into P's batch, then run one step of it."""
         batch = self._batches.get(P)
         if batch is None:
-            engine = Engine(self.model.session, self.model.info.at(P), self.model.provider)
+            engine = self.model.engine(self.model.info.at(P))
             batch = self._batches[P] = DecodeBatch(engine, slots=self.max_batch,
                                                    context_length=self.model.context_length)
         for t in self._running[P]:
@@ -174,7 +173,7 @@ class Batcher:
             if not running:
                 self._draining.discard(P)
             for t in list(waiting) if P not in self._draining else []:
-                verdict = batch.fits(t.spec, joining=len(joining))
+                verdict = batch.fits(t.spec, joining=[j.spec for j in joining])
                 if verdict == JOIN:
                     waiting.remove(t)
                     joining.append(t)
