@@ -180,25 +180,26 @@ def test_a_cache_moved_behind_padding_is_the_padded_prefills(models, P):  # noqa
 def test_with_moved_rows_any_prompt_joins_and_padding_stays_bounded(models):
     m = models[4]
     batch = DecodeBatch(engine(m, True), slots=3, context_length=m.context_length)
-    long_first = row(m, PROMPTS[3], 6, "a")  # 2 tokens: the batch is short when the long prompt arrives
-    batch.admit([long_first])
+    short_first = row(m, PROMPTS[3], 6, "a")  # 2 tokens: the batch is short when the long prompt arrives
+    batch.admit([short_first])
     batch.step()
     longer = row(m, PROMPTS[0], 12, "b")  # 9 tokens, longer than the batch: joins at once, the batch moves right
     assert batch.fits(longer.spec) == JOIN
     batch.admit([longer])
     assert batch.length == len(PROMPTS[0])
-    while long_first.reason is None:
+    long_prompt = row(m, list(range(3, 3 + PAD_FREE + 20)), 2, "c")  # leaves soon, the batch PAD_FREE+ long
+    batch.admit([long_prompt])
+    while long_prompt.reason is None or short_first.reason is None:
         batch.step()
-    for _ in range(3):
-        batch.step()
-    late = row(m, [7], 5, "c")  # one token behind a batch of 12+ columns
+    late = row(m, [7], 5, "d")  # one token, behind a batch of PAD_FREE+ columns
     assert batch.fits(late.spec) == JOIN
+    before = batch.length
     batch.admit([late])
-    # "a" has left: the batch is as long as its longest live row, not as long as it has run.
-    assert batch.length == len(PROMPTS[0]) + len(longer.generated) - 1
+    # "a" and "c" have left: the padding every row shared is dropped, the batch as long as its longest row.
+    assert batch.length == len(PROMPTS[0]) + len(longer.generated) - 1 < before - PAD_FREE
     while batch.live:
         batch.step()
-    for r in (long_first, longer, late):
+    for r in (short_first, longer, long_prompt, late):
         assert r.generated == alone(m, r).generated_ids, r.tag
     too_long = RowSpec(prompt=[1], max_new_tokens=m.context_length)
     batch.admit([row(m, PROMPTS[1], 50)])

@@ -44,9 +44,10 @@ from parscale.runtime.session import Engine
 from parscale.text import Tokenizer
 
 JOIN, WAIT, DRAIN = "join", "wait", "drain"  # what `DecodeBatch.fits` says of a row that would join
-# A joining row is prefilled over the batch's whole length. Up to this much left padding, or this many
-# times the steps the batch still needs at most, that beats waiting for the batch to end; beyond it
-# the batch takes no one until it has drained (and starts afresh, short).
+# Without moving cached rows (no rotary base known), a joining row is prefilled over the batch's whole
+# length. Up to this much left padding, or this many times the steps the batch still needs at most,
+# that beats waiting for the batch to end; beyond it the batch takes no one until it has drained (and
+# starts afresh, short). With moved rows, the batch drops padding all its rows share past PAD_FREE.
 PAD_FREE = 64
 PAD_PER_STEP = 4
 
@@ -299,12 +300,17 @@ class DecodeBatch:
         return int(self.positions[:len(self.rows)].max()) if self.rows else 0
 
     def _realign(self, longest: int) -> None:
-        """Make the batch as long as its longest row or `longest` (a joining prompt), whichever is more,
-        moving every row's cache: left when all rows share leading padding, right for a longer newcomer."""
-        n, target = len(self.rows), max(self._used(), longest)
-        by = target - self.length
-        if by == 0:
+        """Move every row's cache so that a joining prompt of `longest` tokens fits: right when it is longer
+        than the batch; left, dropping the padding all rows share, once that is PAD_FREE columns or more
+        (moving the whole cache costs a few milliseconds per row, so not at every join)."""
+        n, used = len(self.rows), self._used()
+        if longest > self.length:
+            by = longest - self.length
+        elif self.length - used >= PAD_FREE:
+            by = max(used, longest) - self.length
+        else:
             return
+        target = self.length + by
         if target > self.capacity:
             self._grow(max(target, 2 * self.capacity))
         first = max(0, -by)  # columns of common padding that drop on the left

@@ -17,9 +17,15 @@ import numpy as np
 
 def rotate(keys: np.ndarray, shift: int, theta: float) -> np.ndarray:
     """`keys` (..., rows, head_dim), each turned by RoPE(`shift`) with base `theta` (half-split halves);
-    a new array of the same dtype."""
+    a new array of the same dtype, computed in float32 (a float32 cache's own precision)."""
     d = keys.shape[-1]
+    h = d // 2
     angle = shift * theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # (d/2,)
-    cos, sin = np.cos(angle), np.sin(angle)
-    x1, x2 = keys[..., : d // 2].astype(np.float64), keys[..., d // 2:].astype(np.float64)
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(keys.dtype)
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    x = keys.astype(np.float32, copy=False)
+    out = np.empty(x.shape, dtype=np.float32)
+    np.multiply(x[..., :h], cos, out=out[..., :h])
+    out[..., :h] -= x[..., h:] * sin
+    np.multiply(x[..., h:], cos, out=out[..., h:])
+    out[..., h:] += x[..., :h] * sin
+    return out.astype(keys.dtype, copy=False)
