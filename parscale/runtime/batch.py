@@ -7,13 +7,14 @@ seed, stop strings and token budget (`RowSpec`).
 
 How a row joins a running batch: all rows of a batch hold the same number of token columns in the
 cache, because the graph takes one attention-mask length for the whole batch; left padding makes up
-the difference. A row that joins at length L is prefilled on its own (or with the others joining at
-that step), left-padded to L, straight into a free slot of the batch's cache buffers. Its prefix
-rows, which the graph writes on the first step according to the padding it sees in the attention
-mask, and its token rows are then exactly those it would have had had it been in the batch from the
-start, so it decodes with the others from the next step on. A row can therefore join only once its
-prompt is no longer than L, and a short prompt pays for a prefill of L positions: past a bound on
-that padding the batch drains instead (`fits`).
+the difference. On the CPU a joining row is prefilled alone, at its own length, into a free slot of
+the batch's cache buffers, and then moved behind the padding that aligns it with the batch
+(`Engine.shift`: the keys turned by RoPE of the move, `parscale.runtime.rotary`), which gives the
+cache a prefill behind that padding would have written, prefix rows included. A longer row moves
+the batch right instead, and padding every row shares is dropped once it reaches PAD_FREE columns.
+Without the rotary base (an export without config.json) the row is prefilled left-padded to the
+batch's length instead, so it joins only once its prompt is no longer than the batch, and past a
+bound on that padding the batch drains (`fits`).
 
 On the CPU a finished row's slot is freed at once (the last row's cache is moved into it), and the
 buffers grow when a joining row needs more tokens than they hold. A device cache (CUDA) is bound

@@ -3,9 +3,9 @@
 Requests wait in one queue per P. Before each decode step of a P's batch the worker admits the
 waiting requests that fit (`DecodeBatch.fits`): all of them when the batch is new, else those that
 can join the running batch at this step (continuous batching; `parscale.runtime.batch` says how a
-row joins). A request whose prompt is longer than the batch so far waits a few steps for it to grow;
-one that would cost too much padding, or would not fit the context, makes the batch drain: no one
-joins until it has ended, and that request starts the next one. Batches of different P take turns,
+row joins). A request that would not fit the context beside the running rows (or, on an export
+batched with padded prefills, would cost too much padding) makes the batch drain: no one joins until
+it has ended, and that request starts the next one. Batches of different P take turns,
 one step each. The worker hands every new token to its request's asyncio queue, on the request's
 event loop (`call_soon_threadsafe`); ONNX Runtime releases the GIL while a step runs, so the loop
 keeps serving meanwhile.
