@@ -1,6 +1,6 @@
 """Quantized exports (--int8 / --int4): graph rewriting, manifest, generation and fidelity.
 
-Tracing dominates the cost, so each checkpoint is traced once (module-scoped fixtures) and the
+Exporting dominates the cost, so each checkpoint is exported once (module-scoped fixtures) and the
 other schemes are applied to a copy of that float graph with `quantize_graph` directly.
 
 The mechanical check: with accuracy_level 0 a quantized graph must equal, to float32 rounding,
@@ -25,12 +25,13 @@ from typer.testing import CliRunner
 
 from parscale.cli import app
 from parscale.errors import ParScaleError
-from parscale.exporter import export as export_module
-from parscale.exporter import quant_math as qm
-from parscale.exporter.calibrate import LayerwiseHessians, sample_tokens
-from parscale.exporter.export import export
-from parscale.exporter.quantize import QuantScheme, default_scheme, quantize_graph
-from parscale.exporter.validate import compare
+from parscale.exporter import pipeline as export_module
+from parscale.exporter.pipeline import export
+from parscale.exporter.quant import math as qm
+from parscale.exporter.quant.calibrate import LayerwiseHessians, sample_tokens
+from parscale.exporter.quant.policy import QuantScheme, default_scheme
+from parscale.exporter.quant.rewrite import quantize_graph
+from parscale.exporter.torch_reference import compare
 from parscale.fidelity import compare_exports
 from parscale.graph import open_session
 from parscale.manifest import MANIFEST, MODEL_FILE, Manifest

@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from parscale import contract
 from parscale.errors import ParScaleError
-from parscale.exporter.builder import EMBED_WEIGHT, MS_DOMAIN, QUANT_KEY, GraphBuilder
+from parscale.exporter.graph.builder import EMBED_WEIGHT, MS_DOMAIN, QUANT_KEY, GraphBuilder
 from parscale.modeling.model import ParScaleForCausalLM, rope_cos_sin
 
 ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
