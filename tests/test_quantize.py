@@ -410,7 +410,7 @@ def test_compare_runs_without_torch(int4_tied) -> None:
 
     code = textwrap.dedent(f"""
         import importlib.abc, json, sys
-        BLOCKED = ("torch", "onnx", "onnxscript", "safetensors", "transformers")
+        BLOCKED = ("torch", "onnx", "safetensors", "transformers")
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
                 if name.split(".")[0] in BLOCKED:
