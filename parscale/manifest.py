@@ -104,7 +104,7 @@ class Manifest:
     io: dict[str, Any]  # the graph's input and output names and axes (parscale.contract)
     source: dict[str, Any]  # the checkpoint's folder name and sha256
     tool: dict[str, Any]
-    quantization: dict[str, Any] | None = None  # exporter.quantize.QuantReport.to_dict()
+    quantization: dict[str, Any] | None = None  # exporter.quant.policy.QuantReport.to_dict()
     validation: dict[str, Any] | None = None  # what the export measured against PyTorch and the float graph
     web: dict[str, Any] | None = None  # whether the in-browser page can run it (exporter/browser.py)
     files: dict[str, FileEntry] = field(default_factory=dict)

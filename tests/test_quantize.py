@@ -174,9 +174,9 @@ def test_quantized_graph_equals_module_with_its_weights(
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_round_to_nearest_codes_are_quant_math_codes(bits: int, checkpoints: dict[str, Path],
-                                                     float_exports: dict[str, Path], tmp_path: Path) -> None:
-    """The graph holds exactly quant_math's codes (clip search at 4 bits) for the checkpoint's weights."""
+def test_round_to_nearest_codes_are_the_math_codes(bits: int, checkpoints: dict[str, Path],
+                                                   float_exports: dict[str, Path], tmp_path: Path) -> None:
+    """The graph holds exactly quant/math.py's codes (clip search at 4 bits) for the checkpoint's weights."""
     _, proto, _ = quantize_copy(float_exports["untied"], tmp_path / "q", QuantScheme(bits=bits))
     _, model = load_model(checkpoints["untied"], torch.float32)
     for name, w in graph_weights(proto).items():
@@ -305,7 +305,7 @@ def test_the_int8_default_graph_equals_module_with_its_weights_and_row_quantized
     which: str, checkpoints: dict[str, Path], float_exports: dict[str, Path], tmp_path: Path,
 ) -> None:
     """The int8 default (MatMulIntegerToFloat for gate/up): the graph equals the module carrying its
-    weights whose gate/up inputs are quantized per row as `quant_math.activation_codes` says (the other
+    weights whose gate/up inputs are quantized per row as `quant.math.activation_codes` says (the other
     projections at accuracy_level 0, float activations, so that the gate/up rounding is all there is)."""
     assert default_scheme(8).kernel == "MatMulIntegerToFloat"
     scheme = default_scheme(8, accuracy_level=0)

@@ -289,7 +289,7 @@ def _build(job: _Job, float_dir: Path, metadata: dict[str, str], streams: list[S
     models = {p: m for p, (_, m) in load_streams(streams, torch.float32).items()}
     job.stage("writing the ONNX graph")
     float_dir.mkdir(exist_ok=True)
-    build_decoder(models if len(models) > 1 else next(iter(models.values())), float_dir, dtype=job.dtype.torch,
+    build_decoder(models, float_dir, dtype=job.dtype.torch,
                   opset=job.opset, external_threshold=job.external_data_threshold, metadata=metadata)
     if not (job.validate or job.gptq):  # the float32 modules are the references and calibrate GPTQ
         _release(models)

@@ -54,17 +54,16 @@ def check_supported(head_dim: int) -> None:
 
 
 def build_decoder(
-    model: ParScaleForCausalLM | dict[int, ParScaleForCausalLM], folder: Path, *, dtype: torch.dtype, opset: int,
+    models: dict[int, ParScaleForCausalLM], folder: Path, *, dtype: torch.dtype, opset: int,
     external_threshold: int, metadata: dict[str, str] | None = None, attention: type[Attention] = Attention,
 ) -> int:
-    """Write the fused graph of `model` to `folder/model.onnx` (+ data); returns its weight bytes.
+    """Write the fused graph of `models` (P -> module) to `folder/model.onnx` (+ data); returns its weight bytes.
 
-    `model` may be a dict P -> module over one shared backbone: one graph then serves every P.
+    Several P share one backbone: one graph then serves every P.
     Weights are converted to `dtype` one tensor at a time. MatMuls that quantization may replace
     carry `QUANT_KEY` metadata naming the weight and the calibration statistics it reads.
     `attention`: the class that writes each layer's attention (`attention.py`).
     """
-    models = model if isinstance(model, dict) else {model.cfg.P: model}
     check_supported(next(iter(models.values())).cfg.head_dim)
     decoder = Decoder(models, GraphBuilder(folder), dtype, attention)
     decoder.build()
