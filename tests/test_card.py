@@ -81,7 +81,7 @@ def test_card_templates_ship_with_the_package():
     setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
     globs = setuptools["package-data"]["parscale"]
     templates = [p.relative_to(root / "parscale").as_posix()
-                 for p in (root / "parscale" / "exporter" / TEMPLATE_DIR).iterdir() if p.is_file()]
+                 for p in (root / "parscale" / "exporter" / "files" / TEMPLATE_DIR).iterdir() if p.is_file()]
     assert len(templates) >= 8
     assert [t for t in templates if not any(fnmatch(t, g) for g in globs)] == []
 
