@@ -56,7 +56,7 @@ def sh(cmd: list[str], log: Path | None = None) -> subprocess.CompletedProcess:
 
 def prepare(work: Path, preset: str, provider: str) -> tuple[dict[str, Path], dict[str, Path], list[str]]:
     """Checkpoints, our exports and genai's builds (cached in `work`); returns them and any notes."""
-    from parscale.modeling.init import init_heads
+    from parscale.modeling.random_init import init_heads
 
     notes: list[str] = []
     ckpt, ckpt1 = work / "ckpt_p8", work / "ckpt_p1"

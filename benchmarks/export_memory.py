@@ -26,9 +26,9 @@ from pathlib import Path
 
 from parscale.config import ParScaleConfig
 from parscale.exporter.budget import param_count, plan
-from parscale.exporter.quantize import default_scheme
+from parscale.exporter.quant.policy import default_scheme
 from parscale.modeling.heads import head_sets
-from parscale.modeling.init import init_heads
+from parscale.modeling.random_init import init_heads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = {"0.5b": "qwen2.5-0.5b", "1.5b": "qwen2.5-1.5b", "3b": "qwen2.5-3b"}

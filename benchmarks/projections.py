@@ -31,10 +31,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.common import commit
-from parscale.exporter import quant_math as qm
+from parscale.exporter.graph.builder import MS_DOMAIN
+from parscale.exporter.quant import math as qm
 from parscale.graph import session_options
 
-MS = "com.microsoft"
 LAYER = (("qkv", 896, 1152), ("o", 896, 896), ("gate_up", 896, 9728), ("down", 4864, 896))
 LM_HEAD = (("lm_head", 896, 151936),)
 
@@ -63,18 +63,18 @@ def projection(g: _Graph, x: str, k: int, n: int, kind: str, seed: int) -> str:
         bits = 8 if kind == "nbits8" else 4
         bq = qm.quantize_blockwise(w, bits, 32, symmetric=False)
         return g.op("MatMulNBits", x, g.const(qm.packed_weight(bq)), g.const(bq.scales),
-                    g.const(qm.packed_zero_points(bq)), domain=MS, K=k, N=n, bits=bits, block_size=32,
+                    g.const(qm.packed_zero_points(bq)), domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=32,
                     accuracy_level=4)
     scale = np.abs(w).max(1) / 127  # per output channel
     codes = np.round(w / scale[:, None]).astype(np.int8).T.copy()  # (K, N)
     if kind == "dqmm8":
-        return g.op("DynamicQuantizeMatMul", x, g.const(codes), g.const(scale.astype(np.float32)), domain=MS)
+        return g.op("DynamicQuantizeMatMul", x, g.const(codes), g.const(scale.astype(np.float32)), domain=MS_DOMAIN)
     # Per row: amax (.., 1); codes round(127 x / amax) + 128; the 1/127 folded into the weight scales.
     amax = g.op("ReduceMax", g.op("Abs", x), g.const(np.array([-1], np.int64)), keepdims=1)
     xq = g.op("QuantizeLinear", g.op("Div", x, amax), g.const(np.array(1 / 127, np.float32)),
               g.const(np.array(128, np.uint8)))
     return g.op("MatMulIntegerToFloat", xq, g.const(codes), amax, g.const((scale / 127).astype(np.float32)),
-                g.const(np.array(128, np.uint8)), domain=MS)
+                g.const(np.array(128, np.uint8)), domain=MS_DOMAIN)
 
 
 def build(kind: str, layers: int, lm_head: bool) -> bytes:
@@ -89,7 +89,7 @@ def build(kind: str, layers: int, lm_head: bool) -> bytes:
     k0 = shapes[0][1]
     graph = helper.make_graph(g.nodes, kind, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "M", k0])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS_DOMAIN, 1)])
     return model.SerializeToString()
 
 

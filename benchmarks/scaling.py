@@ -10,7 +10,7 @@ ParScale (Chen et al. 2025, arXiv 2505.10475) fits, in Section 3.2 (Equation 5),
 
 so P streams on N parameters reach the loss of a dense model with N (k ln P + 1) parameters. This
 script builds, for one backbone, random checkpoints at P = 1, 2, 4, 8 and the dense (P=1) models
-the law says match each P (same code path, `parscale.modeling.init`), exports every one with
+the law says match each P (same code path, `parscale.modeling.random_init`), exports every one with
 `parscale export` (int8; int4 by round-to-nearest, whose bytes and graph are those of the GPTQ
 default), and measures each export in its own process with our runtime, interleaved over
 `--rounds` rounds: decode ms/step and prefill tokens/s at batch 1 and 4, the latency of the whole
@@ -242,7 +242,7 @@ def internal(cmd: str, argv: list[str]) -> None:
     ip.add_argument("--prefix", type=int, default=48)
     ip.add_argument("--overrides", default="{}")
     a = ip.parse_args(argv)
-    from parscale.modeling.init import init_checkpoint
+    from parscale.modeling.random_init import init_checkpoint
 
     init_checkpoint(a.out, P=a.P, preset=a.base, prefix=a.prefix, overrides=json.loads(a.overrides), force=True)
     print(f"wrote {a.out}")

@@ -198,7 +198,7 @@ def _paper_overrides(label: str) -> tuple[tuple[str, Any], ...]:
 
 
 def _qwen_listed() -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
-    from parscale.modeling.init import PRESETS
+    from parscale.modeling.random_init import PRESETS
 
     return tuple((f"Qwen2.5-{name.split('-')[1].upper()} shape", tuple(PRESETS[name].items()))
                  for name in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b"))
@@ -220,8 +220,8 @@ PRESETS = ("tiny", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", *(f"paper-{s.lo
 
 
 def config_for(family: Family, P: int, overrides: dict[str, Any] | None = None, prefix: int = 48) -> dict[str, Any]:  # noqa: N803
-    """The config.json dict `parscale.modeling.init` writes for this shape."""
-    from parscale.modeling.init import make_config
+    """The config.json dict `parscale.modeling.random_init` writes for this shape."""
+    from parscale.modeling.random_init import make_config
 
     return make_config(family.base, P=P, prefix=prefix, **{**dict(family.backbone), **(overrides or {})})
 

@@ -57,7 +57,7 @@ TARGET = 2.5  # 4 clients' tokens/s over 1 client's, at P=1
 def prepare(work: Path, preset: str, kind: str, streams: list[int]) -> tuple[Path, list[dict]]:
     """The multi-P export (made once); the export_memory records of what was made now."""
     from parscale.modeling.heads import head_sets
-    from parscale.modeling.init import init_heads
+    from parscale.modeling.random_init import init_heads
 
     work.mkdir(parents=True, exist_ok=True)
     if preset != "tiny":

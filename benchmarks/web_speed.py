@@ -43,8 +43,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 def make_exports(work: Path) -> dict[str, Path]:
     """The embedded model's int8 multi-P export and its single P=4 exports, int8 and fp32 (made once)."""
-    from parscale.exporter.export import export
-    from parscale.exporter.quantize import default_scheme
+    from parscale.exporter.pipeline import export
+    from parscale.exporter.quant.policy import default_scheme
 
     made = {}
     for name, P, quantize in (("multi-int8", [1, 2, 4, 8], default_scheme(8)), ("p4-int8", 4, default_scheme(8)),

@@ -100,7 +100,7 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
 ) -> None:
     """Write a random checkpoint in the published ParScale layout (for demos, tests, benchmarks)."""
-    from parscale.modeling.init import init_checkpoint
+    from parscale.modeling.random_init import init_checkpoint
 
     path = init_checkpoint(out_dir, P=P, preset=preset, prefix=prefix, seed=seed, dtype=dtype,
                            shards=shards, force=force)
@@ -148,9 +148,10 @@ def export(
     """Export a ParScale checkpoint to ONNX with KV-cache inputs/outputs, validated on CPU."""
     import tempfile
 
-    from parscale.exporter.export import Dtype
-    from parscale.exporter.export import export as run_export
-    from parscale.exporter.quantize import default_scheme
+    from parscale.config import Streams
+    from parscale.exporter.pipeline import Dtype
+    from parscale.exporter.pipeline import export as run_export
+    from parscale.exporter.quant.policy import default_scheme
 
     if dtype not in Dtype.__members__:
         raise ParScaleError(f"--dtype must be one of {', '.join(Dtype.__members__)}, got {dtype!r}")
@@ -170,9 +171,8 @@ def export(
             from parscale.train.corpus import write_held_out
 
             eval_text = write_held_out(Path(tmp) / "held_out.txt")
-        streams = _parse_streams(P) if P is not None else None
-        one = streams[0] if streams and len(streams) == 1 else streams
-        result = run_export(model or [DEFAULT_MODEL], output, P=one, dtype=Dtype(dtype), opset=opset, force=force,
+        streams = Streams.parse(P) if P is not None else None
+        result = run_export(model or [DEFAULT_MODEL], output, P=streams, dtype=Dtype(dtype), opset=opset, force=force,
                             validate=not no_validate, quantize=scheme, eval_text=eval_text,
                             calibration_text=calibration_text, ort_format=ort_format,
                             check_memory=not force_memory, log=_stage_printer(verbose))

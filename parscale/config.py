@@ -175,10 +175,6 @@ class ParScaleConfig:
         """KV heads as a runtime sees them: the P streams appear as extra heads."""
         return self.parscale_n * self.num_key_value_heads
 
-    def eos_ids(self) -> list[int]:
-        e = self.eos_token_id
-        return [] if e is None else [e] if isinstance(e, int) else list(e)
-
 
 _STREAMS_TEXT = re.compile(r"[0-9]+(,[0-9]+)*")
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from parscale.args import check_threads, check_window
-from parscale.config import ParScaleConfig
+from parscale.config import ParScaleConfig, Streams
 from parscale.errors import ParScaleError
 from parscale.scoring import NllFn, plan_windows, score_windows, token_nll
 from parscale.text import check_tokenizer_fits, document_ids, folder_tokenizer, read_text
@@ -80,13 +80,13 @@ def eval_checkpoint(
     """
     import torch
 
-    from parscale.modeling.heads import Stream, load_streams, resolve_streams
+    from parscale.modeling.heads import load_streams, resolve_streams
 
     model_dir = Path(model_dir)
     cfg, ids, n_bytes = _prepare(model_dir, text_path, max_tokens)
     _check_window(cfg, window)
-    stream = resolve_streams([model_dir], P)[0]
-    _, model = load_streams([Stream(model_dir, stream.P)], torch.float32)[stream.P]
+    stream = resolve_streams([model_dir], None if P is None else Streams.parse(P))[0]
+    _, model = load_streams([stream], torch.float32)[stream.P]
     total, count = score_windows(torch_nll_fn(model), ids, plan_windows(len(ids), window, stride), batch_size)
     return _result(total, count, n_bytes, window, stride, stream.P)
 

@@ -25,11 +25,25 @@ FORMAT = "parscale-export"
 FORMAT_VERSION = 4
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
+def feed_file(digest: Any, path: str | Path, start: int = 0, length: int | None = None) -> int:
+    """Feed `length` bytes of `path` from `start` (None: to its end) to a hashlib `digest`, 16 MiB at a
+    time: the one loop that hashes files. Returns the bytes fed (fewer than `length`: the file is short)."""
+    fed = 0
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
+        f.seek(start)
+        while length is None or fed < length:
+            chunk = f.read(1 << 24 if length is None else min(length - fed, 1 << 24))
+            if not chunk:
+                break
             digest.update(chunk)
+            fed += len(chunk)
+    return fed
+
+
+def file_digest(path: str | Path) -> str:
+    """The sha256 of a file, as hex."""
+    digest = hashlib.sha256()
+    feed_file(digest, path)
     return digest.hexdigest()
 
 
@@ -90,7 +104,7 @@ class Manifest:
     io: dict[str, Any]  # the graph's input and output names and axes (parscale.contract)
     source: dict[str, Any]  # the checkpoint's folder name and sha256
     tool: dict[str, Any]
-    quantization: dict[str, Any] | None = None  # exporter.quantize.QuantReport.to_dict()
+    quantization: dict[str, Any] | None = None  # exporter.quant.policy.QuantReport.to_dict()
     validation: dict[str, Any] | None = None  # what the export measured against PyTorch and the float graph
     web: dict[str, Any] | None = None  # whether the in-browser page can run it (exporter/browser.py)
     files: dict[str, FileEntry] = field(default_factory=dict)
@@ -270,7 +284,7 @@ def check_files(folder: str | Path, manifest: Manifest, *, checksums: bool = Tru
 
 
 # What parscale may read from an export folder besides the graph: the configs and tokenizer files
-# the exporter copies (exporter/folder.py SOURCE_FILES) and the chat template formats we know of.
+# the exporter copies (exporter/files/sources.py SOURCE_FILES) and the chat template formats we know of.
 # Each is read only when the manifest lists it (`listed_file`); one present but unlisted is refused.
 READ_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -80,25 +81,45 @@ class IncrementalDecoder:
         return rest
 
 
-def load_eos_ids(folder: Path, vocab_size: int) -> list[int]:
-    """EOS ids from generation_config.json (as transformers does), else config.json; in-vocabulary only."""
+def load_eos_ids(folder: str | Path, vocab_size: int | None = None, *,
+                 config: ParScaleConfig | None = None) -> list[int]:
+    """The EOS ids of a checkpoint or export folder: the one reader of them.
+
+    From generation_config.json (preferred, as transformers does), else config.json; an export's
+    files are read as its manifest lists them (`listed_file`). `config`: the folder's config.json
+    already loaded, read instead of the file. `vocab_size`: keep only the ids inside the vocabulary
+    (a runtime cannot emit the others). A file that is not a JSON object, or an eos_token_id that is
+    not a token id or a list of them, is refused naming the file.
+    """
     from parscale.manifest import listed_file
 
+    folder = Path(folder)
+    # Both looked up first: an export's file present but unlisted (or altered) is refused either way.
+    generation, config_file = (listed_file(folder, name) for name in ("generation_config.json", "config.json"))
     ids: Any = None
-    paths = [listed_file(folder, name) for name in ("generation_config.json", "config.json")]  # as listed
-    for path in paths:
-        if path is None:
-            continue
-        try:
-            ids = json.loads(path.read_text()).get("eos_token_id")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise ParScaleError(f"{path} is not a valid JSON object") from None
-        if ids is not None:
-            break
+    where = folder / "config.json"
+    if generation is not None:
+        ids, where = _json_object(generation).get("eos_token_id"), generation
+    if ids is None and config is not None:
+        ids = config.eos_token_id
+    elif ids is None and config_file is not None:
+        ids = _json_object(config_file).get("eos_token_id")
     if ids is None:
         return []
-    ids = [ids] if isinstance(ids, int) else list(ids)
-    return [int(i) for i in ids if isinstance(i, int) and 0 <= i < vocab_size]
+    ids = ids if isinstance(ids, list) else [ids]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ParScaleError(f"{where}: eos_token_id must be a token id or a list of them, got {ids!r}")
+    return [i for i in ids if vocab_size is None or i < vocab_size]
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise ParScaleError(f"{path} is not a valid JSON object")
+    return data
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, where: str | Path) -> Tokenizer:

@@ -58,6 +58,6 @@ def default_int8_export(tiny: TinyFactory) -> Path:
     """The embedded default model exported at P = 1, 2, 4 and 8 in one int8 folder (as `make demo` does,
     without validation): what `parscale serve` tests run against."""
     from parscale.cli import DEFAULT_MODEL
-    from parscale.exporter.quantize import default_scheme
+    from parscale.exporter.quant.policy import default_scheme
 
     return tiny.export(DEFAULT_MODEL, P=[1, 2, 4, 8], quantize=default_scheme(8, method="rtn"), validate=False)

@@ -51,7 +51,7 @@ class TinyFactory:
                    dtype: str = "float32", tokenizer: bool = False, tokenizer_config: bool = False) -> Path:
         """A random `tiny`-preset checkpoint; `tokenizer`: with a byte-level tokenizer.json (512 ids),
         `tokenizer_config`: and the tokenizer_config.json a published checkpoint has."""
-        from parscale.modeling.init import init_checkpoint
+        from parscale.modeling.random_init import init_checkpoint
 
         key = ("ckpt", P, prefix, seed, tied, dtype, tokenizer, tokenizer_config)
         if key not in self._made:
@@ -68,8 +68,8 @@ class TinyFactory:
         return self._made[key]
 
     def export(self, ckpt: Path, **options: Any) -> Path:
-        """`parscale.exporter.export.export(ckpt, ...)` of a factory checkpoint, with `options`."""
-        from parscale.exporter.export import export
+        """`parscale.exporter.pipeline.export(ckpt, ...)` of a factory checkpoint, with `options`."""
+        from parscale.exporter.pipeline import export
 
         key = ("export", ckpt, *sorted((k, repr(v)) for k, v in options.items()))
         if key not in self._made:
@@ -82,7 +82,7 @@ def without_tokenizer(export: Path, dest: Path) -> Path:
     import json
     import shutil
 
-    from parscale.exporter.card import CARD, write_card
+    from parscale.exporter.files.card import CARD, write_card
     from parscale.manifest import MANIFEST, Manifest, describe_files
 
     shutil.copytree(export, dest)

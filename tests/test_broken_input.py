@@ -128,7 +128,7 @@ def test_force_refuses_a_folder_of_user_files(tmp_path, good_checkpoint):
 
 def test_failed_validation_leaves_nothing(tmp_path, good_checkpoint, monkeypatch):
     """A failure after the graph was written (here: validation) removes the partial folder."""
-    import parscale.exporter.export as export_mod
+    import parscale.exporter.pipeline as export_mod
     from parscale.errors import ParScaleError
 
     monkeypatch.setitem(export_mod.TOLERANCE, export_mod.Dtype.fp32, -1.0)  # nothing can pass

@@ -84,8 +84,8 @@ class Page:
 @pytest.fixture(scope="module")
 def multi_export(tmp_path_factory) -> Path:
     """The embedded default model's int8 multi-P export: `parscale export --P 1,2,4,8 --int8` (as `make demo`)."""
-    from parscale.exporter.export import export
-    from parscale.exporter.quantize import default_scheme
+    from parscale.exporter.pipeline import export
+    from parscale.exporter.quant.policy import default_scheme
 
     if not (DEFAULT_MODEL / "model.safetensors").is_file():
         pytest.skip(f"the embedded default model is not in {DEFAULT_MODEL}")
@@ -218,7 +218,7 @@ def test_every_kind_of_export_runs_in_the_browser(browser, tiny, variant):
     """fp32, fp16, int4 and int8 (weights in model.onnx.data) exports: our greedy tokens on WASM.
 
     Together with the multi-P int8 export above they hold every operator of BROWSER_OPERATORS."""
-    from parscale.exporter.quantize import default_scheme
+    from parscale.exporter.quant.policy import default_scheme
     from parscale.runtime import Model
 
     options = {"fp32": {}, "fp16": {"dtype": "fp16"}, "int4": {"quantize": default_scheme(4, method="rtn")},
@@ -237,7 +237,7 @@ def test_every_kind_of_export_runs_in_the_browser(browser, tiny, variant):
 
 def test_the_operator_list_is_what_the_browser_tests_run(multi_export, tiny):
     """BROWSER_OPERATORS holds exactly the operators of the exports run above: no operator is listed unrun."""
-    from parscale.exporter.quantize import default_scheme
+    from parscale.exporter.quant.policy import default_scheme
 
     ckpt = tiny.checkpoint(P=2, seed=7, tokenizer=True, tied=True)
     variants = [{}, {"dtype": "fp16"}, {"quantize": default_scheme(4, method="rtn")},

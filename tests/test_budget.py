@@ -10,8 +10,8 @@ import pytest
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.exporter import budget
-from parscale.exporter.quantize import default_scheme
-from parscale.modeling.init import make_config
+from parscale.exporter.quant.policy import default_scheme
+from parscale.modeling.random_init import make_config
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

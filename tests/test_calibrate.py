@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from parscale.exporter.calibrate import calibration_tokens, sampling_dtype
+from parscale.exporter.quant.calibrate import calibration_tokens, sampling_dtype
 from parscale.modeling.checkpoint import stored_dtype
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from runtime_helpers import without_tokenizer
 
-from parscale.exporter.card import CARD, NEW_TOKENS, PROMPT, PROMPT_IDS, model_card
-from parscale.exporter.templates import TEMPLATE_DIR
+from parscale.exporter.files.card import CARD, NEW_TOKENS, PROMPT, PROMPT_IDS, model_card
+from parscale.exporter.files.templates import TEMPLATE_DIR
 from parscale.manifest import Manifest
 
 pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
@@ -38,8 +38,8 @@ def carded_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkpoints have) and --ort-format, so that every section of the card is present."""
     from runtime_helpers import byte_level_tokenizer
 
-    from parscale.exporter.export import export
-    from parscale.modeling.init import init_checkpoint
+    from parscale.exporter.pipeline import export
+    from parscale.modeling.random_init import init_checkpoint
 
     root = tmp_path_factory.mktemp("card")
     ckpt = init_checkpoint(root / "ckpt", P=2, preset="tiny", prefix=4, dtype="float32", seed=11)
@@ -81,7 +81,7 @@ def test_card_templates_ship_with_the_package():
     setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
     globs = setuptools["package-data"]["parscale"]
     templates = [p.relative_to(root / "parscale").as_posix()
-                 for p in (root / "parscale" / "exporter" / TEMPLATE_DIR).iterdir() if p.is_file()]
+                 for p in (root / "parscale" / "exporter" / "files" / TEMPLATE_DIR).iterdir() if p.is_file()]
     assert len(templates) >= 8
     assert [t for t in templates if not any(fnmatch(t, g) for g in globs)] == []
 

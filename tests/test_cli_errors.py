@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from parscale.modeling.init import make_config
+from parscale.modeling.random_init import make_config
 
 pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
 INJECT = """
 import sys
-import parscale.exporter.checks as checks_module
-import parscale.exporter.export as export_module
+import parscale.exporter.export_checks as checks_module
+import parscale.exporter.pipeline as export_module
 from parscale.cli import main
 
 def boom(*args, **kwargs):
@@ -47,7 +47,7 @@ def run(target: str, *args: str) -> subprocess.CompletedProcess:
     ("build_decoder", "writing the ONNX graph"),
     ("quantize_graph", "quantizing"),
     ("check_graph", "validating on CPU against PyTorch"),
-    ("write_extras", "writing files for other runtimes and the model card"),
+    ("write_runtime_files_and_card", "writing files for other runtimes and the model card"),
 ])
 def test_unexpected_failure_is_one_line_naming_the_stage(target: str, stage: str, ckpt: Path, tmp_path: Path) -> None:
     r = run(target, "export", str(ckpt), "-o", str(tmp_path / "out"), "--int8")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from parscale.cli import DEFAULT_MODEL
 from parscale.config import MAX_CONTEXT, ParScaleConfig
 from parscale.errors import ParScaleError
-from parscale.exporter.export import export
+from parscale.exporter.pipeline import export
 from parscale.runtime import Model
 
 BASE = json.loads((DEFAULT_MODEL / "config.json").read_text())
@@ -165,7 +165,7 @@ def test_folders_exported_together_must_agree_on_their_shared_files(tmp_path, ed
 @settings(max_examples=3, deadline=None)
 @given(indent=st.sampled_from([None, 1, 4]))
 def test_agreeing_folders_pass_the_check_whatever_their_json_formatting(tmp_path_factory, indent):
-    from parscale.exporter.folder import check_sources
+    from parscale.exporter.files.sources import check_sources
 
     other = _p2_folder(tmp_path_factory.mktemp("agree") / "p2")
     config = json.loads((other / "generation_config.json").read_text())

@@ -13,12 +13,12 @@ from runtime_helpers import greedy_graph
 
 from parscale import contract
 from parscale.config import ParScaleConfig
-from parscale.exporter.export import Dtype, export
-from parscale.exporter.validate import compare
+from parscale.exporter.pipeline import Dtype, export
+from parscale.exporter.torch_reference import compare
 from parscale.graph import GraphInfo, open_session, step
 from parscale.manifest import MANIFEST, Manifest
 from parscale.modeling.checkpoint import load_model, save_checkpoint
-from parscale.modeling.init import make_config, random_model
+from parscale.modeling.random_init import make_config, random_model
 
 pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
@@ -128,6 +128,6 @@ def test_module_keeps_last_logits():
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         full, _ = module(ids)
-        last, _ = module(ids, num_logits_to_keep=torch.tensor(1))
+        last, _ = module(ids, num_logits_to_keep=1)
     assert last.shape == (1, 1, d["vocab_size"])
     torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=0)

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parscale.exporter.export import Dtype, export
-from parscale.exporter.quantize import QuantScheme, default_scheme
+from parscale.exporter.pipeline import Dtype, export
+from parscale.exporter.quant.policy import QuantScheme, default_scheme
 from parscale.graph import GraphInfo, open_session, step
 from parscale.manifest import EXTERNAL_DATA, MODEL_FILE, Manifest, check_files
-from parscale.modeling.init import init_checkpoint
+from parscale.modeling.random_init import init_checkpoint
 from parscale.runtime import Model
 
 PROMPT = [3, 17, 250, 9, 41]

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from runtime_helpers import greedy_graph
 
-from parscale.exporter.mobile import ORT_MODEL, ORT_OPERATORS, operators
+from parscale.exporter.files.mobile import ORT_MODEL, ORT_OPERATORS, operators
 from parscale.graph import open_session
 from parscale.manifest import MODEL_FILE, Manifest
 
@@ -27,7 +27,7 @@ def greedy(session: ort.InferenceSession, prompts: list[list[int]], n: int) -> l
 @pytest.fixture(scope="module")
 def int8_ort_export(tiny) -> Path:
     """A tiny P=2 int8 export with --ort-format: MatMulNBits and GatherBlockQuantized in ORT format."""
-    from parscale.exporter.quantize import default_scheme
+    from parscale.exporter.quant.policy import default_scheme
 
     return tiny.export(tiny.checkpoint(P=2, prefix=4, seed=5), P=2, validate=False, quantize=default_scheme(8),
                        ort_format=True)

@@ -27,7 +27,7 @@ from reference_numpy import load_checkpoint, reference_greedy, reference_logits
 
 from parscale.config import ParScaleConfig
 from parscale.modeling.checkpoint import load_model, save_checkpoint
-from parscale.modeling.init import PRESETS, init_checkpoint, make_config, random_model
+from parscale.modeling.random_init import PRESETS, init_checkpoint, make_config, random_model
 
 ATOL_GOLDEN = 1e-3  # golden logits were computed in float32 by another implementation
 ATOL = 1e-4  # float32 PyTorch against the float64 reference

@@ -88,7 +88,7 @@ def steady(stdout: str) -> list[str]:
 @pytest.fixture(scope="module")
 def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Done, Done]:
     """One checkpoint exported by each command into a folder of the same name (the card names it)."""
-    from parscale.modeling.init import init_checkpoint
+    from parscale.modeling.random_init import init_checkpoint
 
     root = tmp_path_factory.mktemp("optimum")
     ckpt = init_checkpoint(root / "ckpt", P=2, preset="tiny", prefix=4, dtype="float32", seed=2)
@@ -116,7 +116,7 @@ def test_optimum_cli_export_equals_parscale_export(both):
 @pytest.mark.parametrize("extra", [["--P", "3"], ["--int8", "--int4"]], ids=str)
 def test_same_errors(tmp_path, extra):
     """The same one-line error and exit code, and no output folder, from either command."""
-    from parscale.modeling.init import init_checkpoint
+    from parscale.modeling.random_init import init_checkpoint
 
     ckpt = init_checkpoint(tmp_path / "ckpt", P=2, preset="tiny", prefix=4, dtype="float32")
     ours = run(tool("parscale"), "export", str(ckpt), "-o", "out", *extra, cwd=tmp_path)

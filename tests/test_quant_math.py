@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from parscale.exporter import quant_math as qm
+from parscale.exporter.quant import math as qm
 
 
 def _matrix(n: int = 48, k: int = 100, seed: int = 0) -> np.ndarray:
@@ -239,7 +239,8 @@ def test_the_integer_gemm_nodes_compute_the_per_row_emulation() -> None:
     an all-zero input row gives zero (not NaN), and the output is x @ W within the two roundings."""
     import onnx
 
-    from parscale.exporter.quantize import QuantReport, QuantScheme, _matmul_integer
+    from parscale.exporter.quant.policy import QuantReport, QuantScheme
+    from parscale.exporter.quant.rewrite import _matmul_integer
 
     n, k = 40, 96
     w = _matrix(n, k, seed=7)

@@ -1,6 +1,6 @@
 """Quantized exports (--int8 / --int4): graph rewriting, manifest, generation and fidelity.
 
-Tracing dominates the cost, so each checkpoint is traced once (module-scoped fixtures) and the
+Exporting dominates the cost, so each checkpoint is exported once (module-scoped fixtures) and the
 other schemes are applied to a copy of that float graph with `quantize_graph` directly.
 
 The mechanical check: with accuracy_level 0 a quantized graph must equal, to float32 rounding,
@@ -25,12 +25,13 @@ from typer.testing import CliRunner
 
 from parscale.cli import app
 from parscale.errors import ParScaleError
-from parscale.exporter import export as export_module
-from parscale.exporter import quant_math as qm
-from parscale.exporter.calibrate import LayerwiseHessians, sample_tokens
-from parscale.exporter.export import export
-from parscale.exporter.quantize import QuantScheme, default_scheme, quantize_graph
-from parscale.exporter.validate import compare
+from parscale.exporter import pipeline as export_module
+from parscale.exporter.pipeline import export
+from parscale.exporter.quant import math as qm
+from parscale.exporter.quant.calibrate import LayerwiseHessians, sample_tokens
+from parscale.exporter.quant.policy import QuantScheme, default_scheme
+from parscale.exporter.quant.rewrite import quantize_graph
+from parscale.exporter.torch_reference import compare
 from parscale.fidelity import compare_exports
 from parscale.graph import open_session
 from parscale.manifest import MANIFEST, MODEL_FILE, Manifest
@@ -173,9 +174,9 @@ def test_quantized_graph_equals_module_with_its_weights(
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_round_to_nearest_codes_are_quant_math_codes(bits: int, checkpoints: dict[str, Path],
-                                                     float_exports: dict[str, Path], tmp_path: Path) -> None:
-    """The graph holds exactly quant_math's codes (clip search at 4 bits) for the checkpoint's weights."""
+def test_round_to_nearest_codes_are_the_math_codes(bits: int, checkpoints: dict[str, Path],
+                                                   float_exports: dict[str, Path], tmp_path: Path) -> None:
+    """The graph holds exactly quant/math.py's codes (clip search at 4 bits) for the checkpoint's weights."""
     _, proto, _ = quantize_copy(float_exports["untied"], tmp_path / "q", QuantScheme(bits=bits))
     _, model = load_model(checkpoints["untied"], torch.float32)
     for name, w in graph_weights(proto).items():
@@ -304,7 +305,7 @@ def test_the_int8_default_graph_equals_module_with_its_weights_and_row_quantized
     which: str, checkpoints: dict[str, Path], float_exports: dict[str, Path], tmp_path: Path,
 ) -> None:
     """The int8 default (MatMulIntegerToFloat for gate/up): the graph equals the module carrying its
-    weights whose gate/up inputs are quantized per row as `quant_math.activation_codes` says (the other
+    weights whose gate/up inputs are quantized per row as `quant.math.activation_codes` says (the other
     projections at accuracy_level 0, float activations, so that the gate/up rounding is all there is)."""
     assert default_scheme(8).kernel == "MatMulIntegerToFloat"
     scheme = default_scheme(8, accuracy_level=0)
@@ -409,7 +410,7 @@ def test_compare_runs_without_torch(int4_tied) -> None:
 
     code = textwrap.dedent(f"""
         import importlib.abc, json, sys
-        BLOCKED = ("torch", "onnx", "onnxscript", "safetensors", "transformers")
+        BLOCKED = ("torch", "onnx", "safetensors", "transformers")
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
                 if name.split(".")[0] in BLOCKED:

@@ -19,9 +19,10 @@ import torch
 
 from parscale.cli import DEFAULT_MODEL
 from parscale.config import ParScaleConfig
-from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens
-from parscale.exporter.export import export
-from parscale.exporter.quantize import default_scheme, quantize_graph
+from parscale.exporter.pipeline import export
+from parscale.exporter.quant.calibrate import LayerwiseHessians, calibration_tokens
+from parscale.exporter.quant.policy import default_scheme
+from parscale.exporter.quant.rewrite import quantize_graph
 from parscale.fidelity import Fidelity, compare_exports
 from parscale.manifest import MODEL_FILE
 from parscale.modeling.checkpoint import load_model
@@ -52,7 +53,7 @@ def held_out(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def measured(default_model: Path, held_out: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Fidelity]:
-    """The fp32 export, traced once; the int8 and int4 defaults applied to copies of its graph."""
+    """The fp32 export, made once; the int8 and int4 defaults applied to copies of its graph."""
     root = tmp_path_factory.mktemp("default")
     fp32 = export(default_model, root / "fp32", validate=False).out
     cfg = ParScaleConfig.load(default_model)

@@ -17,7 +17,7 @@ from parscale.runtime import Model
 # Installed before anything else in a child interpreter: importing these fails as if not installed.
 BLOCK_TORCH = textwrap.dedent("""
     import importlib.abc, sys
-    BLOCKED = ("torch", "onnx", "onnxscript", "safetensors", "transformers")
+    BLOCKED = ("torch", "onnx", "safetensors", "transformers")
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:

@@ -167,7 +167,7 @@ def test_init_writes_a_checkpoint_of_a_custom_shape(tmp_path) -> None:
     """`init_checkpoint(overrides=...)`: how the dense models are made (the shape's keys over a preset)."""
     from parscale.config import ParScaleConfig
     from parscale.modeling.checkpoint import load_model
-    from parscale.modeling.init import init_checkpoint
+    from parscale.modeling.random_init import init_checkpoint
 
     fam = law.families()["tiny"]
     shape = law.dense_shape(fam, 300e3)

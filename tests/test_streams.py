@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from test_runtime_cli import run_cli
 
 from parscale.errors import ParScaleError
-from parscale.exporter.export import export
+from parscale.exporter.pipeline import export
 from parscale.manifest import EXTERNAL_DATA, MODEL_FILE
 from parscale.modeling.heads import Stream, head_sets, is_head_tensor, load_streams
-from parscale.modeling.init import init_checkpoint, init_heads
+from parscale.modeling.random_init import init_checkpoint, init_heads
 from parscale.runtime import Model
 from parscale.runtime.bench import bench_streams
 
@@ -48,7 +48,7 @@ def exports(ckpt, tmp_path_factory) -> dict[str, Path]:
 
 
 def _int8():  # type: ignore[no-untyped-def]
-    from parscale.exporter.quantize import default_scheme
+    from parscale.exporter.quant.policy import default_scheme
 
     return default_scheme(8, method="rtn")
 
@@ -109,7 +109,7 @@ def test_each_p_generates_what_its_single_export_and_pytorch_do(ckpt, exports):
 
 
 def test_a_gptq_int4_multi_p_export_calibrates_once_on_the_largest_p(ckpt, exports, tmp_path):
-    from parscale.exporter.quantize import default_scheme
+    from parscale.exporter.quant.policy import default_scheme
 
     result = export(ckpt, tmp_path / "int4", P=[1, 4], quantize=default_scheme(4))
     assert result.manifest.quantization["scheme"]["method"] == "gptq"
@@ -126,7 +126,7 @@ def test_no_module_outlives_its_release_before_onnx_runtime_runs(ckpt, tmp_path,
     time ONNX Runtime validates: a module kept alive there cost 544 MB at 0.5B."""
     import weakref
 
-    import parscale.exporter.export as export_module
+    import parscale.exporter.pipeline as export_module
 
     refs, alive = [], []
     real = export_module.load_streams

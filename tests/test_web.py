@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from parscale.config import ParScaleConfig
-from parscale.exporter.web import TRANSFORMERS_JS_CONFIG, TRANSFORMERS_JS_VERSION
+from parscale.exporter.files.web import TRANSFORMERS_JS_CONFIG, TRANSFORMERS_JS_VERSION
 from parscale.manifest import Manifest
 
 pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
@@ -142,7 +142,7 @@ def test_card_js_snippet_without_a_tokenizer_runs_as_written(node, p2_export, tm
     """Without tokenizer files the card's program feeds token ids, and gets our greedy tokens."""
     from runtime_helpers import without_tokenizer
 
-    from parscale.exporter.card import NEW_TOKENS, PROMPT_IDS
+    from parscale.exporter.files.card import NEW_TOKENS, PROMPT_IDS
     from parscale.runtime import Model
 
     bare = without_tokenizer(p2_export, tmp_path / "bare")

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from parscale.exporter.graph.builder import MS_DOMAIN
 from parscale.manifest import EXTERNAL_DATA, MODEL_FILE
 
 # The package the page runs on, pinned by web/package-lock.json (through @huggingface/transformers).
@@ -33,7 +34,7 @@ BROWSER_OPERATORS = frozenset({
         "SimplifiedLayerNormalization", "Slice", "Softmax", "Split", "Squeeze", "Sub", "Transpose", "Unsqueeze",
         "Where",
     )),
-    *(("com.microsoft", op) for op in (
+    *((MS_DOMAIN, op) for op in (
         "GatherBlockQuantized", "GroupQueryAttention", "MatMulIntegerToFloat", "MatMulNBits", "RotaryEmbedding",
         "SkipSimplifiedLayerNormalization",
     )),

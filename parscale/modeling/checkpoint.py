@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from parscale.atomic import AtomicFolder, atomic_folder, foreign_in_checkpoint
 from parscale.config import ParScaleConfig, check_folder
 from parscale.errors import ParScaleError
+from parscale.manifest import feed_file
 from parscale.modeling.model import ParScaleForCausalLM
 
 INDEX = "model.safetensors.index.json"
@@ -202,14 +203,13 @@ def _checked(name: str, t: torch.Tensor) -> torch.Tensor:
 def release(module: torch.nn.Module) -> None:
     """Free the memory of a module's weights now, whatever else still refers to the tensors.
 
-    The module cannot run afterwards. Tracing leaves references to the weights in places we do not
-    own (onnxscript's rewrite rules keep the last graph they matched), so dropping the module
-    alone does not give its memory back.
+    The module cannot run afterwards. The graph writer reads the weights through numpy views, and
+    modules of several P share one backbone, so dropping one module alone does not give the
+    memory back.
     """
     for t in [*module.parameters(), *module.buffers()]:
         storage = t.detach().untyped_storage()
-        # Constant folding reads small tensors (norms, biases, prefixes) through numpy, which pins
-        # their memory; they are a few MB at 3B. Weights reach the graph as copies and are freed.
+        # A storage borrowed from numpy cannot be resized; it goes with its owner.
         if storage.resizable():
             storage.resize_(0)
 
@@ -221,9 +221,7 @@ def source_checksum(model_dir: str | Path) -> str:
     paths = [model_dir / "config.json", *sorted(set(weight_files(model_dir).values()))]
     for path in paths:
         digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+        feed_file(digest, path)
     return digest.hexdigest()
 
 

@@ -12,23 +12,22 @@ backbones it checks are identical) with the backbone's tensors in memory once, s
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from parscale.config import ParScaleConfig, check_folder
+from parscale.config import ParScaleConfig, Streams, check_folder
 from parscale.errors import ParScaleError
-from parscale.manifest import file_digest
+from parscale.manifest import feed_file, file_digest
 from parscale.modeling.checkpoint import (
     _header,
     _keys,
@@ -52,15 +51,12 @@ def is_head_tensor(name: str) -> bool:
     return name.endswith(PARSCALE_ONLY[:2]) or name.startswith(PARSCALE_ONLY[2])
 
 
-def with_streams(cfg: ParScaleConfig, P: int) -> ParScaleConfig:  # noqa: N803
-    """The config of the same backbone at P streams (prefix length and smoothing unchanged)."""
-    return dataclasses.replace(cfg, parscale_n=P)
+def head_sets(folder: str | Path, config: ParScaleConfig | None = None) -> list[int]:
+    """Every P a checkpoint folder can load: 1 (the backbone), its own parscale_n, and its head files.
 
-
-def head_sets(folder: str | Path) -> list[int]:
-    """Every P a checkpoint folder can load: 1 (the backbone), its own parscale_n, and its head files."""
+    `config`: the folder's config.json when the caller has read it already."""
     folder = Path(folder)
-    found = {1, ParScaleConfig.load(folder).P}
+    found = {1, (config or ParScaleConfig.load(folder)).P}
     for path in folder.glob("heads-p*.safetensors"):
         m = _HEADS_NAME.fullmatch(path.name)
         if m and int(m.group(1)) > 1:
@@ -73,7 +69,7 @@ def _sources(folder: Path, cfg: ParScaleConfig, P: int) -> dict[str, Path]:  # n
     files = weight_files(folder)
     if P == cfg.P:
         return files
-    have = head_sets(folder)
+    have = head_sets(folder, cfg)
     if P not in have:
         raise ParScaleError(f"{folder} has no head set for P={P}: it holds P = {', '.join(map(str, have))}; "
                             f"train one with `parscale train-heads {folder} --P {P}`")
@@ -103,15 +99,8 @@ def _fingerprint(stamp: tuple, names: tuple[tuple[str, str], ...]) -> str:  # st
         info = header[name]
         start, end = info["data_offsets"]
         digest.update(f"{name} {info['dtype']} {info['shape']}\n".encode())
-        with open(file, "rb") as f:
-            f.seek(base + start)
-            remaining = end - start
-            while remaining > 0:
-                chunk = f.read(min(remaining, 1 << 24))
-                if not chunk:
-                    raise ParScaleError(f"cannot read {Path(file).name}: tensor {name} is cut short")
-                digest.update(chunk)
-                remaining -= len(chunk)
+        if feed_file(digest, file, base + start, end - start) != end - start:
+            raise ParScaleError(f"cannot read {Path(file).name}: tensor {name} is cut short")
     return digest.hexdigest()
 
 
@@ -148,10 +137,18 @@ def check_head_file(folder: Path, P: int) -> list[str]:  # noqa: N803
 
 @dataclass(frozen=True)
 class Stream:
-    """One P to load: from `folder`'s own checkpoint or one of its head sets."""
+    """One P to load: from `folder`'s own checkpoint or one of its head sets.
+
+    `config`: the folder's config.json as written (its own parscale_n), when already read; carried so
+    that the folder's config is read once however many P it serves."""
 
     folder: Path
     P: int
+    config: ParScaleConfig | None = field(default=None, compare=False, repr=False)
+
+    def own_config(self) -> ParScaleConfig:
+        """The folder's config.json as written (not at this P: `.at(P)` gives that)."""
+        return self.config if self.config is not None else ParScaleConfig.load(self.folder)
 
 
 def load_streams(
@@ -162,16 +159,12 @@ def load_streams(
     Streams from different folders must have identical backbones (same config but parscale_n, same
     tensors by content): otherwise a ParScaleError names the first config field or tensor that differs.
     """
-    if not streams:
-        raise ParScaleError("no stream counts to load")
-    Ps = [s.P for s in streams]
-    if len(set(Ps)) != len(Ps):
-        raise ParScaleError(f"each P may appear once, got {Ps}")
+    Streams(tuple(s.P for s in streams))  # at least one P, each once
     for s in streams:
         check_folder(s.folder, "model folder")
     first = streams[0]
-    own = {s.P: ParScaleConfig.load(s.folder) for s in streams}  # each folder's config.json, as written
-    cfgs = {s.P: with_streams(own[s.P], s.P) for s in streams}
+    own = _own_configs(streams)
+    cfgs = {s.P: own[s.P].at(s.P) for s in streams}
     for s in streams[1:]:
         _check_same_config(first.folder, own[first.P], s.folder, own[s.P])
     sources = {s.P: _sources(s.folder, own[s.P], s.P) for s in streams}
@@ -187,6 +180,18 @@ def load_streams(
         check_shapes(cfgs[s.P], {n: tuple(t.shape) for n, t in state.items()})
         out[s.P] = (cfgs[s.P], module_from_state(cfgs[s.P], state))
     return out
+
+
+def _own_configs(streams: Sequence[Stream]) -> dict[int, ParScaleConfig]:
+    """P -> its folder's config.json as written, each folder's read once (or taken from its Stream)."""
+    by_folder: dict[Path, ParScaleConfig] = {}
+    for s in streams:
+        if s.config is not None:
+            by_folder.setdefault(s.folder.resolve(), s.config)
+    for s in streams:
+        if s.folder.resolve() not in by_folder:
+            by_folder[s.folder.resolve()] = ParScaleConfig.load(s.folder)
+    return {s.P: by_folder[s.folder.resolve()] for s in streams}
 
 
 _SAME_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -249,48 +254,49 @@ def write_heads(folder: str | Path, P: int, state: dict[str, torch.Tensor]) -> P
     return path
 
 
-def resolve_streams(folders: Sequence[Path], P: int | Sequence[int] | None) -> list[Stream]:  # noqa: N803
-    """The streams an export asks for, checked before any weight is read.
+def resolve_streams(folders: Sequence[Path], streams: Streams | None) -> list[Stream]:
+    """The streams an export asks for, checked before any weight is read; each folder's config.json is
+    read once here and carried in its Streams.
 
-    One folder: `P` (one or several, from its own checkpoint and head sets; default its parscale_n).
-    Several folders: each gives its own parscale_n, and `P` must be left out.
+    One folder: `streams` (one P or several, from its own checkpoint and head sets; None: its
+    parscale_n). Several folders: each gives its own parscale_n, and `streams` must be None.
     """
     for folder in folders:
         check_folder(folder, "model folder")
     if len(folders) > 1:
-        if P is not None:
+        if streams is not None:
             raise ParScaleError("with several checkpoints each gives its own P (its parscale_n): leave --P out")
-        streams = [Stream(f, ParScaleConfig.load(f).P) for f in folders]
-        seen: dict[int, Path] = {}
-        for s in streams:
-            if s.P in seen:
-                raise ParScaleError(f"{seen[s.P]} and {s.folder} both hold P={s.P}: give each P once")
-            seen[s.P] = s.folder
+        found = [Stream(f, cfg.P, cfg) for f in folders for cfg in [ParScaleConfig.load(f)]]
+        try:
+            Streams(tuple(s.P for s in found))
+        except ParScaleError as e:
+            held = ", ".join(f"{s.folder} holds P={s.P}" for s in found)
+            raise ParScaleError(f"{e} ({held}): give each P once") from None
     else:
         folder = folders[0]
-        wanted = [ParScaleConfig.load(folder).P] if P is None else [P] if isinstance(P, int) else list(P)
-        if len(set(wanted)) != len(wanted) or not wanted:
-            raise ParScaleError(f"each P may appear once, got {wanted}")
-        have = head_sets(folder)
+        own = ParScaleConfig.load(folder)
+        have = head_sets(folder, own)
+        wanted = streams if streams is not None else Streams((own.P,))
         for p in wanted:
             if p not in have:
                 raise ParScaleError(
                     f"{folder} has no head set for P={p}: it holds P = {', '.join(map(str, have))}; pass one of "
                     f"those, or train one on its frozen backbone with `parscale train-heads {folder} --P {p}`")
-        streams = [Stream(folder, p) for p in wanted]
-    return sorted(streams, key=lambda s: s.P)
+        found = [Stream(folder, p, own) for p in wanted]
+    return sorted(found, key=lambda s: s.P)
 
 
 def streams_checksum(streams: Sequence[Stream]) -> str:
     """sha256 tying an export to its sources: the checkpoint's own (`source_checksum`) for a folder's own P;
     for head sets or several folders, over each P's folder checksum and head file."""
-    if len(streams) == 1 and streams[0].P == ParScaleConfig.load(streams[0].folder).P:
+    if len(streams) == 1 and streams[0].P == streams[0].own_config().P:
         return source_checksum(streams[0].folder)
     folders = {s.folder.resolve(): source_checksum(s.folder) for s in streams}
     digest = hashlib.sha256()
+    own = _own_configs(streams)
     for s in streams:
         digest.update(f"P={s.P} {folders[s.folder.resolve()]}\n".encode())
         heads = s.folder / HEADS_FILE.format(s.P)
-        if s.P != ParScaleConfig.load(s.folder).P and heads.is_file():
+        if s.P != own[s.P].P and heads.is_file():
             digest.update(file_digest(heads).encode())
     return digest.hexdigest()

@@ -221,7 +221,7 @@ class ParScaleForCausalLM(nn.Module):
         attention_mask: Tensor | None = None,  # (b, T), 1 = real token
         position_ids: Tensor | None = None,  # (b, s), counts real tokens
         past_key_values: KVCache | None = None,
-        num_logits_to_keep: int | Tensor = 0,  # 0: all positions, k: the last k
+        num_logits_to_keep: int = 0,  # 0: all positions, k: the last k
     ) -> tuple[Tensor, KVCache]:
         """Logits (b, s or k, vocab) in float32 and the updated cache (b, P*Hkv, T, D) per layer."""
         cfg, m = self.cfg, self.model
@@ -247,12 +247,6 @@ class ParScaleForCausalLM(nn.Module):
         return self.lm_head(x).float(), presents
 
 
-def keep_last(x: Tensor, k: int | Tensor) -> Tensor:
+def keep_last(x: Tensor, k: int) -> Tensor:
     """The last k positions of (n, s, h); k == 0 keeps them all (`num_logits_to_keep`)."""
-    if isinstance(k, int):
-        return x if k == 0 else x[:, -k:]
-    s = x.shape[1]
-    start = torch.where(k > 0, s - k, 0).clamp(0, s).item()  # a graph input: data-dependent slice
-    torch._check(start >= 0)
-    torch._check(start <= s)
-    return x[:, start:]
+    return x if k == 0 else x[:, -k:]

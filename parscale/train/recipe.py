@@ -22,8 +22,8 @@ from parscale.args import available_cpus, check_int, check_seed
 from parscale.config import ParScaleConfig
 from parscale.errors import ParScaleError
 from parscale.modeling.checkpoint import checkpoint_folder, save_checkpoint
-from parscale.modeling.init import make_config
 from parscale.modeling.model import ParScaleForCausalLM
+from parscale.modeling.random_init import make_config
 from parscale.scoring import Window, plan_windows, spread
 from parscale.train.corpus import SourceFile, collect_sources, join_documents, split_sources, stdlib_root
 from parscale.train.data import WindowSampler, encode_stream
@@ -271,7 +271,7 @@ def _train_heads(
     folder: Path, Ps: Sequence[int], *, steps: int | None, log: Log | None,  # noqa: N803
     threads: int, sources: Sequence[SourceFile] | None, force: bool,
 ) -> dict[int, dict[str, Any]]:
-    from parscale.modeling.heads import HEADS_FILE, Stream, head_sets, load_streams, save_heads, with_streams
+    from parscale.modeling.heads import HEADS_FILE, Stream, head_sets, load_streams, save_heads
     from parscale.train.tokenizer import load_tokenizer
 
     say = log or (lambda _msg: None)
@@ -304,7 +304,7 @@ def _train_heads(
         _, backbone = load_streams([Stream(folder, 1)])[1]
         results: dict[int, dict[str, Any]] = {}
         for P in Ps:
-            model, result, loss_init, loss_n = stage2(backbone, with_streams(cfg, P), recipe, train_ids, held_ids,
+            model, result, loss_init, loss_n = stage2(backbone, cfg.at(P), recipe, train_ids, held_ids,
                                                       windows, log)
             path = save_heads(model, folder)
             results[P] = {"held_out_loss": loss_n, "held_out_loss_init": loss_init, "stage2": _stage_dict(result),

@@ -15,7 +15,7 @@ TEMPLATE_DIR = "card_templates"
 
 def read_template(name: str) -> str:
     """The raw text of `card_templates/<name>`, as shipped inside the package."""
-    return (resources.files("parscale.exporter") / TEMPLATE_DIR / name).read_text(encoding="utf-8")
+    return (resources.files("parscale.exporter.files") / TEMPLATE_DIR / name).read_text(encoding="utf-8")
 
 
 def fill(template: str, /, **values: object) -> str:

@@ -113,7 +113,7 @@ def init_checkpoint(
 def init_heads(folder: str | Path, Ps: Sequence[int], *, seed: int = 0, std: float = 0.02) -> list[Path]:  # noqa: N803
     """Random head sets for `Ps` beside a checkpoint (prefixes and aggregation drawn with `std`, in the
     checkpoint's dtype): a multi-P folder for demos, tests and benchmarks (`parscale.modeling.heads`)."""
-    from parscale.modeling.heads import is_head_tensor, with_streams, write_heads
+    from parscale.modeling.heads import is_head_tensor, write_heads
 
     folder = Path(folder)
     cfg = ParScaleConfig.load(folder)
@@ -123,7 +123,7 @@ def init_heads(folder: str | Path, Ps: Sequence[int], *, seed: int = 0, std: flo
     for P in Ps:
         check_int(P, "P", minimum=2, maximum=MAX_P)
         with torch.device("meta"):
-            shapes = {n: p.shape for n, p in ParScaleForCausalLM(with_streams(cfg, P)).named_parameters()
+            shapes = {n: p.shape for n, p in ParScaleForCausalLM(cfg.at(P)).named_parameters()
                       if is_head_tensor(n)}
         tensors = {n: torch.randn(shape, generator=gen).mul_(std).to(dtype) for n, shape in shapes.items()}
         written.append(write_heads(folder, P, tensors))

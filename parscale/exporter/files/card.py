@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from parscale import contract
-from parscale.exporter.mobile import ORT_MODEL, ORT_OPERATORS
-from parscale.exporter.templates import fill
-from parscale.exporter.web import TRANSFORMERS_JS_CONFIG, TRANSFORMERS_JS_VERSION, node_snippet
+from parscale.exporter.files.mobile import ORT_MODEL, ORT_OPERATORS
+from parscale.exporter.files.templates import fill
+from parscale.exporter.files.web import TRANSFORMERS_JS_CONFIG, TRANSFORMERS_JS_VERSION, node_snippet
 from parscale.manifest import MANIFEST, MODEL_FILE, Manifest
 
 CARD = "README.md"

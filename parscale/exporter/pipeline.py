@@ -19,14 +19,15 @@ import torch
 
 from parscale import __version__, contract
 from parscale.atomic import atomic_folder, check_destination, foreign_in_export
-from parscale.config import ParScaleConfig
+from parscale.config import ParScaleConfig, Streams
 from parscale.errors import ParScaleError
-from parscale.exporter import budget, folder
+from parscale.exporter import budget
 from parscale.exporter.browser import browser_support
-from parscale.exporter.calibrate import LayerwiseHessians, calibration_tokens, text_windows
-from parscale.exporter.checks import validate_graphs, validation_record
-from parscale.exporter.decoder import build_decoder, check_supported
-from parscale.exporter.extras import write_extras
+from parscale.exporter.export_checks import validate_graphs, validation_record
+from parscale.exporter.files.genai import write_genai_configs
+from parscale.exporter.files.runtimes_and_card import write_runtime_files_and_card
+from parscale.exporter.files.sources import check_sources, copy_source_files
+from parscale.exporter.graph.decoder import build_decoder, check_supported
 from parscale.exporter.graphfile import (
     EXTERNAL_DATA_THRESHOLD,
     graph_metadata,
@@ -35,8 +36,10 @@ from parscale.exporter.graphfile import (
     save_graph,
     set_metadata,
 )
-from parscale.exporter.quantize import NBITS_KERNEL, QuantReport, QuantScheme, quantize_graph
-from parscale.exporter.validate import ValidationReport, reference_run
+from parscale.exporter.quant.calibrate import LayerwiseHessians, calibration_tokens, text_windows
+from parscale.exporter.quant.policy import NBITS_KERNEL, QuantReport, QuantScheme
+from parscale.exporter.quant.rewrite import quantize_graph
+from parscale.exporter.torch_reference import ValidationReport, reference_run
 from parscale.fidelity import Fidelity, text_tokens
 from parscale.manifest import (
     FORMAT_VERSION,
@@ -47,9 +50,10 @@ from parscale.manifest import (
     describe_files,
 )
 from parscale.modeling.checkpoint import release
-from parscale.modeling.heads import Stream, load_streams, resolve_streams, streams_checksum, with_streams
+from parscale.modeling.heads import Stream, load_streams, resolve_streams, streams_checksum
 from parscale.modeling.model import ParScaleForCausalLM
 from parscale.runtime.memory import limit_malloc_retention
+from parscale.text import load_eos_ids
 
 
 class Dtype(str, enum.Enum):
@@ -97,7 +101,7 @@ def export(
     model_dir: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
-    P: int | Sequence[int] | None = None,  # noqa: N803
+    P: Streams | int | Sequence[int] | None = None,  # noqa: N803
     dtype: Dtype = Dtype.fp32,
     opset: int = 18,
     force: bool = False,
@@ -112,13 +116,13 @@ def export(
 ) -> ExportResult:
     """Export a checkpoint folder to `out`; nothing is left at `out` if any step fails.
 
-    `P`: the stream count to export (default: the checkpoint's parscale_n), from the checkpoint or one
-    of its head sets (`parscale.modeling.heads`); several P (or several checkpoint folders with one
-    frozen backbone, each at its own P) make a multi-P export: one graph serving every P, whose
-    backbone is stored, quantized and loaded once (decoder.py). Each P is validated against its own
-    PyTorch module.
+    `P`: the stream counts to export (a `Streams`, or what `Streams.parse` takes; default: the
+    checkpoint's parscale_n), from the checkpoint or its head sets (`parscale.modeling.heads`);
+    several P (or several checkpoint folders with one frozen backbone, each at its own P) make a
+    multi-P export: one graph serving every P, whose backbone is stored, quantized and loaded once
+    (graph/decoder.py). Each P is validated against its own PyTorch module.
 
-    `quantize`: weight-only quantization (see `parscale.exporter.quantize`). Validation then checks
+    `quantize`: weight-only quantization (see `parscale.exporter.quant.policy`). Validation then checks
     the float graph against PyTorch as usual, and measures the quantized graph against the float
     graph (top-1 agreement, KL; perplexity too on `eval_text`, a UTF-8 file, else random tokens).
     GPTQ (the int4 default) calibrates on `calibration_text`, else on text sampled from the model.
@@ -126,7 +130,7 @@ def export(
     `external_data_threshold`: weight bytes above which the weights go to `model.onnx.data`.
     `check_memory`: refuse, before any work, a job whose estimated peak memory exceeds what the
     machine has available (`parscale.exporter.budget`).
-    Every export also gets transformers_js_config.json and a model card, README.md (extras.py).
+    Every export also gets transformers_js_config.json and a model card, README.md (files/runtimes_and_card.py).
 
     The stages run so that at most one copy of the weights is in memory at a time: the graph is
     written from the module straight to disk (`decoder.py`), quantized tensor by tensor from there
@@ -147,7 +151,7 @@ def export(
     job.stage("reading checkpoint")
     cfg, eos, streams = _preflight(job, dirs, P, check_memory)
     manifest = _manifest(cfg, job.dtype, opset, streams_checksum(streams), model_dir, [s.P for s in streams])
-    steps = _Steps()
+    results = _Results()
     # tmp: .NAME.partial-<pid>-<random> beside OUT, under a lock on OUT; swapped in on success.
     with (atomic_folder(out, force=force, is_replaceable=foreign_in_export, protect=tuple(dirs), log=job.log) as tmp,
           _stage_errors(job.seconds)):
@@ -162,26 +166,26 @@ def export(
         proto = None
         model = models.get(cfg.P)  # the largest P: GPTQ calibrates on its streams
         if quantize is not None:
-            proto, steps.quantization = _quantize(job, model, tokens, float_dir, cfg.num_hidden_layers)
-            manifest = manifest.replace(quantization=steps.quantization.to_dict())
+            proto, results.quantization = _quantize(job, model, tokens, float_dir, cfg.num_hidden_layers)
+            manifest = manifest.replace(quantization=results.quantization.to_dict())
         _release(models)  # the modules' memory goes back before ONNX Runtime needs its own
         del model, models  # the last references: weights the graph's writer pinned go with the modules
         job.stage("writing model")
         _write_graph(job, tmp, float_dir, proto, manifest)
         del proto
-        folder.copy_source_files(model_dir, tmp, parscale_n=cfg.P)
-        folder.write_genai_configs(tmp, cfg, eos, [s.P for s in streams])
+        copy_source_files(model_dir, tmp, parscale_n=cfg.P)
+        write_genai_configs(tmp, cfg, eos, [s.P for s in streams])
         if references:
-            steps.validations, steps.fidelities = validate_graphs(
+            results.validations, results.fidelities = validate_graphs(
                 references, float_dir, tmp if quantize is not None else None, tolerance=TOLERANCE[job.dtype],
                 model_dir=model_dir, vocab=cfg.vocab_size, eval_text=job.eval_text, stage=job.stage)
-            manifest = manifest.replace(validation=validation_record(steps.validations, steps.fidelities))
+            manifest = manifest.replace(validation=validation_record(results.validations, results.fidelities))
         if float_dir != tmp:
-            shutil.rmtree(float_dir)  # before the extras: they and the manifest describe the folder
+            shutil.rmtree(float_dir)  # before the last files: they and the manifest describe the folder
         # Files for other runtimes and the model card: last, so the card can describe everything.
         job.stage("writing files for other runtimes and the model card")
-        write_extras(tmp, cfg, eos, manifest, out.name, ort_format=ort_format, stage=job.stage,
-                     web=len(streams) == 1)
+        write_runtime_files_and_card(tmp, cfg, eos, manifest, out.name, ort_format=ort_format, stage=job.stage,
+                                     web=len(streams) == 1)
         for path in tmp.iterdir():
             path.chmod(0o644)  # some writers create private files; an export is ordinary data
         manifest = manifest.replace(files=describe_files(tmp), web=browser_support(tmp))
@@ -189,8 +193,8 @@ def export(
     job.stage("done")
     names = list(job.seconds)
     durations = {a: job.seconds[b] - job.seconds[a] for a, b in itertools.pairwise(names)}
-    return ExportResult(out=out, manifest=manifest, validations=steps.validations, seconds=durations,
-                        quantization=steps.quantization, fidelities=steps.fidelities)
+    return ExportResult(out=out, manifest=manifest, validations=results.validations, seconds=durations,
+                        quantization=results.quantization, fidelities=results.fidelities)
 
 
 @dataclass
@@ -219,8 +223,8 @@ class _Job:
 
 
 @dataclass
-class _Steps:
-    """What the steps measured, for the result."""
+class _Results:
+    """What the stages measured, gathered for the ExportResult."""
 
     validations: dict[int, ValidationReport] = field(default_factory=dict)
     quantization: QuantReport | None = None
@@ -228,7 +232,7 @@ class _Steps:
 
 
 def _preflight(
-    job: _Job, dirs: list[Path], P: int | Sequence[int] | None, check_memory: bool,  # noqa: N803
+    job: _Job, dirs: list[Path], P: Streams | int | Sequence[int] | None, check_memory: bool,  # noqa: N803
 ) -> tuple[ParScaleConfig, list[int], list[Stream]]:
     """Everything that can be refused before any work: options, configs, streams, EOS, text files, size,
     memory. Returns the config at the largest P exported, the EOS ids and the streams."""
@@ -236,16 +240,17 @@ def _preflight(
     if not MIN_OPSET <= job.opset <= onnx.defs.onnx_opset_version():
         raise ParScaleError(f"opset must be between {MIN_OPSET} and {onnx.defs.onnx_opset_version()}, "
                             f"got {job.opset}")
-    streams = resolve_streams(dirs, P)
-    cfg = with_streams(ParScaleConfig.load(model_dir), streams[-1].P)
+    streams = resolve_streams(dirs, None if P is None else Streams.parse(P))
+    # config.json of the first folder, as resolve_streams read it, at the largest P exported
+    cfg = next(s.own_config() for s in streams if s.folder == model_dir).at(streams[-1].P)
     check_supported(cfg.head_dim)
     if job.quantize is not None and job.quantize.kernel != NBITS_KERNEL and job.dtype != Dtype.fp32:
         raise ParScaleError(f"the {job.quantize.kernel} kernel runs in float32 graphs (a CPU kernel): export with "
                             f"--dtype fp32, or use --kernel {NBITS_KERNEL} for fp16")
     if len(streams) > 1 and job.ort_format:
         raise ParScaleError("ort_format (--ort-format) is for single-P exports: export each P for ONNX Runtime Mobile")
-    folder.check_sources(dirs, cfg)
-    eos = folder.eos_ids(model_dir, cfg)  # a malformed generation_config.json fails now, not after writing the graph
+    check_sources(dirs, cfg)
+    eos = load_eos_ids(model_dir, config=cfg)  # a malformed generation_config.json fails now, not after the graph
     # Text files are read and tokenized now too (a few ms): a missing file or tokenizer is not
     # found minutes later, after the graph is written.
     if job.eval_text is not None:
@@ -284,7 +289,7 @@ def _build(job: _Job, float_dir: Path, metadata: dict[str, str], streams: list[S
     models = {p: m for p, (_, m) in load_streams(streams, torch.float32).items()}
     job.stage("writing the ONNX graph")
     float_dir.mkdir(exist_ok=True)
-    build_decoder(models if len(models) > 1 else next(iter(models.values())), float_dir, dtype=job.dtype.torch,
+    build_decoder(models, float_dir, dtype=job.dtype.torch,
                   opset=job.opset, external_threshold=job.external_data_threshold, metadata=metadata)
     if not (job.validate or job.gptq):  # the float32 modules are the references and calibrate GPTQ
         _release(models)

@@ -33,7 +33,7 @@ from parscale.modeling.model import (
     fold_streams,
     rope_cos_sin,
 )
-from parscale.text import document_ids, read_text
+from parscale.text import document_ids, load_eos_ids, read_text
 
 SMALL_MODEL = 100_000_000  # parameters; below this, sampling runs on one thread
 
@@ -79,7 +79,7 @@ def calibration_tokens(model_dir: Path, text: str | Path | None) -> tuple[np.nda
         return tokens, f"text {Path(text).name}: {tokens.shape[0]} x {tokens.shape[1]} tokens"
     dtype = sampling_dtype(model_dir)
     cfg, model = load_model(model_dir, dtype)
-    start = cfg.bos_token_id if cfg.bos_token_id is not None else (cfg.eos_ids() or [0])[0]
+    start = cfg.bos_token_id if cfg.bos_token_id is not None else (load_eos_ids(model_dir, config=cfg) or [0])[0]
     tokens = sample_tokens(model, start_id=start)
     release(model)
     # The last sampled token's activations never predict anything: they are left out.

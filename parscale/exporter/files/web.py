@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from parscale.config import ParScaleConfig
-from parscale.exporter.templates import fill
+from parscale.exporter.files.templates import fill
 
 TRANSFORMERS_JS_CONFIG = "transformers_js_config.json"
 # The npm package and version the tests and the model card were checked with (web/package.json).

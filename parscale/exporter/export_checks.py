@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from parscale.errors import ParScaleError
-from parscale.exporter.validate import Reference, ValidationReport, check_graph
+from parscale.exporter.torch_reference import Reference, ValidationReport, check_graph
 from parscale.fidelity import Fidelity, compare_sessions, random_tokens, text_tokens
 from parscale.graph import open_session
 from parscale.manifest import MODEL_FILE

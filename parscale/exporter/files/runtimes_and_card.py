@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from parscale.config import ParScaleConfig
-from parscale.exporter.card import write_card
-from parscale.exporter.mobile import write_ort_format
-from parscale.exporter.web import write_web_files
+from parscale.exporter.files.card import write_card
+from parscale.exporter.files.mobile import write_ort_format
+from parscale.exporter.files.web import write_web_files
 from parscale.manifest import Manifest
 
 
-def write_extras(
+def write_runtime_files_and_card(
     folder: Path, cfg: ParScaleConfig, eos: list[int], manifest: Manifest, name: str, *,
     ort_format: bool = False, stage: Callable[[str], None] | None = None, web: bool = True,
 ) -> list[str]:
