@@ -203,11 +203,10 @@ class DecodeBatch:
             if need > self.capacity:
                 self._grow(max(need, min(self.context_length or need, 2 * self.capacity)))
         t0 = time.perf_counter()
-        groups = [[r] for r in rows] if shifts else [rows]
-        first: list[int] = []
-        for k, group in enumerate(groups):
-            at = start + sum(map(len, groups[:k]))
-            first += self._prefill(group, at, shifts)
+        if shifts:  # one row at a time, each at its own length
+            first = [t for i, r in enumerate(rows) for t in self._prefill([r], start + i, alone=True)]
+        else:
+            first = self._prefill(rows, start, alone=False)
         now = time.perf_counter()
         for t in _distinct(r.timings for r in rows):
             t.prefill_s += now - t0
