@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.common import commit
-from parscale.graph import CPU, session_options
+from parscale.driver import CPU, session_options
 
 H, HKV, D, LAYERS = 14, 2, 64, 24
 

@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from parscale.driver import session_options
 from parscale.exporter.quant import math as qm
-from parscale.graph import session_options
 
 SHAPES = {"qkv (896 -> 1152)": (896, 1152), "gate_up (896 -> 9728)": (896, 9728), "down (4864 -> 896)": (4864, 896)}
 

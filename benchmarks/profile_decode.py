@@ -14,12 +14,12 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.common import commit
-from parscale.graph import CPU, session_options
+from parscale.driver import CPU, session_options
 from parscale.manifest import MODEL_FILE
+from parscale.runtime.api import Model
 from parscale.runtime.batch import run_generation
-from parscale.runtime.model import Model
+from parscale.runtime.engine import Engine
 from parscale.runtime.sampling import SamplingConfig
-from parscale.runtime.session import Engine
 
 
 def main() -> None:

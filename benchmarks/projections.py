@@ -31,9 +31,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.common import commit
+from parscale.driver import session_options
 from parscale.exporter.graph.builder import MS_DOMAIN
 from parscale.exporter.quant import math as qm
-from parscale.graph import session_options
 
 LAYER = (("qkv", 896, 1152), ("o", 896, 896), ("gate_up", 896, 9728), ("down", 4864, 896))
 LM_HEAD = (("lm_head", 896, 151936),)

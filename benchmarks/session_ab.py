@@ -23,10 +23,10 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.common import commit
-from parscale.graph import CPU, session_options
+from parscale.driver import CPU, session_options
 from parscale.manifest import MODEL_FILE
-from parscale.runtime.model import Model
-from parscale.runtime.session import Engine
+from parscale.runtime.api import Model
+from parscale.runtime.engine import Engine
 
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "ext": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

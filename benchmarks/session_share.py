@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
-from parscale.graph import GraphInfo, session_options, step
+from parscale.driver import GraphInfo, session_options, step
 from parscale.manifest import MODEL_FILE
 from parscale.runtime.bench import peak_rss_mb
 

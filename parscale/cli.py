@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from parscale.config import Streams
 from parscale.errors import ParScaleError
 
 if TYPE_CHECKING:
@@ -148,7 +149,6 @@ def export(
     """Export a ParScale checkpoint to ONNX with KV-cache inputs/outputs, validated on CPU."""
     import tempfile
 
-    from parscale.config import Streams
     from parscale.exporter.pipeline import Dtype
     from parscale.exporter.pipeline import export as run_export
     from parscale.exporter.quant.policy import default_scheme
@@ -223,11 +223,11 @@ def compare(
     a: Annotated[Path, typer.Argument(metavar="A", help="Reference export folder (e.g. the fp32 export).")],
     b: Annotated[Path, typer.Argument(metavar="B", help="Export folder to measure against A.")],
     text: Annotated[Optional[Path], typer.Option(help="UTF-8 text to score (default: random tokens).")] = None,  # noqa: UP045
-    window: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
+    window: WindowOpt = 128,
     windows: Annotated[int, typer.Option(help="Windows at most (0 = the whole text).")] = 8,
     decode_steps: Annotated[int, typer.Option(help="Last tokens of each window fed through the KV cache.")] = 8,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads.")] = None,  # noqa: UP045
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
     P: Annotated[Optional[str], typer.Option("--P", help=(  # noqa: N803, UP045
         "Streams: one P for both exports (e.g. 4), or one for each (A,B, e.g. 4,1); default: each its own "
         "default (its largest)."))] = None,
@@ -236,23 +236,21 @@ def compare(
     """Top-1 agreement, KL(A || B) and perplexity of two exports on identical token windows."""
     import json
 
-    from parscale.args import check_int, check_threads, check_window
-    from parscale.fidelity import compare_exports, resolve_pair
+    from parscale.args import check_int, check_threads
+    from parscale.fidelity import compare_exports
 
-    manifests = [_load_checks(folder, not no_verify) for folder in (a, b)]
-    context = min(m.model.max_position_embeddings for m in manifests)
     if P is not None and (not IDS.fullmatch(P) or P.count(",") > 1):
         raise ParScaleError(f"--P takes one P for both exports or two (A,B) such as 4 or 4,1; got {P!r}")
-    pair = resolve_pair(None if P is None else [int(t) for t in P.split(",")], (manifests[0], manifests[1]), (a, b))
-    check_window(window, context)
+    check_int(window, "--window", minimum=1)  # its bound by the context: compare_exports, which knows it
     # Random tokens are made in memory, window x windows of them: bounded; a text bounds itself.
     check_int(windows, "--windows", minimum=0, maximum=None if text else MAX_RANDOM_WINDOWS,
               why=" without --text (pass a text file to score more)")
     check_int(decode_steps, "--decode-steps", minimum=0, maximum=window - 1, why=" (the window minus one)")
     if text is None and windows == 0:
         windows = 8  # "the whole text" without a text: the default number of random windows
-    f = compare_exports(a, b, text=text, window=window, max_windows=windows or None,
-                        decode_steps=decode_steps, threads=check_threads(threads), P=pair)
+    f = compare_exports(a, b, text=text, window=window, max_windows=windows or None, decode_steps=decode_steps,
+                        threads=check_threads(threads), P=None if P is None else [int(t) for t in P.split(",")],
+                        verify=not no_verify)
     if as_json:
         print(json.dumps({"a": str(a), "b": str(b), **f.to_dict()}))
     else:
@@ -278,16 +276,6 @@ def train(
               f"{report.checkpoint_bytes / 1e6:.1f} MB in {report.total_seconds:.0f} s -> {out_dir}")
 
 
-def _parse_streams(text: str, option: str = "--P") -> list[int]:
-    """"2,4,8" -> [2, 4, 8]: stream counts, each a positive integer, none repeated."""
-    if not IDS.fullmatch(text) or any(int(t) < 1 for t in text.split(",")):
-        raise ParScaleError(f"{option} must be comma-separated positive integers such as 1,2,4,8; got {text!r}")
-    Ps = [int(t) for t in text.split(",")]
-    if len(set(Ps)) != len(Ps):
-        raise ParScaleError(f"{option} names a P twice: {text!r}")
-    return Ps
-
-
 @app.command("train-heads")
 def train_heads(
     model: Annotated[Path, typer.Argument(metavar="CKPT", help="Checkpoint folder whose backbone stays frozen.")],
@@ -300,7 +288,7 @@ def train_heads(
     """Add stage-2 head sets (prefixes + aggregation) for more P to a checkpoint, its backbone frozen."""
     from parscale.train.recipe import train_heads as run
 
-    results = run(model, _parse_streams(P), steps=steps, threads=threads, log=_stage_printer(verbose), force=force)
+    results = run(model, Streams.parse(P), steps=steps, threads=threads, log=_stage_printer(verbose), force=force)
     for p, r in results.items():
         out.print(f"P={p}: held-out loss {r['held_out_loss']:.4f} nats/token (from {r['held_out_loss_init']:.4f}); "
                   f"{r['file']} {_mb(r['bytes'])} in {r['stage2']['seconds']:.0f} s")
@@ -310,13 +298,13 @@ def train_heads(
 def evaluate(
     model: ModelArg = None,
     text: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: the held-out stdlib files).")] = None,  # noqa: UP045
-    window: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
+    window: WindowOpt = 256,
     stride: Annotated[int, typer.Option(help="Window stride; tokens are scored once.")] = 256,
     max_tokens: Annotated[Optional[int], typer.Option(help="Score at most this many tokens.")] = None,  # noqa: UP045
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     P: Annotated[Optional[int], typer.Option("--P", help=(  # noqa: N803, UP045
         "Streams: a checkpoint's head set, or a P of a multi-P export (default: the checkpoint's own P, "
         "the export's largest)."))] = None,
+    as_json: JsonOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """Perplexity per token and bits per byte of a text, for a checkpoint or an export folder."""
@@ -332,17 +320,17 @@ def evaluate(
     check_int(stride, "--stride", minimum=1, maximum=window, why=" (the window)")
     if max_tokens is not None:
         check_int(max_tokens, "--max-tokens", minimum=1)
-    if (model / MANIFEST).is_file():
-        streams = _load_checks(model, not no_verify).streams
-        if P is not None and P not in streams:
-            raise ParScaleError(f"{model} serves P = {', '.join(map(str, streams))}; got P={P}")
+    is_export = (model / MANIFEST).is_file()
     with tempfile.TemporaryDirectory() as tmp:
         if text is None:
             from parscale.train.corpus import write_held_out
 
             text = write_held_out(Path(tmp) / "held_out.txt")
-        run = eval_export if (model / MANIFEST).is_file() else eval_checkpoint
-        result = run(model, text, window=window, stride=stride, max_tokens=max_tokens, P=P)
+        if is_export:
+            result = eval_export(model, text, window=window, stride=stride, max_tokens=max_tokens, P=P,
+                                 verify=not no_verify)
+        else:
+            result = eval_checkpoint(model, text, window=window, stride=stride, max_tokens=max_tokens, P=P)
     if as_json:
         print(json.dumps({"model": str(model), **result.to_dict()}))
     else:
@@ -372,6 +360,9 @@ def _parse_ids(text: str) -> list[int]:
     return [int(t) for t in text.split(",")]
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")]  # noqa: UP045
+WindowOpt = Annotated[int, typer.Option(help="Tokens per window.")]
 NoVerifyOpt = Annotated[bool, typer.Option(
     "--no-verify", help="Skip the sha256 and NaN/Inf checks of the export (sizes are still checked).",
 )]
@@ -379,7 +370,7 @@ NoVerifyOpt = Annotated[bool, typer.Option(
 
 def _load_checks(model: Path, verify: bool) -> Manifest:
     """Read and check an export folder as Model.load does, without a session; returns its manifest."""
-    from parscale.runtime.folder import ExportFolder
+    from parscale.runtime.export_folder import ExportFolder
 
     return ExportFolder.check(model, verify=verify)
 
@@ -398,7 +389,7 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,  # noqa: UP045
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,  # noqa: UP045
     provider: ProviderOpt = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,  # noqa: UP045
+    threads: ThreadsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     P: Annotated[Optional[int], typer.Option(  # noqa: N803, UP045
         "--P", help="Streams, for a multi-P export (default: its largest).")] = None,
@@ -446,11 +437,12 @@ def bench(
     model: RuntimeModelArg,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens (random ids).")] = 128,
     gen: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,  # noqa: UP045
+    threads: ThreadsOpt = None,
     provider: ProviderOpt = "auto",
     batch: Annotated[int, typer.Option(help="Prompts generated together (decode ms/token is then one step).")] = 1,
     P: Annotated[Optional[str], typer.Option("--P", help=(  # noqa: N803, UP045
-        "Streams to measure, in order, from one process: e.g. 1,2,4,8 for a multi-P export (default: its largest)."
+        "Streams to measure, in ascending order, from one process: e.g. 1,2,4,8 for a multi-P export "
+        "(default: its largest)."
     ))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (a list of them with --P).")] = False,
     spin: SpinOpt = None,
@@ -461,7 +453,7 @@ def bench(
 
     from parscale.runtime.bench import bench_streams
 
-    results = bench_streams(model, _parse_streams(P) if P is not None else None, prompt_len=prompt_len, gen=gen,
+    results = bench_streams(model, Streams.parse(P) if P is not None else None, prompt_len=prompt_len, gen=gen,
                             threads=threads, provider=provider, verify=not no_verify, batch=batch, spin=spin)
     if as_json:
         print(json.dumps(results[0].as_dict() if P is None else [r.as_dict() for r in results]))
@@ -491,7 +483,7 @@ def serve(
     model: RuntimeModelArg,
     host: Annotated[str, typer.Option(help="Address to listen on (default loopback; 0.0.0.0: all).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = 8000,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: physical cores).")] = None,  # noqa: UP045
+    threads: ThreadsOpt = None,
     max_batch: Annotated[int, typer.Option(help="Requests decoded together at most (per P).")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests waiting at most; more are answered 503.")] = 64,
     api_key: Annotated[Optional[str], typer.Option(  # noqa: UP045

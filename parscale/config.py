@@ -240,6 +240,9 @@ class Streams:
     def __iter__(self) -> Iterator[int]:
         return iter(self.values)
 
+    def __getitem__(self, i: int) -> int:
+        return self.values[i]
+
     def __len__(self) -> int:
         return len(self.values)
 

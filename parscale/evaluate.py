@@ -22,7 +22,7 @@ from parscale.args import check_threads, check_window
 from parscale.config import ParScaleConfig, Streams
 from parscale.errors import ParScaleError
 from parscale.scoring import NllFn, plan_windows, score_windows, token_nll
-from parscale.text import check_tokenizer_fits, document_ids, folder_tokenizer, read_text
+from parscale.text import Tokenizer, check_tokenizer_fits, document_ids, folder_tokenizer, read_text
 
 
 @dataclass(frozen=True)
@@ -43,18 +43,17 @@ class EvalResult:
 
 
 def _prepare(
-    model_dir: Path, text_path: str | Path, max_tokens: int | None
-) -> tuple[ParScaleConfig, np.ndarray, int]:
-    """Config, ids to score, and the UTF-8 bytes the scored ids[1:] spell (exact for byte-level BPE)."""
-    cfg = ParScaleConfig.load(model_dir)
-    tok = check_tokenizer_fits(folder_tokenizer(model_dir), cfg.vocab_size, model_dir)
-    ids = document_ids(model_dir, read_text(text_path), tok)
+    folder: Path, text_path: str | Path, max_tokens: int | None, vocab_size: int, tokenizer: Tokenizer | None = None,
+) -> tuple[np.ndarray, int]:
+    """Ids to score, and the UTF-8 bytes the scored ids[1:] spell (exact for byte-level BPE)."""
+    tok = check_tokenizer_fits(tokenizer if tokenizer is not None else folder_tokenizer(folder), vocab_size, folder)
+    ids = document_ids(folder, read_text(text_path), tok)
     if max_tokens is not None:
         ids = ids[:max_tokens + 1]
     if len(ids) < 2:
         raise ParScaleError(f"{text_path} holds too little text to score (need two tokens)")
     n_bytes = len(tok.decode(ids[1:].tolist(), skip_special_tokens=False).encode("utf-8"))
-    return cfg, ids, n_bytes
+    return ids, n_bytes
 
 
 def _result(total: float, count: int, n_bytes: int, window: int, stride: int, P: int) -> EvalResult:  # noqa: N803
@@ -63,10 +62,6 @@ def _result(total: float, count: int, n_bytes: int, window: int, stride: int, P:
         tokens=count, bytes=n_bytes, nll_per_token=nll, ppl_per_token=math.exp(nll),
         bits_per_byte=total / math.log(2) / max(n_bytes, 1), window=window, stride=stride, P=P,
     )
-
-
-def _check_window(cfg: ParScaleConfig, window: int) -> None:
-    check_window(window, cfg.max_position_embeddings)  # the same rule as compare, bench and generate
 
 
 def eval_checkpoint(
@@ -83,8 +78,9 @@ def eval_checkpoint(
     from parscale.modeling.heads import load_streams, resolve_streams
 
     model_dir = Path(model_dir)
-    cfg, ids, n_bytes = _prepare(model_dir, text_path, max_tokens)
-    _check_window(cfg, window)
+    cfg = ParScaleConfig.load(model_dir)
+    check_window(window, cfg.max_position_embeddings)  # the same rule as compare, bench and generate
+    ids, n_bytes = _prepare(model_dir, text_path, max_tokens, cfg.vocab_size)
     stream = resolve_streams([model_dir], None if P is None else Streams.parse(P))[0]
     _, model = load_streams([stream], torch.float32)[stream.P]
     total, count = score_windows(torch_nll_fn(model), ids, plan_windows(len(ids), window, stride), batch_size)
@@ -108,8 +104,8 @@ def torch_nll_fn(model: Any) -> NllFn:
 
 
 def onnx_nll_fn(session: Any, P: int | None = None) -> NllFn:  # noqa: N803
-    """Per-token NLL of an ONNX export driven by onnxruntime (`parscale.graph.step`), at `P` for a multi-P export."""
-    from parscale.graph import GraphInfo, step
+    """Per-token NLL of an ONNX export driven by onnxruntime (`parscale.driver.step`), at `P` for a multi-P export."""
+    from parscale.driver import GraphInfo, step
 
     info = GraphInfo.of(session).at(P)
 
@@ -125,22 +121,20 @@ def onnx_nll_fn(session: Any, P: int | None = None) -> NllFn:  # noqa: N803
 def eval_export(
     export_dir: str | Path, text_path: str | Path, *, window: int = 256, stride: int = 128,
     batch_size: int = 8, max_tokens: int | None = None, threads: int | None = None,
-    P: int | None = None,  # noqa: N803
+    P: int | None = None, verify: bool = True,  # noqa: N803
 ) -> EvalResult:
-    """Perplexity of an ONNX export folder (model.onnx, config.json, tokenizer.json) with onnxruntime.
+    """Perplexity of an ONNX export folder with onnxruntime on the CPU, opened by `ExportFolder.open`
+    (`verify`: its checksums and finite weights too).
 
     Same tokenization and windows as `eval_checkpoint`, so the two results are directly comparable.
     `P`: the streams to run a multi-P export at (default: its largest).
     """
-    from parscale.graph import open_session
+    from parscale.runtime.export_folder import ExportFolder
 
-    export_dir = Path(export_dir)
-    onnx_path = export_dir / "model.onnx"
-    if not onnx_path.is_file():
-        raise ParScaleError(f"{onnx_path} not found: not an export folder?")
-    cfg, ids, n_bytes = _prepare(export_dir, text_path, max_tokens)
-    _check_window(cfg, window)
-    session = open_session(onnx_path, threads=check_threads(threads))
-    total, count = score_windows(onnx_nll_fn(session, P), ids, plan_windows(len(ids), window, stride),
+    folder = ExportFolder.open(export_dir, provider="cpu", threads=check_threads(threads), verify=verify)
+    P = folder.manifest.streams.pick(P, str(folder.path))
+    check_window(window, folder.manifest.model.max_position_embeddings)
+    ids, n_bytes = _prepare(folder.path, text_path, max_tokens, folder.info.vocab_size, folder.tokenizer)
+    total, count = score_windows(onnx_nll_fn(folder.session, P), ids, plan_windows(len(ids), window, stride),
                                  batch_size)
-    return _result(total, count, n_bytes, window, stride, cfg.P if P is None else P)
+    return _result(total, count, n_bytes, window, stride, P)

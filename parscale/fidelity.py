@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from parscale.args import check_window
+from parscale.driver import GraphInfo, prefill_decode
 from parscale.errors import ParScaleError
-from parscale.graph import GraphInfo, open_session, step
-from parscale.manifest import MODEL_FILE, Manifest
+from parscale.manifest import Manifest
 from parscale.scoring import full_windows, kl_divergence, log_softmax, window_arrays
 from parscale.text import document_ids, read_text
 
@@ -71,18 +72,13 @@ class _Runner:
 
     def logits(self, ids: np.ndarray, decode_steps: int) -> np.ndarray:
         """float32 logits (b, s, vocab) for every position of `ids` (b, s)."""
-        b, s = ids.shape
+        s = ids.shape[1]
         split = s - decode_steps
         if split < 1:
             raise ParScaleError(f"decode_steps ({decode_steps}) must be smaller than the window ({s})")
-        past = None
-        pieces = []
-        for start, stop in [(0, split), *((t, t + 1) for t in range(split, s))]:
-            positions = np.tile(np.arange(start, stop, dtype=np.int64), (b, 1))
-            logits, past = step(self.session, self.info, ids[:, start:stop], np.ones((b, stop), dtype=np.int64),
-                                positions, past)
-            pieces.append(logits.astype(np.float32))
-        return np.concatenate(pieces, axis=1)
+        fed = (ids[:, t:t + 1] for t in range(split, s))
+        pieces = prefill_decode(self.session, self.info, ids[:, :split], np.ones_like(ids[:, :split]), fed)
+        return np.concatenate([p.astype(np.float32) for p in pieces], axis=1)
 
 
 def compare_sessions(
@@ -146,48 +142,42 @@ def resolve_pair(P: Any, manifests: tuple[Manifest, Manifest], folders: tuple[Pa
         wanted = wanted * (3 - len(wanted))
     else:
         wanted = [P, P]
-    out = []
-    for p, manifest, folder in zip(wanted, manifests, folders, strict=True):
-        if p is None:
-            out.append(manifest.model.P)
-            continue
-        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p not in manifest.streams:
-            raise ParScaleError(f"{folder} serves P = {', '.join(map(str, manifest.streams))}; got P={p!r}")
-        out.append(int(p))
-    return out[0], out[1]
+    a, b = (m.streams.pick(p, str(f)) for p, m, f in zip(wanted, manifests, folders, strict=True))
+    return a, b
 
 
-def _vocab(session: ort.InferenceSession) -> int:
-    return GraphInfo.of(session).vocab_size
+def fidelity_tokens(folder: str | Path, text: str | Path | None, vocab_size: int, n_random: int,
+                    seed: int = 0) -> tuple[np.ndarray, str]:
+    """The tokens two graphs are compared on, and what they are: a text file's ids (tokenized as every
+    scorer does, with `folder`'s tokenizer), or else `n_random` reproducible random ids."""
+    if text is not None:
+        return text_tokens(folder, text), f"text {Path(text).name}"
+    return random_tokens(vocab_size, n_random, seed), f"random tokens (seed {seed})"
 
 
 def compare_exports(
     a: str | Path, b: str | Path, *, text: str | Path | None = None, window: int = 128,
     max_windows: int | None = 8, decode_steps: int = 8, seed: int = 0, threads: int | None = None,
-    P: int | Sequence[int] | None = None,  # noqa: N803
+    P: int | Sequence[int] | None = None, verify: bool = True,  # noqa: N803
 ) -> Fidelity:
-    """Compare export folder `b` against the reference folder `a` on a text file or random tokens.
+    """Compare export folder `b` against the reference folder `a` on a text file or random tokens, on the CPU.
 
-    `P`: the streams to run, one P for both exports or a pair (P of a, P of b); None runs each at its
-    default (its largest). The result records the P each ran at (`P_a`, `P_b`)."""
+    Both are opened by `ExportFolder` (`verify`: their checksums and finite weights too), one after
+    the other. `P`: the streams to run, one P for both exports or a pair (P of a, P of b); None runs
+    each at its default (its largest). The result records the P each ran at (`P_a`, `P_b`)."""
+    from parscale.runtime.export_folder import ExportFolder
+
     a, b = Path(a), Path(b)
-    for folder in (a, b):
-        if not (folder / MODEL_FILE).is_file():
-            raise ParScaleError(f"{folder / MODEL_FILE} not found: not an export folder")
-    P = resolve_pair(P, (Manifest.read(a), Manifest.read(b)), (a, b))
-    opened = [open_session(a / MODEL_FILE, threads=threads)]  # handed over to compare_sessions, not kept here
-    vocab = _vocab(opened[0])
-    if text is not None:
-        tokens, source = text_tokens(a, text), f"text {Path(text).name}"
-    else:
-        n = window * (max_windows or 8) + 1  # + 1: the last window's last target
-        tokens, source = random_tokens(vocab, n, seed), f"random tokens (seed {seed})"
+    manifests = ExportFolder.check(a, verify=verify), ExportFolder.check(b, verify=verify)
+    P = resolve_pair(P, manifests, (a, b))
+    check_window(window, min(m.model.max_position_embeddings for m in manifests))
+    vocab = manifests[0].model.vocab_size
+    if manifests[1].model.vocab_size != vocab:
+        raise ParScaleError(f"the exports have different vocabularies ({vocab} vs {manifests[1].model.vocab_size})")
+    tokens, source = fidelity_tokens(a, text, vocab, window * (max_windows or 8) + 1, seed)  # + 1: the last target
 
-    def open_b() -> ort.InferenceSession:
-        session = open_session(b / MODEL_FILE, threads=threads)
-        if _vocab(session) != vocab:
-            raise ParScaleError(f"the exports have different vocabularies ({vocab} vs {_vocab(session)})")
-        return session
+    def opener(folder: Path) -> Callable[[], ort.InferenceSession]:  # checked above: not hashed twice
+        return lambda: ExportFolder.open(folder, provider="cpu", threads=threads, verify=False).session
 
-    return compare_sessions(opened.pop, open_b, tokens, window=window, max_windows=max_windows,
+    return compare_sessions(opener(a), opener(b), tokens, window=window, max_windows=max_windows,
                             decode_steps=decode_steps, source=source, text=text is not None, P=P)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parscale.config import ParScaleConfig, check_folder, read_json
+from parscale.config import ParScaleConfig, Streams, check_folder, read_json
 from parscale.errors import ParScaleError
 
 MANIFEST = "parscale.json"
@@ -115,10 +115,11 @@ class Manifest:
         return sum(f.bytes for f in self.files.values())
 
     @property
-    def streams(self) -> list[int]:
+    def streams(self) -> Streams:
         """The P this export serves: several for a multi-P export (io.cache.streams), else model.P."""
         streams = self.io.get("cache", {}).get("streams") if isinstance(self.io.get("cache"), dict) else None
-        return list(streams) if isinstance(streams, list) and streams else [self.model.P]  # checked by from_dict
+        # Checked by from_dict: at least two distinct P, the largest model.P.
+        return Streams(tuple(streams) if isinstance(streams, list) and streams else (self.model.P,))
 
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,42 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from parscale.graph import GraphInfo, step
+from parscale.driver import GraphInfo, step
+from parscale.manifest import MANIFEST, Manifest, describe_files
+
+# Installed before anything else in a child interpreter: importing these fails as if not installed.
+BLOCK_TORCH = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = ("torch", "onnx", "safetensors", "transformers")
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+            return None
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def run_cli(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    """`parscale ARGS` in a child interpreter (after `prelude`, e.g. BLOCK_TORCH), its output captured."""
+    code = prelude + "\nimport sys\nfrom parscale.cli import main\nsys.argv = ['parscale', *sys.argv[1:]]\nmain()\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def edit_manifest(folder: Path, fn) -> None:  # type: ignore[no-untyped-def]
+    """Apply `fn` to an export's parscale.json (a dict), in place."""
+    m = json.loads((folder / MANIFEST).read_text())
+    fn(m)
+    (folder / MANIFEST).write_text(json.dumps(m))
+
+
+def rehash(folder: Path) -> None:
+    """Make the manifest agree with the files again: what a careless (or malicious) edit would do."""
+    def update(m: dict) -> None:
+        m["files"] = Manifest.from_dict(m).replace(files=describe_files(folder)).to_dict()["files"]
+
+    edit_manifest(folder, update)
+
 
 TEXTS = [
     "def f(x):\n    return x + 1\n",
@@ -120,7 +158,7 @@ def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], n: int) -> li
 
 def greedy_graph(session: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
     """Greedy tokens (prompts included) of a left-padded batch, with nothing but the session and
-    `parscale.graph.step`: the plainest driver of the graph contract, independent of the runtime."""
+    `parscale.driver.step`: the plainest driver of the graph contract, independent of the runtime."""
     info = GraphInfo.of(session)
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
     tokens, step_ids, past = ids, ids, None
@@ -148,7 +186,7 @@ def all_nodes(graph: Any) -> list[Any]:
 
 def decode_step_ops(path: Path, P: int | None = None, prompt: int = 5) -> list[str]:  # noqa: N803
     """The op types ONNX Runtime runs in one decode step (after a prefill), read from its profile."""
-    from parscale.graph import CPU, session_options
+    from parscale.driver import CPU, session_options
 
     opts = session_options(1)
     opts.enable_profiling = True

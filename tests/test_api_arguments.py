@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_runtime_cli import run_cli
+from runtime_helpers import run_cli
 
 import parscale.runtime.memory as memory
 from parscale.errors import ParScaleError
@@ -125,7 +125,7 @@ def test_a_temperature_below_the_floor_is_greedy(model, t, seed):
 def test_a_repetition_penalty_outside_its_range_is_refused_by_api_and_server_alike(model, penalty):
     with pytest.raises(ParScaleError, match=r"repetition_penalty must be"):
         model.generate(prompt_ids=IDS, max_new_tokens=2, repetition_penalty=penalty)
-    names = ModelNames(name="m", streams=tuple(model.streams), default=model.P)
+    names = ModelNames(name="m", streams=model.streams, default=model.P)
     with pytest.raises(APIError, match=r"repetition_penalty must be"):
         parse_completion({"model": "m", "prompt": IDS, "repetition_penalty": penalty}, names, model,
                          max_prompts=4, created=0)
@@ -134,14 +134,14 @@ def test_a_repetition_penalty_outside_its_range_is_refused_by_api_and_server_ali
 @pytest.mark.parametrize("body", [{"temperature": True}, {"top_k": True}, {"seed": True}, {"max_tokens": True},
                                   {"temperature": "1"}, {"stop": 5}, {"top_p": "0.5"}], ids=repr)
 def test_the_server_refuses_the_same_types_as_the_api(model, body):
-    names = ModelNames(name="m", streams=tuple(model.streams), default=model.P)
+    names = ModelNames(name="m", streams=model.streams, default=model.P)
     with pytest.raises(APIError) as e:
         parse_completion({"model": "m", "prompt": IDS, **body}, names, model, max_prompts=4, created=0)
     assert e.value.param == next(iter(body))
 
 
 def test_the_server_treats_a_tiny_temperature_as_the_api_does(model):
-    names = ModelNames(name="m", streams=tuple(model.streams), default=model.P)
+    names = ModelNames(name="m", streams=model.streams, default=model.P)
     req = parse_completion({"model": "m", "prompt": IDS, "temperature": 1e-38}, names, model, max_prompts=4, created=0)
     assert req.specs[0].sampling.is_greedy
 
@@ -179,3 +179,27 @@ def test_bench_with_one_new_token_reports_no_decode_time(tiny_exports):
     assert r.returncode == 0 and json.loads(r.stdout)["decode_ms_per_token"] is None, r.stderr
     r = run_cli("bench", export, "--prompt-len", "4", "--gen", "1", "--threads", "1")
     assert r.returncode == 0 and "n/a (one new token" in r.stdout and "0.00 ms" not in r.stdout, r.stderr
+
+
+def test_generation_options_are_one_record_for_the_three_calls(model):
+    """`options=GenerationOptions(...)` gives what the same keywords give, keywords override it, an unknown
+    keyword is a TypeError naming the options, and help() shows every option with its default."""
+    import inspect
+
+    from parscale.runtime import GenerationOptions
+
+    opts = GenerationOptions(max_new_tokens=5, temperature=0.9, top_k=20, seed=7)
+    by_keywords = model.generate(prompt_ids=IDS, max_new_tokens=5, temperature=0.9, top_k=20, seed=7)
+    assert model.generate(prompt_ids=IDS, options=opts).generated_ids == by_keywords.generated_ids
+    events = list(model.stream_tokens(prompt_ids=IDS, options=opts))
+    assert [e.token_id for e in events] == by_keywords.generated_ids
+    assert len(model.generate(prompt_ids=IDS, options=opts, max_new_tokens=2).generated_ids) == 2
+    assert opts.max_new_tokens == 5  # a call's keywords never change the record it was given
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'max_tokens'.*max_new_tokens"):
+        model.generate(prompt_ids=IDS, max_tokens=3)
+    with pytest.raises(ParScaleError, match="options must be a GenerationOptions"):
+        model.generate(prompt_ids=IDS, options={"max_new_tokens": 3})
+    for method in (Model.generate, Model.stream, Model.stream_tokens):
+        params = inspect.signature(method).parameters
+        assert [params[f].default for f in ("max_new_tokens", "temperature", "P")] == [64, 0.0, None], method
+        assert "kwargs" not in params

@@ -10,8 +10,8 @@ import pytest
 
 from parscale.runtime import GenerationResult, Model
 from parscale.runtime.batch import DRAIN, JOIN, PAD_FREE, WAIT, DecodeBatch, Row, RowSpec
+from parscale.runtime.engine import Engine
 from parscale.runtime.sampling import SamplingConfig
-from parscale.runtime.session import Engine
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 3, 8, 9], [11, 12, 400], [1, 2, 3, 4, 5, 6], [200, 201]]
 

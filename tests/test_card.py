@@ -23,8 +23,6 @@ from parscale.exporter.files.card import CARD, NEW_TOKENS, PROMPT, PROMPT_IDS, m
 from parscale.exporter.files.templates import TEMPLATE_DIR
 from parscale.manifest import Manifest
 
-pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
-
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
 
 

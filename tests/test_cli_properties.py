@@ -30,8 +30,6 @@ from typer.testing import CliRunner
 from parscale.cli import app
 from parscale.errors import ParScaleError
 
-pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
-
 TIME_LIMIT = 60  # seconds for one command; every case here takes well under 5 s
 PROPS = settings(
     deadline=timedelta(seconds=TIME_LIMIT), database=None,

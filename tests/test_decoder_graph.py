@@ -163,3 +163,29 @@ def test_export_reads_each_config_once(tmp_path: Path, monkeypatch: pytest.Monke
                                    "--no-validate"])
     assert res.exit_code == 0, res.output
     assert reads[str((ckpt / "config.json").resolve())] == 1, reads
+
+
+def test_generate_reads_config_once(monkeypatch: pytest.MonkeyPatch, default_int8_export: Path) -> None:
+    """`parscale generate EXPORT` parses the export's config.json once (EOS ids and rotary base included),
+    on a multi-P export at a P other than its default."""
+    from parscale import config as config_module
+    from parscale import text as text_module
+    from parscale.cli import app
+
+    reads: Counter[str] = Counter()
+    read_json, json_object = config_module.read_json, text_module._json_object
+
+    def counted(path: Path, *, missing: str) -> object:
+        reads[Path(path).name] += 1
+        return read_json(path, missing=missing)
+
+    def counted_object(path: Path) -> object:
+        reads[Path(path).name] += 1
+        return json_object(path)
+
+    monkeypatch.setattr(config_module, "read_json", counted)
+    monkeypatch.setattr(text_module, "_json_object", counted_object)
+    res = CliRunner().invoke(app, ["generate", str(default_int8_export), "--prompt", "def f(x):",
+                                   "--max-new-tokens", "4", "--P", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert reads["config.json"] == 1, reads

@@ -13,14 +13,12 @@ from runtime_helpers import greedy_graph
 
 from parscale import contract
 from parscale.config import ParScaleConfig
+from parscale.driver import GraphInfo, open_session, step
 from parscale.exporter.pipeline import Dtype, export
 from parscale.exporter.torch_reference import compare
-from parscale.graph import GraphInfo, open_session, step
 from parscale.manifest import MANIFEST, Manifest
 from parscale.modeling.checkpoint import load_model, save_checkpoint
 from parscale.modeling.random_init import make_config, random_model
-
-pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
 # (P, kv heads, tied, stored dtype, shards): together they cover P in {1,2,3,4,8}, GQA (2 of 4
 # heads) and MHA, tied and untied embeddings, bf16 storage and sharded weights.

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from parscale.driver import GraphInfo, open_session, step
 from parscale.exporter.pipeline import Dtype, export
 from parscale.exporter.quant.policy import QuantScheme, default_scheme
-from parscale.graph import GraphInfo, open_session, step
 from parscale.manifest import EXTERNAL_DATA, MODEL_FILE, Manifest, check_files
 from parscale.modeling.random_init import init_checkpoint
 from parscale.runtime import Model

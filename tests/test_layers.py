@@ -12,13 +12,17 @@ BASE = {"errors", "args", "config", "contract", "manifest", "atomic", "locking",
 # Module (or package) -> what it may not import, directly or lazily inside a function.
 FORBIDDEN = {
     **{m: {"torch", "parscale.modeling", "parscale.exporter", "parscale.runtime", "parscale.train",
-           "parscale.graph", "parscale.scoring", "parscale.fidelity", "parscale.evaluate", "parscale.cli"}
+           "parscale.driver", "parscale.scoring", "parscale.fidelity", "parscale.evaluate", "parscale.cli"}
        for m in BASE},
-    "graph": {"torch", "parscale.modeling", "parscale.exporter", "parscale.runtime", "parscale.train"},
+    "driver": {"torch", "parscale.modeling", "parscale.exporter", "parscale.runtime", "parscale.train",
+               "parscale.serve", "parscale.cli"},
     "scoring": {"torch", "parscale.modeling", "parscale.exporter", "parscale.runtime", "parscale.train",
                 "onnxruntime"},
     "modeling": {"parscale.exporter", "parscale.runtime", "parscale.train", "parscale.cli", "onnxruntime"},
-    "runtime": {"torch", "parscale.modeling", "parscale.exporter", "parscale.train", "parscale.cli"},
+    "runtime": {"torch", "parscale.modeling", "parscale.exporter", "parscale.train", "parscale.serve",
+                "parscale.cli"},
+    "browser": {"torch", "onnxruntime", "parscale.modeling", "parscale.exporter", "parscale.train", "parscale.cli"},
+    "serve": {"torch", "parscale.modeling", "parscale.exporter", "parscale.train", "parscale.cli"},
     "fidelity": {"torch", "parscale.modeling", "parscale.exporter", "parscale.train", "parscale.cli"},
     "exporter": {"parscale.train", "parscale.cli"},
     "train": {"parscale.exporter", "parscale.runtime", "parscale.cli"},
@@ -36,10 +40,10 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def _violations(unit: str, forbidden: set[str]) -> list[str]:
-    paths = sorted((ROOT / unit).rglob("*.py")) if (ROOT / unit).is_dir() else [ROOT / f"{unit}.py"]
+def _violations(unit: str, forbidden: set[str], root: Path = ROOT) -> list[str]:
+    paths = sorted((root / unit).rglob("*.py")) if (root / unit).is_dir() else [root / f"{unit}.py"]
     assert paths and all(p.is_file() for p in paths), unit
-    return [f"{p.relative_to(ROOT)} imports {name}" for p in paths for name in sorted(_imports(p))
+    return [f"{p.relative_to(root)} imports {name}" for p in paths for name in sorted(_imports(p))
             if any(name == f or name.startswith(f + ".") for f in forbidden)]
 
 
@@ -49,6 +53,13 @@ def test_every_layer_imports_only_from_below() -> None:
 
 
 def test_the_check_sees_a_violation(tmp_path: Path) -> None:
-    bad = tmp_path / "m.py"
-    bad.write_text("def f():\n    from parscale.exporter import export\n")
-    assert _imports(bad) >= {"parscale.exporter", "parscale.exporter.export"}
+    """Planted violations are reported (a lazy import, a `from parscale import X`, a package's submodule);
+    an allowed import and a name that merely starts like a forbidden one are not."""
+    (tmp_path / "driver.py").write_text("import numpy\n\ndef f():\n    from parscale import runtime\n")
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "runtime" / "a.py").write_text("from parscale.driver import step\nimport parscale.exporter.quant\n")
+    (tmp_path / "runtime" / "b.py").write_text("import torchvision_like_name\nfrom parscale.config import Streams\n")
+    assert _violations("driver", FORBIDDEN["driver"], tmp_path) == ["driver.py imports parscale.runtime"]
+    assert _violations("runtime", FORBIDDEN["runtime"], tmp_path) == [
+        "runtime/a.py imports parscale.exporter.quant"]
+    assert _violations("driver", {"numpy"}, tmp_path) == ["driver.py imports numpy"]

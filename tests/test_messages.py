@@ -10,12 +10,12 @@ import sys
 
 import numpy as np
 import pytest
-from test_runtime_cli import run_cli
+from runtime_helpers import run_cli
 
 from parscale.atomic import check_destination, foreign_in_export
 from parscale.cli import DEFAULT_MODEL
+from parscale.driver import GraphInfo, open_session, step
 from parscale.errors import ParScaleError
-from parscale.graph import GraphInfo, open_session, step
 from parscale.manifest import FORMAT_VERSION, Manifest
 
 

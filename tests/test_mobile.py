@@ -9,11 +9,9 @@ import onnxruntime as ort
 import pytest
 from runtime_helpers import greedy_graph
 
+from parscale.driver import open_session
 from parscale.exporter.files.mobile import ORT_MODEL, ORT_OPERATORS, operators
-from parscale.graph import open_session
 from parscale.manifest import MODEL_FILE, Manifest
-
-pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
 
 def greedy(session: ort.InferenceSession, prompts: list[list[int]], n: int) -> list[list[int]]:

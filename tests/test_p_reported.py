@@ -8,7 +8,7 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_runtime_cli import run_cli
+from runtime_helpers import run_cli
 
 from parscale.cli import DEFAULT_MODEL
 from parscale.errors import ParScaleError

@@ -24,6 +24,7 @@ from runtime_helpers import all_nodes, greedy_graph
 from typer.testing import CliRunner
 
 from parscale.cli import app
+from parscale.driver import open_session
 from parscale.errors import ParScaleError
 from parscale.exporter import pipeline as export_module
 from parscale.exporter.pipeline import export
@@ -33,11 +34,8 @@ from parscale.exporter.quant.policy import QuantScheme, default_scheme
 from parscale.exporter.quant.rewrite import quantize_graph
 from parscale.exporter.torch_reference import compare
 from parscale.fidelity import compare_exports
-from parscale.graph import open_session
 from parscale.manifest import MANIFEST, MODEL_FILE, Manifest
 from parscale.modeling.checkpoint import load_model
-
-pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ import pytest
 import torch
 from runtime_helpers import TEXTS, all_nodes, byte_level_tokenizer, decode_step_ops, torch_greedy
 
+from parscale.driver import CPU, CUDA
 from parscale.errors import ParScaleError
-from parscale.graph import CPU, CUDA
 from parscale.modeling.checkpoint import load_model
 from parscale.runtime import Model
+from parscale.runtime.engine import Engine
 from parscale.runtime.sampling import Sampler, SamplingConfig, nucleus, softmax, top_k_filter
-from parscale.runtime.session import Engine
 from parscale.text import IncrementalDecoder, Tokenizer
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 3], [11, 12, 400]]  # different lengths: the second is left-padded
@@ -156,7 +156,7 @@ def test_generate_and_the_streams_take_the_same_explicit_options():
     assert params["generate"] == params["stream"] == params["stream_tokens"]
     assert not [p for p in params["generate"] if p.kind is inspect.Parameter.VAR_KEYWORD]
     assert [p.name for p in params["generate"]][1:] == [
-        "prompt", "prompt_ids", "max_new_tokens", "greedy", "temperature", "top_k", "top_p",
+        "prompt", "prompt_ids", "options", "max_new_tokens", "greedy", "temperature", "top_k", "top_p",
         "repetition_penalty", "seed", "stop", "ignore_eos", "P"]
 
 
@@ -351,7 +351,7 @@ def test_exports_are_the_fused_graph(tiny_exports):
     prefix rows are recorded for the runtime."""
     import onnx
 
-    from parscale.graph import GraphInfo, open_session
+    from parscale.driver import GraphInfo, open_session
 
     for P in (1, 4):
         path = tiny_exports[P][1] / "model.onnx"

@@ -9,27 +9,10 @@ import sys
 import textwrap
 
 import pytest
-from runtime_helpers import torch_greedy
+from runtime_helpers import BLOCK_TORCH, run_cli, torch_greedy
 
 from parscale.modeling.checkpoint import load_model
 from parscale.runtime import Model
-
-# Installed before anything else in a child interpreter: importing these fails as if not installed.
-BLOCK_TORCH = textwrap.dedent("""
-    import importlib.abc, sys
-    BLOCKED = ("torch", "onnx", "safetensors", "transformers")
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-            return None
-    sys.meta_path.insert(0, Block())
-""")
-
-
-def run_cli(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
-    code = prelude + "\nimport sys\nfrom parscale.cli import main\nsys.argv = ['parscale', *sys.argv[1:]]\nmain()\n"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
 
 
 def test_generate_json(tiny_exports):

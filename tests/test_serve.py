@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from runtime_helpers import run_cli
 from serve_helpers import Server, http, serving
-from test_runtime_cli import run_cli
 
 from parscale.runtime import Model
 from parscale.serve.verify import check_greedy

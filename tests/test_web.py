@@ -18,8 +18,6 @@ from parscale.config import ParScaleConfig
 from parscale.exporter.files.web import TRANSFORMERS_JS_CONFIG, TRANSFORMERS_JS_VERSION
 from parscale.manifest import Manifest
 
-pytestmark = pytest.mark.slow  # exports and CLI runs: the full tier (CI), not `-m "not slow"`
-
 WEB = Path(__file__).resolve().parents[1] / "web"
 PACKAGE = WEB / "node_modules" / "@huggingface" / "transformers" / "package.json"
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from parscale.driver import open_session
 from parscale.errors import ParScaleError
 from parscale.exporter.torch_reference import Reference, ValidationReport, check_graph
-from parscale.fidelity import Fidelity, compare_sessions, random_tokens, text_tokens
-from parscale.graph import open_session
+from parscale.fidelity import Fidelity, compare_sessions, fidelity_tokens
 from parscale.manifest import MODEL_FILE
 
 
@@ -91,10 +91,7 @@ def _fidelity(
     P: int | None,  # noqa: N803
 ) -> Fidelity:
     """The quantized graph against the float one, on a text file's tokens or on random tokens."""
-    if text is not None:
-        tokens, source = text_tokens(model_dir, text), f"text {Path(text).name}"
-    else:
-        tokens, source = random_tokens(vocab, 4 * 128 + 1, seed=0), "random tokens (seed 0)"  # + 1: last target
+    tokens, source = fidelity_tokens(model_dir, text, vocab, 4 * 128 + 1)  # + 1: the last window's last target
     return compare_sessions(
         open_float, lambda: open_session(quant_dir / MODEL_FILE), tokens,
         window=128, max_windows=EVAL_WINDOWS if text is not None else 4, source=source, text=text is not None,

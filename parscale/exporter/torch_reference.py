@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from parscale.graph import GraphInfo, step
+from parscale.driver import GraphInfo, prefill_decode
 from parscale.modeling.model import ParScaleForCausalLM
 
 
@@ -77,19 +77,13 @@ def check_graph(session: ort.InferenceSession, ref: Reference, *, tolerance: flo
 
     Decode steps feed the graph the module's greedy token, so one early flip cannot hide later ones.
     """
-    ids, mask = ref.ids, ref.mask
-    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    info = GraphInfo.of(session).at(ref.P)
-    logits, past = step(session, info, ids, mask, pos)
-    real = mask.astype(bool)
+    real = ref.mask.astype(bool)
+    steps = prefill_decode(session, GraphInfo.of(session).at(ref.P), ref.ids, ref.mask, ref.tokens)
+    logits = next(steps)
     prefill_diff = _max_diff(logits, ref.logits[0], real)
     greedy = bool((logits.argmax(-1) == ref.logits[0].argmax(-1))[real].all())
-
     decode_diff = 0.0
-    for nxt, expected in zip(ref.tokens, ref.logits[1:], strict=True):
-        mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
-        logits, past = step(session, info, nxt, mask, pos, past, keep=1)
+    for logits, expected in zip(steps, ref.logits[1:], strict=True):
         decode_diff = max(decode_diff, _max_diff(logits, expected, None))
         greedy &= bool((logits.argmax(-1) == expected.argmax(-1)).all())
     return ValidationReport(

@@ -10,8 +10,8 @@ Needs only numpy, onnxruntime (or onnxruntime-gpu) and tokenizers:
 """
 
 from parscale.errors import ParScaleError
-from parscale.runtime.generate import GenerationResult, Timings, TokenEvent
-from parscale.runtime.model import Model
+from parscale.runtime.api import Model
+from parscale.runtime.generate import GenerationOptions, GenerationResult, Timings, TokenEvent
 from parscale.runtime.sampling import SamplingConfig
 
-__all__ = ["GenerationResult", "Model", "ParScaleError", "SamplingConfig", "Timings", "TokenEvent"]
+__all__ = ["GenerationOptions", "GenerationResult", "Model", "ParScaleError", "SamplingConfig", "Timings", "TokenEvent"]

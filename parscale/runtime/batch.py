@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from parscale.runtime.engine import Engine
 from parscale.runtime.generate import (
     FINISH_EOS,
     FINISH_LENGTH,
@@ -41,7 +42,6 @@ from parscale.runtime.generate import (
     _RowText,
 )
 from parscale.runtime.sampling import Sampler, SamplingConfig
-from parscale.runtime.session import Engine
 from parscale.text import Tokenizer
 
 JOIN, WAIT, DRAIN = "join", "wait", "drain"  # what `DecodeBatch.fits` says of a row that would join

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from parscale.args import check_generation, check_int, check_threads
-from parscale.graph import SPIN_DEFAULT
+from parscale.driver import SPIN_DEFAULT
+from parscale.runtime.api import Model
 from parscale.runtime.memory import check_cache_fits
-from parscale.runtime.model import Model
 
 
 @dataclass

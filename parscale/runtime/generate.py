@@ -1,17 +1,84 @@
-"""What a generation yields: results, timings, token events and steps; streaming text with stop strings.
+"""What a generation takes and yields: its options; results, timings, token events and steps; streaming
+text with stop strings.
 
 The loop itself is `parscale.runtime.batch` (`DecodeBatch`, `run_generation`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
+from parscale.errors import ParScaleError
 from parscale.text import IncrementalDecoder, Tokenizer
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
 PAD_ID = 0  # any in-vocabulary id: padded positions are masked out and never attended to
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How one generation call runs: `Model.generate`, `stream` and `stream_tokens` take these fields as
+    keywords, or a prepared `options=GenerationOptions(...)` (keywords then override its fields).
+
+    - max_new_tokens: new tokens at most; prompt plus this must fit the context length.
+    - greedy / temperature: greedy=True or temperature 0 (the default) take the most likely token, as
+      does any temperature below `sampling.MIN_TEMPERATURE` (1e-3, its limit); a larger temperature
+      samples, after top_k (0 = off) and top_p (1.0 = off) filtering.
+    - repetition_penalty: > 1 discourages tokens already in the prompt or output (1.0 = off); in
+      [0.01, 100], else refused.
+    - seed: makes sampling reproducible (None: a fresh random state); in a batch each row draws from its
+      own generator, spawned from the seed.
+    - stop: a string or strings that end generation; they are cut from the text (needs a tokenizer).
+    - ignore_eos: keep going past the EOS ids of generation_config.json.
+    - P: the parallel streams to run, for a multi-P export (one it serves; default: its largest).
+
+    The values are checked when a call starts (ParScaleError naming the field), not here.
+    """
+
+    max_new_tokens: int = 64
+    greedy: bool = False
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: str | Sequence[str] | None = None
+    ignore_eos: bool = False
+    P: int | None = None
+
+
+_OPTION_NAMES = {f.name for f in dataclasses.fields(GenerationOptions)}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def call_options(options: GenerationOptions | None, changes: dict[str, Any], where: str) -> GenerationOptions:
+    """The options of one call named `where`: `options` (None: the defaults) with the call's keyword
+    `changes`. A keyword that is not an option is a TypeError, as for any function; `options` of another
+    type is a ParScaleError."""
+    if options is None:
+        options = GenerationOptions()
+    elif not isinstance(options, GenerationOptions):
+        raise ParScaleError(f"options must be a GenerationOptions, got {type(options).__name__}")
+    unknown = sorted(set(changes) - _OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}; "
+                        f"generation options are: {', '.join(sorted(_OPTION_NAMES))}")
+    return dataclasses.replace(options, **changes) if changes else options
+
+
+def takes_options(method: F) -> F:
+    """Give a method `(self, ..., options=None, **kwargs)` the signature `help()` and editors show: its
+    own parameters, then every `GenerationOptions` field as a keyword with its default."""
+    own = inspect.signature(method)
+    params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+               for f in dataclasses.fields(GenerationOptions)]
+    method.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+    return method
 
 
 @dataclass

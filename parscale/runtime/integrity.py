@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from parscale.config import ParScaleConfig
+from parscale.config import ParScaleConfig, Streams
+from parscale.driver import GraphInfo
 from parscale.errors import ParScaleError
-from parscale.graph import GraphInfo
 from parscale.manifest import MANIFEST, MODEL_FILE, Manifest, check_closed_list, check_files, listed_file
-from parscale.runtime.weights import check_finite
+from parscale.runtime.finite_weights import check_finite
 
 
 def verify_folder(path: Path, manifest: Manifest, *, verify: bool) -> None:
@@ -73,8 +73,9 @@ def check_against_graph(path: Path, fields: dict[str, int], session: Any,
                             ("vocab_size", info.vocab_size, "the graph's logits shape")):
         if got != fields[key]:
             raise _mismatch(path, key, fields[key], where, got)
-    if manifest is not None and list(info.streams or [fields["P"]]) != manifest.streams:
-        raise _mismatch(path, "io.cache.streams", manifest.streams, "the graph", list(info.streams or [fields["P"]]))
+    graph_streams = info.streams or Streams((fields["P"],))
+    if manifest is not None and graph_streams != manifest.streams:
+        raise _mismatch(path, "io.cache.streams", list(manifest.streams), "the graph", list(graph_streams))
     return info
 
 

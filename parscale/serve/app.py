@@ -51,7 +51,7 @@ def create_app(model: Model, *, name: str | None = None, max_batch: int = 8, max
 
     `app.state.batcher` is its scheduler, started and stopped by the app's lifespan.
     """
-    names = ModelNames(name or model.path.name, tuple(model.streams), model.P)
+    names = ModelNames(name or model.path.name, model.streams, model.P)
     batcher = Batcher(model, max_batch=max_batch, max_queue=max_queue)
     started = int(time.time())
 

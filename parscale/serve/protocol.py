@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from parscale.args import MAX_SEED, check_float, check_generation, check_int
+from parscale.config import Streams
 from parscale.errors import ParScaleError
 from parscale.runtime.batch import RowSpec
 from parscale.runtime.generate import GenerationResult
@@ -73,7 +74,7 @@ class ModelNames:
     """The names the server answers to: NAME (the default P) and NAME:p{P} for each P it serves."""
 
     name: str
-    streams: tuple[int, ...]
+    streams: Streams
     default: int
 
     def ids(self) -> list[str]:
@@ -90,16 +91,19 @@ class ModelNames:
             if head != self.name or not tail.isdigit():
                 raise APIError(404, f"the model {requested!r} does not exist; this server serves: {served}",
                                param="model", code="model_not_found")
-            P = int(tail)
-            if P not in self.streams:
-                raise APIError(404, f"{self.name} serves P = {', '.join(map(str, self.streams))}; "
-                               f"there is no {requested!r}", param="model", code="model_not_found")
+            try:
+                P = self.streams.pick(int(tail), self.name)
+            except ParScaleError:
+                raise APIError(404, f"{self.name} serves P = {self.streams}; there is no {requested!r}",
+                               param="model", code="model_not_found") from None
         if parscale_p is not None:
             with _field("parscale_p"):
                 asked = check_int(parscale_p, "parscale_p")
-            if asked not in self.streams:
-                raise APIError(400, f"{self.name} serves P = {', '.join(map(str, self.streams))}; got "
-                               f"parscale_p={asked}", param="parscale_p")
+            try:
+                self.streams.pick(asked, self.name)
+            except ParScaleError:
+                raise APIError(400, f"{self.name} serves P = {self.streams}; got parscale_p={asked}",
+                               param="parscale_p") from None
             if P is not None and asked != P:
                 raise APIError(400, f"the model {requested!r} runs P={P}, but parscale_p is {asked}: "
                                "give one or the other", param="parscale_p")

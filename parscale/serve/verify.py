@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from parscale.graph import step
+from parscale.driver import step
 from parscale.runtime import Model
 
 TOLERANCE = 0.05  # logits: the least tolerance, whatever the measured noise (float32 exports: ~1e-5)

@@ -45,39 +45,37 @@ REPORT_FILE = "training_report.json"
 class Recipe:
     """Every choice that determines the trained model (seed included): recorded in the report."""
 
-    seed: int = 0
-    # tokenizer
-    vocab_size: int = 4096
+    seed: int = 0  # initialisation, data order and the tokenizer's training sample
+    vocab_size: int = 4096  # the byte-level BPE trained on the corpus
     # backbone (Qwen2 shapes)
     hidden_size: int = 256
-    intermediate_size: int = 704
+    intermediate_size: int = 704  # the SwiGLU MLP's width
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    num_key_value_heads: int = 2  # grouped-query attention: 2 query heads per KV head
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = True  # the LM head is the embedding table
     # parallel scaling
-    P: int = 4
-    prefix_tokens: int = 16
-    prefix_std: float = 0.02
-    # data
-    seq_len: int = 256
-    # stage 1: the whole backbone at P=1
+    P: int = 4  # the streams of the checkpoint's own head set (parscale_n)
+    prefix_tokens: int = 16  # learned key/value rows per stream and layer
+    prefix_std: float = 0.02  # their initial scale
+    seq_len: int = 256  # tokens per training window
+    # stage 1: the whole backbone at P=1 (AdamW, warmup then cosine decay)
     steps1: int = 800
-    batch1: int = 16
-    lr1: float = 2e-3
-    warmup1: int = 40
+    batch1: int = 16  # windows per step
+    lr1: float = 2e-3  # peak learning rate
+    warmup1: int = 40  # steps of linear warmup
     weight_decay1: float = 0.1
     # stage 2: prefixes and aggregation only, backbone frozen
     steps2: int = 300
-    batch2: int = 8
-    lr2_prefix: float = 1e-2
-    lr2_aggregate: float = 1e-3
-    warmup2: int = 15
+    batch2: int = 8  # windows per step
+    lr2_prefix: float = 1e-2  # peak learning rate of the prefixes
+    lr2_aggregate: float = 1e-3  # and of the aggregation MLP
+    warmup2: int = 15  # steps of linear warmup
     # both stages
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1  # the cosine decay's floor, relative to the peak
+    grad_clip: float = 1.0  # global gradient-norm clip
     bf16_autocast: bool = True
     # held-out measurement: this many non-overlapping seq_len windows, evenly spread over the held-out
     # stream (0 = all of them); both models are scored on exactly the same windows

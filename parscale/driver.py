@@ -1,9 +1,9 @@
-"""Drive an export's graph by the contract: the one session factory and the one forward step.
+"""Drive an export's graph by the contract: the one session factory, forward step and teacher-forced loop.
 
-Everything that runs an export goes through here: the runtime's Engine (which adds I/O binding on
-top), the exporter's validation, fidelity, evaluation, benchmarks and tests. So session options,
-provider choice, ORT error wrapping, the cache dtype and the empty first-step cache are decided in
-one place. Torch-free: numpy and onnxruntime only.
+Everything that runs an export goes through here: the runtime's Engine (which binds OrtValues but
+takes its token inputs and error handling from here), the exporter's validation, fidelity,
+evaluation, benchmarks and tests. So session options, provider choice, ORT error wrapping, the cache
+dtype and the empty first-step cache are decided in one place. Torch-free: numpy and onnxruntime only.
 """
 
 from __future__ import annotations
@@ -11,16 +11,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
 
 from parscale import contract
+from parscale.config import Streams
 from parscale.errors import ParScaleError
 
+T = TypeVar("T")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # ONNX type string of the cache inputs -> the numpy dtype of an empty cache fed to them.
 CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -115,17 +118,15 @@ class GraphInfo:
     vocab_size: int
     cache_dtype: type  # numpy dtype of the cache (float16 for an fp16 export)
     prefix_rows: int | None = None  # cache rows the graph writes before the tokens (None: not recorded)
-    streams: tuple[int, ...] = ()  # the P a graph serving several P runs (empty: the graph's one P)
+    streams: Streams | None = None  # the P a graph serving several P runs (None: the graph's one P)
     kv_heads: int = 0  # KV heads per stream, for a graph serving several P
 
     def at(self, P: int | None) -> GraphInfo:  # noqa: N803
         """This graph driven at P streams: for a graph serving several P, the cache heads of that P
         (None: the largest); a single-P graph has one P, which its manifest states."""
-        if not self.streams or P is None:
+        if self.streams is None or P is None:
             return self
-        if P not in self.streams:
-            raise ParScaleError(f"this export serves P = {', '.join(map(str, self.streams))}; got P={P}")
-        return dataclasses.replace(self, cache_heads=P * self.kv_heads)
+        return dataclasses.replace(self, cache_heads=self.streams.pick(P) * self.kv_heads)
 
     @classmethod
     def of(cls, session: ort.InferenceSession) -> GraphInfo:
@@ -155,7 +156,7 @@ class GraphInfo:
         return cls(num_layers=num_layers, cache_heads=heads, head_dim=head_dim, vocab_size=vocab,
                    cache_dtype=CACHE_DTYPES[past.type],
                    prefix_rows=rows if _count(rows, minimum=0) else None,
-                   streams=tuple(sorted(streams)) if multi else (), kv_heads=kv if multi else 0)
+                   streams=Streams(tuple(streams)) if multi else None, kv_heads=kv if multi else 0)
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         """The cache of a first step: every past input with length 0."""
@@ -177,6 +178,27 @@ def _count(value: Any, minimum: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+def token_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The contract's three token inputs as the graph takes them (contiguous int64)."""
+    return {
+        contract.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
+        contract.ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
+        contract.POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
+    }
+
+
+def run_graph(run: Callable[[], T]) -> T:
+    """Call `run` (a session's run or run_with_iobinding) with ONNX Runtime's failures as one ParScaleError.
+
+    ORT raises its own exception types, with a C++ trace after the first line; a damaged graph or
+    weights fail here, and the user gets that first line.
+    """
+    try:
+        return run()
+    except Exception as e:  # ORT's own exception types
+        raise ParScaleError(f"onnxruntime failed running the graph: {str(e).splitlines()[0]}") from None
+
+
 def step(
     session: ort.InferenceSession, info: GraphInfo, input_ids: np.ndarray, attention_mask: np.ndarray,
     position_ids: np.ndarray, past: dict[str, np.ndarray] | None = None, *, keep: int = 0,
@@ -187,15 +209,30 @@ def step(
     `past` None is the empty cache. Numpy in, numpy out (the Engine binds OrtValues instead).
     """
     feed = {
-        contract.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
-        contract.ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
-        contract.POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
+        **token_inputs(input_ids, attention_mask, position_ids),
         contract.NUM_LOGITS_TO_KEEP: np.array(keep, dtype=np.int64),  # overrides the graph's default (1)
         **(past if past is not None else info.empty_past(len(input_ids))),
     }
     names = [contract.KEPT_LOGITS, *contract.present_names(info.num_layers)]
-    try:
-        out = session.run(names, feed)
-    except Exception as e:  # ORT's own exception types: a damaged graph or weights fail here
-        raise ParScaleError(f"onnxruntime failed running the graph: {str(e).splitlines()[0]}") from None
+    out = run_graph(lambda: session.run(names, feed))
     return out[0], dict(zip(contract.past_names(info.num_layers), out[1:], strict=True))
+
+
+def prefill_decode(
+    session: ort.InferenceSession, info: GraphInfo, input_ids: np.ndarray, attention_mask: np.ndarray,
+    next_tokens: Iterable[np.ndarray],
+) -> Iterator[np.ndarray]:
+    """Prefill `input_ids` (batch, s) under `attention_mask` (0 = left padding), then feed each array of
+    `next_tokens` (batch, 1) through the cache, one position further each: the one teacher-forced loop.
+
+    Yields the prefill's logits (batch, s, vocab), then each decode step's (batch, 1, vocab).
+    """
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)
+    logits, past = step(session, info, input_ids, mask, positions)
+    yield logits
+    for tokens in next_tokens:
+        mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+        logits, past = step(session, info, tokens, mask, positions, past, keep=1)
+        yield logits

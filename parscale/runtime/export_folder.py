@@ -13,8 +13,8 @@ from typing import Any
 
 from parscale.args import check_threads
 from parscale.config import ParScaleConfig
+from parscale.driver import CPU, CUDA, GraphInfo, default_threads, open_session, resolve_provider
 from parscale.errors import ParScaleError
-from parscale.graph import CPU, CUDA, GraphInfo, default_threads, open_session, resolve_provider
 from parscale.manifest import MODEL_FILE, Manifest, listed_file
 from parscale.runtime.integrity import check_against_config, check_against_graph, verify_folder
 from parscale.runtime.memory import advise_random_access, limit_malloc_retention
@@ -71,8 +71,9 @@ class ExportFolder:
         tokenizer = None
         if tok_path is not None:
             tokenizer = check_tokenizer_fits(Tokenizer(tok_path), info.vocab_size, path)
-        return cls(path=path, manifest=manifest, config=config, tokenizer=tokenizer,
-                   eos_ids=load_eos_ids(path, info.vocab_size), session=session, info=info, provider=name)
+        eos_ids = load_eos_ids(path, info.vocab_size, config=config)  # config.json already read: not again
+        return cls(path=path, manifest=manifest, config=config, tokenizer=tokenizer, eos_ids=eos_ids,
+                   session=session, info=info, provider=name)
 
 
 def _checked(path: Path, verify: bool) -> tuple[Manifest, ParScaleConfig | None]:

@@ -1,5 +1,8 @@
 """The runtime's forward step: one KV-cache buffer per layer, bound as both past and present.
 
+The Engine drives the graph through `parscale.driver` (its token inputs and its one ORT error
+wrapping) and adds what generation needs on top: I/O binding and a cache that outlives each step.
+
 A generation allocates, per layer and kind, one buffer of (batch, P*Hkv, prefix rows + prompt +
 new tokens, head_dim), zero-filled, on the execution device, and binds it as both the
 `past_key_values.*` input and the `present.*` output (I/O binding): GroupQueryAttention then writes
@@ -17,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from parscale import contract
+from parscale.driver import CUDA, GraphInfo, run_graph, token_inputs
 from parscale.errors import ParScaleError
-from parscale.graph import CUDA, GraphInfo
 from parscale.runtime.memory import check_cache_fits
 from parscale.runtime.rotary import rotate
 
@@ -139,13 +142,9 @@ class Engine:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Run the graph on new tokens; returns last-position logits (batch, vocab), a view reused next step."""
         b = self.binding
-        b.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
-        b.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
-        b.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
-        try:
-            self.session.run_with_iobinding(b)
-        except Exception as e:  # ORT's own exception types: a damaged graph or weights fail here
-            raise ParScaleError(f"onnxruntime failed running the graph: {str(e).splitlines()[0]}") from None
+        for name, value in token_inputs(input_ids, attention_mask, position_ids).items():
+            b.bind_cpu_input(name, value)
+        run_graph(lambda: self.session.run_with_iobinding(b))
         logits = self.logits[:, -1]
         if not np.isfinite(logits).all():  # cheap (one row per sequence); NaN would decode as token 0 forever
             raise ParScaleError("the model produced NaN/Inf logits: its weights or inputs are damaged; "

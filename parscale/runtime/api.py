@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 
 from parscale.args import check_bool, check_generation, check_stop
+from parscale.config import Streams
+from parscale.driver import CPU, GraphInfo
 from parscale.errors import ParScaleError
-from parscale.graph import CPU, GraphInfo
 from parscale.runtime.batch import run_generation
-from parscale.runtime.folder import ExportFolder
-from parscale.runtime.generate import GenerationResult, Step, TokenEvent
+from parscale.runtime.engine import Engine
+from parscale.runtime.export_folder import ExportFolder
+from parscale.runtime.generate import GenerationOptions, GenerationResult, Step, TokenEvent, call_options, takes_options
 from parscale.runtime.memory import check_cache_fits
 from parscale.runtime.sampling import SamplingConfig
-from parscale.runtime.session import Engine
 from parscale.text import TOKENIZER_FILE
 
 Prompt = str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
@@ -48,7 +49,7 @@ class Model:
         self.session, self.provider = folder.session, folder.provider
         self.tokenizer, self.eos_ids, self.info = folder.tokenizer, folder.eos_ids, folder.info
         self.P: int = folder.manifest.model.P  # the default; a multi-P export serves every P of `streams`
-        self.streams: list[int] = folder.manifest.streams
+        self.streams: Streams = folder.manifest.streams
         self.vocab_size: int = folder.info.vocab_size
         self.context_length: int = folder.manifest.model.max_position_embeddings
 
@@ -61,7 +62,7 @@ class Model:
         (the default) sha256 and NaN/Inf weights too; then the manifest against the graph and
         config.json. `threads` is clamped to the CPUs available. `spin`: whether ONNX Runtime's idle
         worker threads spin between operators (faster on a quiet machine) or sleep (kinder to a busy
-        one); None takes the measured default (`parscale.graph.SPIN_DEFAULT`). `verify_checksums` is
+        one); None takes the measured default (`parscale.driver.SPIN_DEFAULT`). `verify_checksums` is
         the old name of `verify`.
         """
         if verify_checksums is not None:
@@ -92,37 +93,22 @@ class Model:
             raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: cannot turn ids into text")
         return self.tokenizer.decode(list(ids))
 
-    def generate(
-        self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None, max_new_tokens: int = 64,
-        greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-        repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False, P: int | None = None,  # noqa: N803
-    ) -> GenerationResult | list[GenerationResult]:
+    @takes_options
+    def generate(self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None,
+                 options: GenerationOptions | None = None, **kwargs: Any) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (-> a result) or a batch (a list of prompts -> a list of results).
 
         A prompt is text or a list of token ids (`prompt_ids` takes ids only). A batch is
-        left-padded and runs together.
-
-        - max_new_tokens: new tokens at most; prompt plus this must fit the context length.
-        - greedy / temperature: greedy=True or temperature 0 (the default) take the most likely
-          token, as does any temperature below `sampling.MIN_TEMPERATURE` (1e-3, its limit);
-          a larger temperature samples, after top_k (0 = off) and top_p (1.0 = off) filtering.
-        - repetition_penalty: > 1 discourages tokens already in the prompt or output (1.0 = off); in
-          [0.01, 100], else refused.
-        - seed: makes sampling reproducible (None: a fresh random state); in a batch each row draws from
-          its own generator, spawned from the seed.
-        - stop: a string or strings that end generation; they are cut from the text (needs a tokenizer).
-        - ignore_eos: keep going past the EOS ids of generation_config.json.
-        - P: the parallel streams to run, for a multi-P export (one of `streams`; default `self.P`,
-          the largest). Each call picks its own; the backbone is loaded once for all.
+        left-padded and runs together. The options (`GenerationOptions`: max_new_tokens, greedy,
+        temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos, P) come as keywords, or
+        as `options=`, which keywords then override. Each call picks its own P; the backbone is
+        loaded once for all.
 
         Bad input raises ParScaleError before ONNX Runtime runs.
         """
         started = time.perf_counter()
         prompts, single = self._prompts(prompt, prompt_ids)
-        steps = self._start(prompts, started, max_new_tokens=max_new_tokens, greedy=greedy,
-                            temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos, P=P)
+        steps = self._start(prompts, started, call_options(options, kwargs, "generate"))
         results: list[GenerationResult] | None = None
         for step in steps:  # run to the end, so that the engine is released here
             results = step.results
@@ -130,12 +116,9 @@ class Model:
             raise RuntimeError("generation ended without results")
         return results[0] if single else results
 
-    def stream_tokens(
-        self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None, max_new_tokens: int = 64,
-        greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-        repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False, P: int | None = None,  # noqa: N803
-    ) -> Iterator[TokenEvent]:
+    @takes_options
+    def stream_tokens(self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None,
+                      options: GenerationOptions | None = None, **kwargs: Any) -> Iterator[TokenEvent]:
         """One `TokenEvent` per new token of one prompt; the last event's `result` is the `GenerationResult`.
 
         Options as for `generate`. Works without a tokenizer (every event's text is then '').
@@ -144,17 +127,12 @@ class Model:
         """
         started = time.perf_counter()
         prompts = self._one_prompt(prompt, prompt_ids, "stream_tokens")
-        steps = self._start(prompts, started, max_new_tokens=max_new_tokens, greedy=greedy,
-                            temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos, P=P)
+        steps = self._start(prompts, started, call_options(options, kwargs, "stream_tokens"))
         return _token_events(steps)
 
-    def stream(
-        self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None, max_new_tokens: int = 64,
-        greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-        repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False, P: int | None = None,  # noqa: N803
-    ) -> Iterator[str]:
+    @takes_options
+    def stream(self, prompt: Prompt | None = None, *, prompt_ids: Sequence[int] | None = None,
+               options: GenerationOptions | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield the text of one prompt as it is generated (never splitting a character).
 
         Options as for `generate`; the pieces join to the result's `text`. For the token ids,
@@ -162,13 +140,11 @@ class Model:
         """
         started = time.perf_counter()
         prompts = self._one_prompt(prompt, prompt_ids, "stream")
+        opts = call_options(options, kwargs, "stream")
         if self.tokenizer is None:
             raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: streaming text needs one; "
                                 "use stream_tokens for token ids")
-        steps = self._start(prompts, started, max_new_tokens=max_new_tokens, greedy=greedy,
-                            temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos, P=P)
-        return (event.text for event in _token_events(steps) if event.text)
+        return (event.text for event in _token_events(self._start(prompts, started, opts)) if event.text)
 
     def engine(self, info: GraphInfo) -> Engine:
         """A new Engine (one call's binding and cache) on this model's session, driving the graph as `info`
@@ -179,15 +155,9 @@ class Model:
 
     # ------------------------------------------------------------------ input checks
 
-    def check_streams(self, P: int | None) -> int:  # noqa: N803
+    def check_streams(self, P: Any) -> int:  # noqa: N803
         """`P` (None: the default) if this export serves it, else a ParScaleError naming the P it serves."""
-        if P is None:
-            return self.P
-        if isinstance(P, bool) or not isinstance(P, (int, np.integer)) or P not in self.streams:
-            hint = ("" if len(self.streams) > 1 else
-                    "; it is a single-P export (`parscale export CKPT --P 1,2,4,8` makes one serving several P)")
-            raise ParScaleError(f"{self.path} serves P = {', '.join(map(str, self.streams))}; got P={P!r}{hint}")
-        return int(P)
+        return self.streams.pick(P, str(self.path))
 
     def _prompts(self, prompt: Prompt | None, prompt_ids: Sequence[int] | None) -> tuple[list[list[int]], bool]:
         """Normalise to a batch of id lists; check them against the vocabulary."""
@@ -236,21 +206,20 @@ class Model:
             raise ParScaleError(f"{what} takes one prompt; use generate for a batch")
         return prompts
 
-    def _start(self, prompts: list[list[int]], started: float, *, max_new_tokens: int, greedy: bool,
-               temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
-               stop: str | Sequence[str] | None, ignore_eos: bool, P: int | None) -> Iterator[Step]:  # noqa: N803
+    def _start(self, prompts: list[list[int]], started: float, opts: GenerationOptions) -> Iterator[Step]:
         """Check the options and set up one call: a fresh Engine (never shared between calls) and sampler."""
-        info = self.info.at(self.check_streams(P))
-        max_new_tokens = check_generation(max(len(p) for p in prompts), max_new_tokens, self.context_length)
-        check_cache_fits(info, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
-        stops = check_stop(stop)
-        ignore_eos = check_bool(ignore_eos, "ignore_eos")
+        info = self.info.at(self.check_streams(opts.P))
+        longest = max(len(p) for p in prompts)
+        max_new_tokens = check_generation(longest, opts.max_new_tokens, self.context_length)
+        check_cache_fits(info, len(prompts), longest + max_new_tokens)
+        stops = check_stop(opts.stop)
+        ignore_eos = check_bool(opts.ignore_eos, "ignore_eos")
         if stops and self.tokenizer is None:
             raise ParScaleError(f"{self.path} has no {TOKENIZER_FILE}: stop strings need one")
-        config = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, seed=seed)
+        sampling = SamplingConfig(greedy=opts.greedy, temperature=opts.temperature, top_k=opts.top_k,
+                                  top_p=opts.top_p, repetition_penalty=opts.repetition_penalty, seed=opts.seed)
         return run_generation(
-            self.engine(info), prompts, max_new_tokens=max_new_tokens, sampling=config,
+            self.engine(info), prompts, max_new_tokens=max_new_tokens, sampling=sampling,
             eos_ids=self.eos_ids, stop=stops, tokenizer=self.tokenizer, ignore_eos=ignore_eos, started=started,
         )
 
