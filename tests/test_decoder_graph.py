@@ -92,6 +92,33 @@ def test_a_layer_is_the_nodes_of_the_table(P: int, prefix: int, tmp_path: Path) 
             assert gqa.name.startswith(f"model.layers.{i}.self_attn.gqa")
 
 
+@pytest.mark.parametrize(("P", "prefix"), [(1, 0), (4, 4)])
+def test_rows_are_named_where_inference_cannot(P: int, prefix: int, tmp_path: Path) -> None:  # noqa: N803
+    """The hidden states' s*P rows carry one name from the fan-out through every attention output, so that
+    ONNX Runtime can reuse activation buffers; at P=1 inference names them itself and nothing is declared."""
+    model = _module(P, prefix)
+    decoder = Decoder({P: model}, GraphBuilder(tmp_path), torch.float32)
+    ids, mask, _ = decoder.inputs()
+    sv = decoder.attention.step_values(ids, mask, decoder.streams.read_count())
+    x = decoder.embed(ids)
+    delta, residual = None, x
+    o_proj_inputs = []
+    for i in range(model.cfg.num_hidden_layers):
+        start = len(decoder.b.nodes)
+        delta, residual = decoder.layer(i, delta, residual, sv)
+        o_proj_inputs += [n.input[0] for n in decoder.b.nodes[start:] if n.name == f"model.layers.{i}.self_attn.o_proj"]
+    decoder.b.save(18, external_threshold=1 << 30)
+    declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in decoder.b.value_info}
+    if P == 1:
+        assert declared == {}
+        return
+    width = model.cfg.num_attention_heads * model.cfg.head_dim
+    assert len(o_proj_inputs) == model.cfg.num_hidden_layers
+    assert declared == {x: [contract.BATCH, "rows", model.cfg.hidden_size],
+                        **{name: [contract.BATCH, "rows", width] for name in o_proj_inputs}}
+
+
 class ScaledAttention(Attention):
     """The same operator with its softmax scale stated (1/sqrt(head_dim), the default): a swap that
     must change only the attention nodes and compute the same logits."""

@@ -26,14 +26,16 @@ from parscale.modeling.model import ParScaleForCausalLM, rope_cos_sin
 
 _INT_MAX = np.iinfo(np.int64).max
 PerP = Callable[[Callable[[int], list[str]], list[str]], list[str]]  # streams.ParallelStreams.per_P
+Rows = Callable[[str, int], str]  # streams.ParallelStreams.rows
 
 
 class Attention:
     """Each layer's attention of the graph of `models` (P -> module over one backbone)."""
 
-    def __init__(self, w: WeightWriter, models: dict[int, ParScaleForCausalLM], per_P: PerP) -> None:  # noqa: N803
+    def __init__(self, w: WeightWriter, models: dict[int, ParScaleForCausalLM], per_P: PerP,  # noqa: N803
+                 rows: Rows) -> None:
         self.w, self.b, self.models, self.Ps = w, w.b, models, sorted(models)
-        self.multi, self.per_P = len(models) > 1, per_P
+        self.multi, self.per_P, self.rows = len(models) > 1, per_P, rows
         c = models[self.Ps[-1]].cfg
         self.cfg, self.H, self.Hkv, self.D, self.N = c, c.num_attention_heads, c.num_key_value_heads, c.head_dim, \
             c.n_prefix
@@ -124,6 +126,7 @@ class Attention:
                              [b.fresh("attn"), *presents])[0]
         else:
             out = self.streams_as_heads(qkv, i, self.Ps[0], sv, presents)[0]
+        out = self.rows(out, self.H * self.D)  # (b, s*P, H*D)
         return self.w.linear(out, attn.o_proj.weight, f"{prefix}.self_attn.o_proj", f"{prefix}.self_attn.o_proj")
 
     def streams_as_heads(self, qkv: str, i: int, P: int, sv: StepValues, presents: list[str]) -> list[str]:  # noqa: N803

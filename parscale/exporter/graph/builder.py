@@ -33,6 +33,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []  # shapes declared for inner tensors (`declare`)
         self.initializers: list[TensorProto] = []
         self._names: set[str] = set()
         self._consts: dict[tuple, str] = {}
@@ -47,6 +48,14 @@ class GraphBuilder:
 
     def output(self, name: str, elem_type: int, shape: list[int | str]) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def declare(self, name: str, elem_type: int, shape: list[int | str]) -> str:
+        """State the shape of an inner tensor whose shape inference cannot name (a Reshape to -1 rows, an `If`
+        output). ONNX Runtime reuses an activation buffer only for tensors of provably equal shape: with the
+        arena off (`driver.session_options`) every unnamed one is a fresh allocation, paid for in page faults
+        (benchmarks/results/rows.md: a 128-token prefill of a P=1,4 graph, before and after)."""
+        self.value_info.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """A named initializer; stored in the external-data file unless it is tiny."""
@@ -138,7 +147,8 @@ class GraphBuilder:
              node_metadata: dict[str, dict[str, str]] | None = None) -> onnx.ModelProto:
         """Write `folder/model.onnx`; weights stay in the external-data file above the threshold."""
         self._data.close()
-        graph = helper.make_graph(self.nodes, "parscale", self.inputs, self.outputs, self.initializers)
+        graph = helper.make_graph(self.nodes, "parscale", self.inputs, self.outputs, self.initializers,
+                                  value_info=self.value_info)
         for node in graph.node:
             for key, value in (node_metadata or {}).get(node.name, {}).items():
                 node.metadata_props.add(key=key, value=value)

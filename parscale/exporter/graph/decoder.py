@@ -81,7 +81,7 @@ class Decoder:
         self.cfg, self.b = self.m.cfg, builder
         self.w = WeightWriter(builder, dtype)
         self.streams = ParallelStreams(self.w, models)
-        self.attention = attention(self.w, models, self.streams.per_P)
+        self.attention = attention(self.w, models, self.streams.per_P, self.streams.rows)
 
     def build(self) -> None:
         """embed -> layer(i) x n -> norm -> streams -> head."""

@@ -20,6 +20,9 @@ from parscale.exporter.graph.weights import ONNX_DTYPE, WeightWriter
 from parscale.modeling.model import ParScaleForCausalLM
 
 _INT_MAX = np.iinfo(np.int64).max
+# The name of the hidden states' row axis, s*P, where shape inference cannot compute it (P > 1, or P read
+# at run time): declared on the fan-out and on every attention output (`GraphBuilder.declare`).
+ROWS = "rows"
 
 
 class ParallelStreams:
@@ -56,7 +59,13 @@ class ParallelStreams:
         else:
             streams = b.const([1, 1, self.Ps[0], 1])
         x = b.op("Expand", x, streams)  # (b, s, P, h)
-        return b.op("Reshape", x, b.const([0, -1, h]))  # (b, s*P, h)
+        return self.rows(b.op("Reshape", x, b.const([0, -1, h])), h)  # (b, s*P, h)
+
+    def rows(self, x: str, width: int) -> str:
+        """Declare `x` (b, s*P, width) as (batch, ROWS, width) where inference cannot name its rows; returns `x`."""
+        if self.multi or self.Ps[0] > 1:
+            self.b.declare(x, self.w.onnx_dtype, [contract.BATCH, ROWS, width])
+        return x
 
     def keep_last(self, x: str, keep: str) -> str:
         """The last `keep` positions of (b, s*P, h); keep == 0 keeps them all."""
