@@ -19,6 +19,7 @@ from parscale.exporter.graph.attention import Attention
 from parscale.exporter.graph.builder import MS_DOMAIN, GraphBuilder
 from parscale.exporter.graph.decoder import Decoder, build_decoder
 from parscale.exporter.graph.step_values import StepValues
+from parscale.exporter.graph.streams import ROWS
 from parscale.exporter.graphfile import graph_metadata
 from parscale.exporter.torch_reference import check_graph, reference_run
 from parscale.manifest import MODEL_FILE
@@ -47,26 +48,28 @@ def _module(P: int, prefix: int) -> ParScaleForCausalLM:  # noqa: N803
     return random_model(ParScaleConfig.from_dict(cfg), seed=1)
 
 
-def _layer_nodes(model: ParScaleForCausalLM, folder: Path) -> list[list[onnx.NodeProto]]:
-    """Each decoder layer's top-level nodes, as `Decoder.layer` adds them."""
+def _layer_nodes(model: ParScaleForCausalLM, folder: Path) -> tuple[Decoder, str, list[list[onnx.NodeProto]]]:
+    """The decoder (its graph saved), its embedding's output, and each layer's top-level nodes, as
+    `Decoder.layer` adds them."""
     decoder = Decoder({model.cfg.P: model}, GraphBuilder(folder), torch.float32)
     ids, mask, _ = decoder.inputs()
     sv = decoder.attention.step_values(ids, mask, decoder.streams.read_count())
-    delta, residual = None, decoder.embed(ids)
+    x = decoder.embed(ids)
+    delta, residual = None, x
     layers = []
     for i in range(model.cfg.num_hidden_layers):
         start = len(decoder.b.nodes)
         delta, residual = decoder.layer(i, delta, residual, sv)
         layers.append(decoder.b.nodes[start:])
     decoder.b.save(18, external_threshold=1 << 30)  # closes the data file
-    return layers
+    return decoder, x, layers
 
 
 @pytest.mark.parametrize(("P", "prefix"), [(1, 0), (4, 4)])
 def test_a_layer_is_the_nodes_of_the_table(P: int, prefix: int, tmp_path: Path) -> None:  # noqa: N803
     model = _module(P, prefix)
     cfg = model.cfg
-    layers = _layer_nodes(model, tmp_path)
+    _, _, layers = _layer_nodes(model, tmp_path)
     assert len(layers) == cfg.num_hidden_layers == 2
     for i, nodes in enumerate(layers):
         expected = LAYER[P] if i else ["SimplifiedLayerNormalization", *LAYER[P][1:]]
@@ -97,17 +100,9 @@ def test_rows_are_named_where_inference_cannot(P: int, prefix: int, tmp_path: Pa
     """The hidden states' s*P rows carry one name from the fan-out through every attention output, so that
     ONNX Runtime can reuse activation buffers; at P=1 inference names them itself and nothing is declared."""
     model = _module(P, prefix)
-    decoder = Decoder({P: model}, GraphBuilder(tmp_path), torch.float32)
-    ids, mask, _ = decoder.inputs()
-    sv = decoder.attention.step_values(ids, mask, decoder.streams.read_count())
-    x = decoder.embed(ids)
-    delta, residual = None, x
-    o_proj_inputs = []
-    for i in range(model.cfg.num_hidden_layers):
-        start = len(decoder.b.nodes)
-        delta, residual = decoder.layer(i, delta, residual, sv)
-        o_proj_inputs += [n.input[0] for n in decoder.b.nodes[start:] if n.name == f"model.layers.{i}.self_attn.o_proj"]
-    decoder.b.save(18, external_threshold=1 << 30)
+    decoder, x, layers = _layer_nodes(model, tmp_path)
+    o_proj_inputs = [n.input[0] for i, nodes in enumerate(layers) for n in nodes
+                     if n.name == f"model.layers.{i}.self_attn.o_proj"]
     declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                 for v in decoder.b.value_info}
     if P == 1:
@@ -115,8 +110,8 @@ def test_rows_are_named_where_inference_cannot(P: int, prefix: int, tmp_path: Pa
         return
     width = model.cfg.num_attention_heads * model.cfg.head_dim
     assert len(o_proj_inputs) == model.cfg.num_hidden_layers
-    assert declared == {x: [contract.BATCH, "rows", model.cfg.hidden_size],
-                        **{name: [contract.BATCH, "rows", width] for name in o_proj_inputs}}
+    assert declared == {x: [contract.BATCH, ROWS, model.cfg.hidden_size],
+                        **{name: [contract.BATCH, ROWS, width] for name in o_proj_inputs}}
 
 
 class ScaledAttention(Attention):

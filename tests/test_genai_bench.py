@@ -4,29 +4,21 @@ so the bench extra has to)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from benchmarks import genai_bench
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def genai_bench() -> ModuleType:
-    """benchmarks.genai_bench (benchmarks/ is a folder of scripts beside the package, not installed)."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    return importlib.import_module("benchmarks.genai_bench")
-
-
-def test_genai_builds_and_runs_the_p1_weights(genai_bench: ModuleType, tmp_path: Path) -> None:
+def test_genai_builds_and_runs_the_p1_weights(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     subprocess.run([sys.executable, "-m", "parscale", "init", str(ckpt), "--preset", "tiny", "--P", "1"],
                    check=True, capture_output=True)
