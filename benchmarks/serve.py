@@ -3,7 +3,7 @@ a request that joins a running batch.
 
     python -m benchmarks.serve [--work DIR] [--preset qwen2.5-0.5b] [--kind int8] [--P 1,4] [--clients 1,4,16]
                                [--requests 4] [--prompt-len 128] [--gen 64] [--threads 2] [--max-batch 16]
-                               [--rounds 3] [--name serve]
+                               [--rounds 3] [--bound-gen 64,256] [--name serve]
 
 Makes (once, cached in --work; for the 0.5b/1.5b/3b presets through benchmarks.export_memory, which
 records the export's time and memory) a random checkpoint of the preset at the largest P, with random
@@ -19,6 +19,11 @@ Join latency, per P: one client streams; once it has 8 tokens a second request i
 first token (it joins the running batch at the next step: a prefill left-padded to the batch's
 length) against the same request on an idle server, and the longest gap between two tokens of the
 first stream meanwhile (what the join's prefill cost it).
+
+The scheduler's bound, after the server has stopped: the same clients at P=1 (1 and 4 of them, each
+--requests completions of every --bound-gen length) send their requests straight to the server's
+scheduler (`parscale.serve.batcher.Batcher`) in this process, with no HTTP, JSON or second process
+between: what the server could reach with free transport, interleaved rounds.
 
 Every response is checked after the timings, with the server stopped: its tokens must be the model's
 greedy continuation of its prompt, each within the tolerance `parscale.serve.verify.check_greedy`
@@ -200,8 +205,77 @@ def join_latency(server: Server, P: int, prompts: list[list[int]], gen: int) -> 
                           {"prompt": 1, "tokens": joining["tokens"]}]}
 
 
-def check(export: Path, threads: int, prompts: list[list[int]], cases: list[dict], joins: list[dict]) -> dict:
-    """Every response the model's greedy continuation (within the tolerance); how many equal the 1-client one."""
+def scheduler_bound(model: Any, P: int, clients: int, requests: int, prompts: list[list[int]],  # noqa: N803
+                    gen: int, max_batch: int) -> dict[str, Any]:
+    """`measure`'s clients without the server around the scheduler: each submits its requests to a `Batcher`
+    in this process and reads their tokens from its queue, as the server's request handlers do."""
+    import asyncio
+
+    from parscale.runtime.batch import RowSpec
+    from parscale.runtime.sampling import SamplingConfig
+    from parscale.serve.batcher import Batcher
+
+    async def client(batcher: Batcher, c: int) -> list[dict[str, Any]]:
+        loop, runs = asyncio.get_running_loop(), []
+        for r in range(requests):
+            i = (c * requests + r) % len(prompts)
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            spec = RowSpec(prompt=prompts[i], max_new_tokens=gen, sampling=SamplingConfig(temperature=0.0),
+                           ignore_eos=True)
+            sent, first, tokens = time.perf_counter(), 0.0, []
+            batcher.submit([spec], P, loop, queue)
+            while True:
+                event = await queue.get()
+                if event.error is not None:
+                    raise SystemExit(f"the scheduler failed a request: {event.error}")
+                if event.token is not None:
+                    tokens.append(event.token)
+                    first = first or time.perf_counter()
+                if event.result is not None:
+                    break
+            runs.append({"prompt": i, "tokens": tokens, "sent": sent, "ttft_s": first - sent,
+                         "end": time.perf_counter()})
+        return runs
+
+    async def run() -> list[dict[str, Any]]:
+        batcher = Batcher(model, max_batch=max_batch, max_queue=2 * clients)
+        batcher.start()
+        try:
+            done = await asyncio.gather(*(client(batcher, c) for c in range(clients)))
+        finally:
+            batcher.stop()
+        return [r for rs in done for r in rs]
+
+    load = os.getloadavg()[0]
+    runs = asyncio.run(run())
+    wall = max(r["end"] for r in runs) - min(r["sent"] for r in runs)
+    tokens = sum(len(r["tokens"]) for r in runs)
+    return {"P": P, "clients": clients, "gen": gen, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50_s": statistics.median(r["ttft_s"] for r in runs), "load_before": load,
+            "responses": [{"prompt": r["prompt"], "tokens": r["tokens"]} for r in runs]}
+
+
+def bounds(export: Path, threads: int, clients: list[int], requests: int, prompts: list[list[int]],
+           gens: list[int], max_batch: int, rounds: int) -> list[dict[str, Any]]:
+    """`scheduler_bound` at P=1 for each client count and generation length, interleaved over `rounds`."""
+    from parscale.runtime import Model
+
+    model = Model.load(export, threads=threads, verify=False)
+    cases = [(g, c) for g in gens for c in clients]
+    out = []
+    for rnd in range(rounds):
+        shift = rnd % len(cases)
+        for g, c in cases[shift:] + cases[:shift]:
+            out.append(scheduler_bound(model, 1, c, requests, prompts, g, max_batch))
+            print(f"round {rnd + 1}: scheduler alone, P=1, {c} clients, {g} new tokens: "
+                  f"{out[-1]['tokens_per_s']:.1f} tok/s, load {out[-1]['load_before']:.2f}", flush=True)
+    return out
+
+
+def check(export: Path, threads: int, prompts: list[list[int]], cases: list[dict], joins: list[dict],
+          others: list[dict]) -> dict:
+    """Every response the model's greedy continuation (within the tolerance); how many of those of `cases`
+    and `joins` equal the 1-client one (`others`' are checked, not compared: their lengths may differ)."""
     from parscale.runtime import Model
     from parscale.serve.verify import check_greedy
 
@@ -209,13 +283,15 @@ def check(export: Path, threads: int, prompts: list[list[int]], cases: list[dict
     checked: dict[tuple, Any] = {}
     single = {(c["P"], r["prompt"]): r["tokens"] for c in cases if c["clients"] == 1 for r in c["responses"]}
     total = comparable = exact = 0
-    for P, responses in [(c["P"], c["responses"]) for c in [*cases, *joins]]:
+    groups = [(c["P"], c["responses"], True) for c in [*cases, *joins]] + [(c["P"], c["responses"], False)
+                                                                          for c in others]
+    for P, responses, compared in groups:
         for r in responses:
             key = (P, r["prompt"], tuple(r["tokens"]))
             if key not in checked:
                 checked[key] = check_greedy(model, prompts[r["prompt"]], r["tokens"], P)
             total += 1
-            if (P, r["prompt"]) in single:
+            if compared and (P, r["prompt"]) in single:
                 comparable += 1
                 exact += r["tokens"] == single[(P, r["prompt"])]
     worst = max(checked.values(), key=lambda c: c.worst - c.tolerance, default=None)
@@ -241,6 +317,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bound-gen", type=lambda s: [int(x) for x in s.split(",") if x], default=[64, 256],
+                    help="New tokens per request of the scheduler's bound at P=1 ('' skips it).")
     ap.add_argument("--name", default="serve", help="Results file name (benchmarks/results/NAME.{json,md}).")
     args = ap.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -269,13 +347,15 @@ def main() -> None:
                       f"{j['first_stream_gap_max_s'] * 1000:.0f} ms", flush=True)
     finally:
         server.stop()
-    checked = check(export, args.threads, prompts, [r for rs in runs.values() for r in rs], joins)
+    bound = bounds(export, args.threads, [c for c in args.clients if c <= 4], args.requests, prompts, args.bound_gen,
+                   args.max_batch, args.rounds) if 1 in args.P else []
+    checked = check(export, args.threads, prompts, [r for rs in runs.values() for r in rs], joins, bound)
     result = {"meta": {**machine(), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "commit": commit("parscale", "benchmarks/serve.py", "benchmarks/common.py"),
                        "command": "python -m benchmarks.serve " + " ".join(sys.argv[1:]),
                        "server": " ".join(server.command[1:]), **{k: str(v) if isinstance(v, Path) else v
                                                                    for k, v in vars(args).items()}},
-              "exports": made, "runs": runs, "joins": joins, "check": checked}
+              "exports": made, "runs": runs, "joins": joins, "bound": bound, "check": checked}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / f"{args.name}.md").write_text(report(result))
@@ -317,6 +397,7 @@ def report(r: dict) -> str:
                     f"{med(j['ttft_alone_s'] for j in js) * 1000:.0f} ms | {sum(j['joined_running'] for j in js)} of "
                     f"{len(js)} | {med(j['first_stream_gap_max_s'] for j in js) * 1000:.0f} ms | "
                     f"{med(j['first_stream_gap_before_s'] for j in js) * 1000:.0f} ms |")
+    rows += _bound_rows(r["bound"], m["gen"], speed)
     c = r["check"]
     closest = c["closest"] or {"gap": 0.0, "tolerance": 0.0}
     rows += ["", f"Checked: {c['responses']} responses ({c['distinct']} distinct) against the model at batch 1, no "
@@ -328,6 +409,29 @@ def report(r: dict) -> str:
              f"of the same prompt: {c['equal_to_1_client']} of "
              f"{c['with_1_client_answer']} (the others' prompts were not sent by the single client)."]
     return "\n".join(rows) + "\n"
+
+
+def _bound_rows(bound: list[dict], gen: int, served: dict[str, float]) -> list[str]:
+    """The scheduler's bound: tokens/s per generation length and client count, beside the server's."""
+    if not bound:
+        return []
+    med = statistics.median
+    rows = ["", "The scheduler alone (P=1, no HTTP: the same clients submit straight to `Batcher` in one process, "
+            "after the server stopped; medians):", "",
+            "| new tokens | clients | tokens/s | x 1 client | the server's tokens/s | TTFT p50 | load avg (1 min) |",
+            "|---:|---:|---:|---:|---:|---:|---|"]
+    cases: dict[tuple[int, int], list[dict]] = {}
+    for b in bound:
+        cases.setdefault((b["gen"], b["clients"]), []).append(b)
+    for (g, c), runs in sorted(cases.items()):
+        speed = med(x["tokens_per_s"] for x in runs)
+        base = cases.get((g, 1))
+        ratio = f"{speed / med(x['tokens_per_s'] for x in base):.2f}" if base else "-"
+        server = served.get(f"P=1 clients={c}") if g == gen else None
+        loads = ", ".join(f"{x['load_before']:.2f}" for x in runs)
+        rows.append(f"| {g} | {c} | {speed:.1f} | {ratio} | {f'{server:.1f}' if server else '-'} | "
+                    f"{med(x['ttft_p50_s'] for x in runs) * 1000:.0f} ms | {loads} |")
+    return rows
 
 
 if __name__ == "__main__":
