@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from runtime_helpers import edit_manifest, rehash
 
 from parscale.args import available_cpus, check_seed, check_threads, check_window
-from parscale.cli import _parse_ids
+from parscale.cli.options import parse_ids as _parse_ids
 from parscale.errors import ParScaleError
 from parscale.manifest import MANIFEST, MODEL_FILE, Manifest
 from parscale.runtime import Model

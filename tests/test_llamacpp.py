@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import llamacpp as llamacpp_module
 
 
 @pytest.fixture
 def llamacpp() -> ModuleType:
-    """benchmarks.llamacpp (benchmarks/ is a folder of scripts beside the package, not installed)."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    return importlib.import_module("benchmarks.llamacpp")
+    """benchmarks.llamacpp, which the tests patch (monkeypatch undoes it after each)."""
+    return llamacpp_module
 
 
 def skip_line(capsys: pytest.CaptureFixture[str]) -> str:
