@@ -149,6 +149,7 @@ def commit() -> str:
 
 def study(args: argparse.Namespace) -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    measured = commit()  # at start: the code every figure below ran on
     fit = FITS[args.fit]
     systems = systems_for(args.preset, fit, args.dense_scaling, args.prefix)
     for s in systems:
@@ -176,7 +177,7 @@ def study(args: argparse.Namespace) -> None:
     med = medians(runs)
     report = {
         "meta": {**machine(), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                 "command": "python -m benchmarks.scaling " + " ".join(sys.argv[1:]), "commit": commit(),
+                 "command": "python -m benchmarks.scaling " + " ".join(sys.argv[1:]), "commit": measured,
                  "preset": args.preset, "quant": args.quant, "batch": args.batch, "threads": args.threads,
                  "rounds": args.rounds, "prompt_len": args.prompt_len, "gen": args.gen, "fit": args.fit,
                  "dense_scaling": args.dense_scaling, "prefix": args.prefix, "work": str(args.work),

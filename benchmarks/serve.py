@@ -322,6 +322,7 @@ def main() -> None:
     ap.add_argument("--name", default="serve", help="Results file name (benchmarks/results/NAME.{json,md}).")
     args = ap.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    measured = commit("parscale", "benchmarks/serve.py", "benchmarks/common.py")  # at start: the code that ran
     export, made = prepare(args.work, args.preset, args.kind, args.P)
     vocab = json.loads((export / "config.json").read_text())["vocab_size"]
     prompts = [prompt_ids(vocab, args.prompt_len, seed=i) for i in range(max(args.clients) * args.requests)]
@@ -351,7 +352,7 @@ def main() -> None:
                    args.max_batch, args.rounds) if 1 in args.P else []
     checked = check(export, args.threads, prompts, [r for rs in runs.values() for r in rs], joins, bound)
     result = {"meta": {**machine(), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "commit": commit("parscale", "benchmarks/serve.py", "benchmarks/common.py"),
+                       "commit": measured,
                        "command": "python -m benchmarks.serve " + " ".join(sys.argv[1:]),
                        "server": " ".join(server.command[1:]), **{k: str(v) if isinstance(v, Path) else v
                                                                    for k, v in vars(args).items()}},
