@@ -260,8 +260,10 @@ def bounds(export: Path, threads: int, clients: list[int], requests: int, prompt
     """`scheduler_bound` at P=1 for each client count and generation length, interleaved over `rounds`."""
     from parscale.runtime import Model
 
-    model = Model.load(export, threads=threads, verify=False)
     cases = [(g, c) for g in gens for c in clients]
+    if not cases:  # --bound-gen '', or no client count of 4 or fewer
+        return []
+    model = Model.load(export, threads=threads, verify=False)
     out = []
     for rnd in range(rounds):
         shift = rnd % len(cases)

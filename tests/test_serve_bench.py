@@ -20,3 +20,9 @@ def test_scheduler_bound_answers_every_request_correctly(default_int8_export: Pa
     for x in r["responses"]:
         assert len(x["tokens"]) == 6
         assert check_greedy(model, prompts[x["prompt"]], x["tokens"], 1).ok, x
+
+
+def test_no_bound_cases_measure_nothing(tmp_path: Path) -> None:
+    """--bound-gen '' (or no client count of 4 or fewer) skips the bound: nothing is loaded or run."""
+    assert bench.bounds(tmp_path / "absent", 2, [1, 4], 4, [[1, 2]], [], 16, 3) == []
+    assert bench.bounds(tmp_path / "absent", 2, [], 4, [[1, 2]], [64], 16, 3) == []
