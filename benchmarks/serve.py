@@ -171,15 +171,20 @@ def measure(server: Server, P: int, clients: int, requests: int, prompts: list[l
         t.join()
     runs = [r for rs in done for r in rs]
     after = server.health()["stats"]
-    wall = max(r["end"] for r in runs) - min(r["sent"] for r in runs)
-    ttfts = sorted(r["ttft_s"] for r in runs)
     steps = after["steps"] - before["steps"]
-    return {"P": P, "clients": clients, "requests": len(runs), "tokens": sum(len(r["tokens"]) for r in runs),
-            "wall_s": wall, "tokens_per_s": sum(len(r["tokens"]) for r in runs) / wall,
-            "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * len(ttfts)))],
+    return {"P": P, "clients": clients, "requests": len(runs), **summary(runs),
             "rows_per_step": (after["tokens"] - before["tokens"]) / steps if steps else 0.0,
             "joined_running": after["joined_running"] - before["joined_running"],
-            "peak_rss_mb": server.peak_mb(), "load_before": load, "load_after": os.getloadavg()[0],
+            "peak_rss_mb": server.peak_mb(), "load_before": load, "load_after": os.getloadavg()[0]}
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens, wall time (first request sent to last token), tokens/s, TTFT p50/p95 and the responses of `runs`."""
+    wall = max(r["end"] for r in runs) - min(r["sent"] for r in runs)
+    tokens = sum(len(r["tokens"]) for r in runs)
+    ttfts = sorted(r["ttft_s"] for r in runs)
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * len(ttfts)))],
             "responses": [{"prompt": r["prompt"], "tokens": r["tokens"]} for r in runs]}
 
 
@@ -248,11 +253,7 @@ def scheduler_bound(model: Any, P: int, clients: int, requests: int, prompts: li
 
     load = os.getloadavg()[0]
     runs = asyncio.run(run())
-    wall = max(r["end"] for r in runs) - min(r["sent"] for r in runs)
-    tokens = sum(len(r["tokens"]) for r in runs)
-    return {"P": P, "clients": clients, "gen": gen, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50_s": statistics.median(r["ttft_s"] for r in runs), "load_before": load,
-            "responses": [{"prompt": r["prompt"], "tokens": r["tokens"]} for r in runs]}
+    return {"P": P, "clients": clients, "gen": gen, **summary(runs), "load_before": load}
 
 
 def bounds(export: Path, threads: int, clients: list[int], requests: int, prompts: list[list[int]],
